@@ -1,0 +1,100 @@
+"""The `flowcurate` umbrella command: parses, resolves config, dispatches.
+
+Each subcommand also lives in its package (`python -m pipeline`, `python -m dedup`, `python -m trainer`,
+`python -m models`); this module only wires them under one name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from models.cli import add_parsers as add_model_parsers
+
+EPILOG = """\
+examples:
+  flowcurate tiny-models --output models/            # tiny offline models in the real layouts
+  flowcurate sample-data --output data/ --n 512      # raw img2dataset-style shards + truth.json
+  flowcurate config --config tiny                    # print a resolved config (preset or TOML path)
+
+user journeys (marked: not yet available in this version):
+  flowcurate run --input 'raw/*.tar' --output out/ --config tiny        (not yet available)
+  flowcurate dedup --input 'imgs/**/*.jpg' --output dd/                 (not yet available)
+  flowcurate train --shards out/ --config tiny --output run/            (not yet available)
+  flowcurate sample --checkpoint run/ --prompt 'a red circle' --output grid.png  (not yet available)
+  flowcurate memorization --checkpoint run/ --curated out/ --output report/      (not yet available)
+"""
+
+# Subcommands that later issues fill in: name -> (what it will do, the issue that builds it)
+PENDING = {
+    "run": ("curate raw shards into training shards with Apache Beam", "#5 (Beam curation pipeline)"),
+    "dedup": ("remove SSCD near-duplicates from images or embeddings", "#3 (SSCD near-duplicate removal)"),
+    "train": ("train the rectified-flow MM-DiT on curated shards", "#4 (MM-DiT and trainer)"),
+    "sample": ("generate an image grid from a checkpoint", "#4 (MM-DiT and trainer)"),
+    "memorization": ("check a trained model for memorized training images", "#6 (memorization check)"),
+}
+
+
+def _config(args) -> int:
+    from models.config import load_config, to_dict
+
+    cfg = load_config(args.config)
+    if args.resolve:
+        from models.tiny import resolve_models
+
+        cfg = resolve_models(cfg, log=lambda msg: print(msg, file=sys.stderr))
+    print(json.dumps(to_dict(cfg), indent=2))
+    return 0
+
+
+def _pending(name: str):
+    def run(args) -> int:
+        what, issue = PENDING[name]
+        print(f"flowcurate {name}: not yet available in this version ({what}; tracked in issue {issue}).",
+              file=sys.stderr)
+        return 2
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flowcurate",
+        description="SD3-style data curation (captions, SSCD dedup, precomputed latents and text "
+                    "encodings) and a compact rectified-flow MM-DiT trainer.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    add_model_parsers(sub)
+
+    p = sub.add_parser("config", help="print a config (preset name or TOML path) as JSON",
+                       epilog="examples:\n  flowcurate config --config sd3\n"
+                              "  flowcurate config --config tiny --resolve   # build/resolve tiny:// paths",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny", help="preset name (tiny, sd3) or path to a TOML file")
+    p.add_argument("--resolve", action="store_true", help="resolve tiny:// model locations to paths")
+    p.set_defaults(func=_config)
+
+    for name, (what, _issue) in PENDING.items():
+        p = sub.add_parser(name, help=f"{what} (not yet available)")
+        p.set_defaults(func=_pending(name))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in PENDING:  # pending commands accept their future flags
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from models.config import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"flowcurate: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""One TOML schema for every subcommand: `[models] [pipeline] [dedup] [train]`.
+
+Loaded into frozen dataclasses (nanoGPT style: a comment per field says why). The CLI only overrides
+fields; checkpoints and reports store `asdict(config)`. `--config NAME|PATH`: an existing path is a
+TOML file; anything else names a preset shipped in `models/presets/` (`tiny`, `sd3`).
+
+Model locations may be hub ids, local paths, URLs (SSCD) or `tiny://NAME`, which the launcher
+resolves to the cached tiny models (`models.tiny.resolve_tiny`), building them once if needed.
+
+This module lives in `models` because it is the one package every other package may import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+TINY_SCHEME = "tiny://"
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    # diffusers StableDiffusion3Pipeline folder or hub id: vae/, text_encoder{,_2,_3}/, tokenizer{,_2,_3}/
+    sd3: str = "stabilityai/stable-diffusion-3-medium-diffusers"
+    # git revision for hub ids (None: the default branch); recorded in the conditioning record
+    sd3_revision: str | None = None
+    # SSCD TorchScript file: path or URL (loading TorchScript runs its code: use files you trust)
+    sscd: str = "https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_mixup.torchscript.pt"
+    # any transformers image-text-to-text VLM (AutoProcessor + AutoModelForImageTextToText)
+    captioner: str = "llava-hf/llava-1.5-7b-hf"
+    captioner_revision: str | None = None
+    # remote code runs arbitrary Python from the hub: off unless the user asks for it
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    # square training resolution (pixels) the AE sees after resize + centre crop
+    resolution: int = 256
+    # decompression-bomb guard: images with more pixels are rejected as too_many_pixels
+    max_pixels: int = 89_478_485
+    # images whose shorter side is smaller are rejected as too_small
+    min_size: int = 64
+    # long side / short side above this is rejected as bad_aspect
+    max_aspect: float = 3.0
+    # fraction of kept keys (chosen by a stable hash) written to val shards
+    val_fraction: float = 0.01
+    # samples per output shard
+    shard_size: int = 1000
+    # prompt given to the captioner (as a chat message when the processor has a chat template)
+    caption_prompt: str = "Describe this image in detail."
+    caption_max_new_tokens: int = 77
+    # T5 sequence length; SD3 paper: 77 (diffusers' pipeline default is 256)
+    t5_max_length: int = 77
+    # dtype of precomputed arrays in the shards (the paper stored text embeddings in half precision)
+    store_dtype: str = "float16"
+    # encoder batch sizes (per worker)
+    batch_size: int = 16
+    caption_batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    # cosine similarity above which two SSCD descriptors are near-duplicates (SD3 App. E.2: 0.5)
+    threshold: float = 0.5
+    # k-means clusters: "auto" (about sqrt(N)) or a number
+    clusters: str = "auto"
+    # nearest centroids each item is assigned to (more: higher recall, more search time)
+    assign: int = 2
+    # k-means iterations and training sample size (items chosen by key hash)
+    kmeans_iters: int = 20
+    kmeans_sample: int = 100_000
+    # SSCD preprocessing: square resize, ImageNet mean/std (SSCD README)
+    sscd_size: int = 320
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # keep priority: "pixels" (more pixels first, then key) or "key"
+    priority: str = "pixels"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # MM-DiT size from models.mmdit's registry
+    model: str = "d2"
+    batch_size: int = 8
+    lr: float = 1e-4
+    # AdamW eps; SD3 used 1e-15 with QK-norm in bf16
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 1000
+    max_steps: int = 100_000
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    # timestep density: logit-normal(m, s) (SD3's best: m=0, s=1)
+    timestep_density: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    # resolution-dependent timestep shift alpha (SD3: 3.0 at 1024^2)
+    shift: float = 3.0
+    # each text encoder dropped to zeros independently (SD3 App. B.3: 0.464, 0.464^3 ~ 10 % unconditional)
+    text_drop_prob: float = 0.464
+    # probability of the original (vs synthetic) caption (SD3 §5.2.2: 50/50)
+    orig_caption_prob: float = 0.5
+    # classifier-free guidance scale and Euler steps for sample grids
+    cfg_scale: float = 5.0
+    sample_steps: int = 28
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    sample_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+    # bf16 autocast where the device supports it
+    mixed_precision: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # where the config came from (preset name or path), for reports
+    source: str = "defaults"
+
+
+_SECTIONS = {"models": ModelsConfig, "pipeline": PipelineConfig, "dedup": DedupConfig, "train": TrainConfig}
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[: -len(".toml")] for p in resources.files("models.presets").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def _section(cls, values: dict[str, Any], where: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(cls(), name)
+        if isinstance(default, tuple):
+            value = tuple(value)
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif default is not None and not isinstance(value, type(default)):
+            raise ConfigError(f"{where}.{name}: expected {type(default).__name__}, got {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any], source: str = "dict") -> Config:
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {unknown}; known: {sorted(_SECTIONS)}")
+    parts = {name: _section(cls, data.get(name, {}), f"{source}[{name}]") for name, cls in _SECTIONS.items()}
+    return Config(**parts, source=source)
+
+
+def load_config(name_or_path: str | Path = "tiny") -> Config:
+    """An existing path is read as TOML; anything else names a preset (`tiny`, `sd3`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        text, source = path.read_text(), str(path.resolve())
+    else:
+        if str(name_or_path) not in preset_names():
+            raise ConfigError(f"--config {name_or_path!r} is neither a file nor a preset ({', '.join(preset_names())})")
+        text = resources.files("models.presets").joinpath(f"{name_or_path}.toml").read_text()
+        source = f"preset:{name_or_path}"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: {e}") from e
+    return from_dict(data, source)
+
+
+def override(cfg: Config, section: str, **values: Any) -> Config:
+    """A copy of `cfg` with fields of one section replaced (the CLI's flags); None values are ignored."""
+    values = {k: v for k, v in values.items() if v is not None}
+    if not values:
+        return cfg
+    sub = _section(_SECTIONS[section], {**dataclasses.asdict(getattr(cfg, section)), **values}, f"override[{section}]")
+    return dataclasses.replace(cfg, **{section: sub})
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,1 @@
+"""Config presets shipped as package data (`--config tiny`, `--config sd3`)."""
