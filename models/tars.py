@@ -1,0 +1,117 @@
+"""Reading WebDataset / img2dataset tars as untrusted input.
+
+`scan_tar(fileobj, source)` lists the samples of one tar: each key with its members' extensions,
+byte offsets and sizes, without reading image bytes, so a reader can fetch one member later with a
+seek (map-style datasets, parallel decoding). Member names are only ever used as strings: a name
+such as `../../etc/passwd.jpg` gives the key `../../etc/passwd`, sanitised to `etc_passwd`, and is
+never joined to a filesystem path. A truncated or corrupt tar yields every sample before the damage
+and then one `TarTail` saying where reading stopped.
+
+Key rule (WebDataset's): the member's directory plus its base name up to the first dot; the rest is
+the extension (`a/b/0001.clip_l.npy` -> key `a/b/0001`, ext `clip_l.npy`).
+"""
+
+from __future__ import annotations
+
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-/]+")
+
+
+@dataclass(frozen=True)
+class Member:
+    ext: str
+    offset: int  # byte offset of the member's data in the tar
+    size: int
+
+
+@dataclass
+class TarSample:
+    key: str  # sanitised key: [A-Za-z0-9_-/], no dots, no leading slash or '..'
+    source: str  # "uri#member" of the image member (or of the first member when there is none)
+    members: dict[str, Member] = field(default_factory=dict)
+    raw_key: str = ""  # the key as the archive spelled it
+
+    def image_ext(self) -> str | None:
+        for ext in IMAGE_EXTS:
+            if ext in self.members:
+                return ext
+        return None
+
+
+@dataclass(frozen=True)
+class TarTail:
+    """Reading stopped early: `source` is the tar, `offset` where the damage starts."""
+
+    source: str
+    offset: int
+    error: str
+
+
+def sanitize_key(raw: str) -> str:
+    """A key safe to use as a string anywhere (shard member names, Parquet, file names in reports)."""
+    parts = [p for p in raw.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    key = _UNSAFE.sub("_", "/".join(parts)).strip("_")
+    return key or "_"
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """`dir/0001.clip_l.npy` -> (`dir/0001`, `clip_l.npy`)."""
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), (ext.lower() if dot else "")
+
+
+def scan_tar(fileobj: BinaryIO, source: str) -> Iterator[TarSample | TarTail]:
+    """Samples of one tar in archive order (members of a key are adjacent in WebDataset tars; a key
+    that reappears later starts a new sample, which the caller sees as a repeated key)."""
+    current: TarSample | None = None
+    offset = 0
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|") as tar:  # streaming: works on non-seekable files
+            for info in tar:
+                offset = info.offset
+                if not info.isfile():
+                    continue  # directories, links, devices: never followed
+                raw_key, ext = split_name(info.name)
+                if current is None or raw_key != current.raw_key:
+                    if current is not None:
+                        yield current
+                    current = TarSample(sanitize_key(raw_key), f"{source}#{info.name}", raw_key=raw_key)
+                current.members[ext] = Member(ext, info.offset_data, info.size)
+                if ext in IMAGE_EXTS:
+                    current.source = f"{source}#{info.name}"
+                offset = info.offset_data + info.size
+    except (tarfile.TarError, EOFError, OSError) as e:
+        # Members before the last one were skipped over successfully, so they are whole; the last one
+        # is whole only if the file really extends past its end (checkable when seekable).
+        end = _size(fileobj)
+        if current is not None and all(m.offset + m.size <= end for m in current.members.values()):
+            yield current
+            offset = max(m.offset + m.size for m in current.members.values())
+        elif current is not None:
+            offset = min(m.offset for m in current.members.values()) - tarfile.BLOCKSIZE
+        yield TarTail(source, max(offset, 0), f"{type(e).__name__}: {e}")
+        return
+    if current is not None:
+        yield current
+
+
+def _size(fileobj: BinaryIO) -> int:
+    try:
+        return fileobj.seek(0, 2)
+    except (OSError, AttributeError, ValueError):
+        return -1  # not seekable: the last sample cannot be proven whole, so it counts as the tail
+
+
+def read_member(fileobj: BinaryIO, member: Member) -> bytes:
+    fileobj.seek(member.offset)
+    data = fileobj.read(member.size)
+    if len(data) != member.size:
+        raise EOFError(f"member at {member.offset} is cut short ({len(data)} of {member.size} bytes)")
+    return data
