@@ -1,0 +1,668 @@
+"""Vectors -> above-threshold pairs: canonical cosines, k-means on a hashed sample, assignment, block search.
+
+Every function here takes raw descriptors (any scale, float16/32/64, memory-mapped is fine) and
+normalises them itself, exactly once, with `unit_rows`. Reduced-precision or multi-threaded matrix
+products only *propose* candidate pairs, with a margin that bounds their rounding error; membership
+is decided by `exact_dots`, a per-pair float64 dot product of the canonical float32 unit vectors,
+rounded to float32 and compared with `> float32(threshold)`. So the pair set never depends on thread
+count, block size, BLAS, device or input order (DESIGN.md "Dedup").
+
+The pieces a distributed runner needs, each deterministic per row or per pair:
+`in_kmeans_sample` -> `train_centroids` -> `assign_clusters` -> `search_cluster` (or, for a cluster
+too big for one worker, `block_pairs` + `search_block_pair`). `find_pairs` chains them in one process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import numpy as np
+
+# Candidate margins: an upper bound on |product-in-this-precision - true cosine| for unit vectors in
+# D <= 2048 dimensions, so that "candidate > t - margin" can never miss a pair with cosine > t.
+# fp32 (IEEE sgemm): |error| <= D * 2^-24 * sum|a_k b_k| <= D * 2^-24 (Cauchy-Schwarz); see fp32_margin.
+# tf32 / fp16 / bf16 round each input to 11 / 11 / 8 significant bits (2u per product, u = 2^-p),
+# plus output rounding and a reduced-precision split-K reduction (up to ~4u) that cuBLAS may use.
+# int8 (fbgemm): the bound is computed per block from the actual quantisation error (`_Int8Block`).
+MARGINS = {"fp32": 1.5e-4, "tf32": 5e-3, "fp16": 5e-3, "bf16": 4e-2, "int8": 0.0}
+
+
+def fp32_margin(d: int) -> float:
+    """Twice the sgemm error bound D * 2^-24 for D-dim unit vectors (assignment compares two
+    approximate scores), and never below 1.5e-4."""
+    return max(MARGINS["fp32"], 2.5 * d * 2.0**-24)
+
+
+# Rows per block of a matrix product: 2048 x 2048 float32 similarities are 16 MiB per thread.
+BLOCK_ROWS = 2048
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+# ----------------------------------------------------------------------------- canonical numbers
+
+
+def row_norms(x: np.ndarray, block_rows: int = 65536) -> np.ndarray:
+    """x: (N, D) any float dtype, may be a memmap -> (N,) float64 L2 norms (NaN/inf for bad rows)."""
+    out = np.empty(len(x), dtype=np.float64)
+    for s in range(0, len(x), block_rows):
+        b = np.asarray(x[s : s + block_rows], dtype=np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out[s : s + len(b)] = np.sqrt((b * b).sum(axis=1))
+    return out
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """x: (B, D) raw descriptors -> (B, D) float32 canonical unit vectors.
+
+    Normalised in float64, one row at a time in effect (nothing depends on the other rows), so every
+    worker gets bit-identical vectors for the same input row. Rows must have a finite, nonzero norm.
+    """
+    x64 = np.asarray(x, dtype=np.float64)
+    norms = np.sqrt((x64 * x64).sum(axis=1))
+    return (x64 / norms[:, None]).astype(np.float32)
+
+
+def exact_dots(ua: np.ndarray, ub: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """ua, ub: (P, D) float32 unit rows -> (P,) float32 cosines ua[p] . ub[p].
+
+    float32 x float32 products are exact in float64; the float64 sum runs in numpy's fixed order for
+    each row, and the result is rounded once to float32. No BLAS, no threads: deterministic.
+    """
+    out = np.empty(len(ua), dtype=np.float32)
+    for s in range(0, len(ua), chunk):
+        a = ua[s : s + chunk].astype(np.float64)
+        out[s : s + len(a)] = (a * ub[s : s + chunk].astype(np.float64)).sum(axis=1)
+    return out
+
+
+def pair_cosines(embeddings: np.ndarray, pairs: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """embeddings: (N, D) raw; pairs: (P, 2) row indices -> (P,) float32 canonical cosines."""
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    out = np.empty(len(pairs), dtype=np.float32)
+    for s in range(0, len(pairs), chunk):
+        p = pairs[s : s + chunk]
+        out[s : s + len(p)] = exact_dots(unit_rows(embeddings[p[:, 0]]), unit_rows(embeddings[p[:, 1]]))
+    return out
+
+
+def above(cos: np.ndarray, threshold: float) -> np.ndarray:
+    """The one threshold test everywhere: strict `>`, in float32 (DESIGN.md: strict, float32)."""
+    return np.asarray(cos, dtype=np.float32) > np.float32(threshold)
+
+
+# ----------------------------------------------------------------------------- k-means sample
+
+
+def _key_hash(key: str) -> int:
+    # hashlib, never Python's salted hash(); the person string keeps this sample independent of
+    # other key hashes in the project (e.g. the train/val split).
+    return int.from_bytes(
+        hashlib.blake2b(key.encode("utf-8"), digest_size=8, person=b"fc-kmeans").digest(), "big"
+    )
+
+
+def in_kmeans_sample(key: str, fraction: float) -> bool:
+    """Whether `key` belongs to the k-means training sample: a pure function of (key, fraction)."""
+    return _key_hash(key) < int(min(max(fraction, 0.0), 1.0) * 2**64)
+
+
+def kmeans_sample_fraction(n_items: int, n_clusters: int, kmeans_sample: int) -> float:
+    """Fraction of items to train on: about `kmeans_sample`, and at least 40 per centroid (FAISS
+    warns below 39 per centroid; Clustering.cpp)."""
+    if n_items <= 0:
+        return 1.0
+    return min(1.0, max(kmeans_sample, 40 * n_clusters) / n_items)
+
+
+def auto_clusters(n_items: int) -> int:
+    """Default k: about sqrt(N). Search cost ~ N^2/k, k-means cost ~ sample * k; sqrt(N) balances
+    them (env_probe.md §4) and gives clusters of ~sqrt(N) items. Below 1000 items, one cluster."""
+    return 1 if n_items < 1000 else int(round(math.sqrt(n_items)))
+
+
+def train_centroids(
+    vectors: np.ndarray, keys: Sequence[str], n_clusters: int, *, iters: int = 20, seed: int = 0
+) -> np.ndarray:
+    """Spherical FAISS k-means on a sample. vectors: (S, D) raw; keys: (S,) -> (k, D) float32 centroids.
+
+    The sample is sorted by key first, so the result depends on the sample's contents, never on the
+    order it arrived in; FAISS k-means is then deterministic for a fixed seed (its centroid update
+    loops over points in order per centroid range; we checked 1 vs 2 threads bit for bit).
+    k is capped at the sample size. k = 1 skips FAISS: the centroid is the normalised mean.
+    """
+    import faiss  # imported here: the keep rule and the report need no FAISS
+
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    u = unit_rows(np.asarray(vectors)[order]) if len(order) else np.zeros((0, vectors.shape[1]), np.float32)
+    k = max(1, min(int(n_clusters), len(u)))
+    if k == 1:
+        mean = u.astype(np.float64).sum(axis=0) if len(u) else np.ones(vectors.shape[1])
+        if not np.any(mean):
+            mean = np.ones(vectors.shape[1])
+        return unit_rows(mean[None])
+    km = faiss.Kmeans(
+        u.shape[1],
+        k,
+        niter=iters,
+        spherical=True,
+        seed=seed,
+        verbose=False,
+        # we already sampled (by key hash); stop FAISS from subsampling again or warning about it
+        max_points_per_centroid=len(u) // k + 1,
+        min_points_per_centroid=1,
+    )
+    km.train(u)
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- assignment
+
+
+def _assign_block(u: np.ndarray, centroids: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    s = u @ centroids.T  # BLAS: only proposes; rescored exactly below
+    kth = -np.partition(-s, top - 1, axis=1)[:, top - 1]
+    rows, cols = np.nonzero(s >= (kth - fp32_margin(u.shape[1]))[:, None])
+    exact = (u[rows].astype(np.float64) * centroids[cols].astype(np.float64)).sum(axis=1)
+    order = np.lexsort((cols, -exact, rows))  # per row: best first, ties by centroid id
+    rows, cols, exact = rows[order], cols[order], exact[order]
+    pos = np.arange(len(rows)) - np.searchsorted(rows, rows)
+    keep = pos < top
+    ids = np.full((len(u), top), -1, dtype=np.int32)
+    sims = np.full((len(u), top), np.nan, dtype=np.float32)
+    ids[rows[keep], pos[keep]] = cols[keep]
+    sims[rows[keep], pos[keep]] = exact[keep]
+    return ids, sims
+
+
+# Recall mitigation, measured (N=100k, D=512, t=0.5, 5 % planted pairs at cos U(0.7, 0.95), the
+# env_probe.md §4 generators; recall of planted pairs whose ends are both outside the k-means sample,
+# 20 % sample; "work" = sum of cluster sizes^2 / 2 in millions of pairs):
+#   k=316      top-1       top-2       top-3       top-3 m.1   top-4       top-4 m.1
+#   uniform    .311 (16)   .623 (63)   .800 (143)  .800 (135)  .891 (253)  .891 (235)
+#   clustered  .865 (17)   .937 (65)   .970 (144)  .969 (37)   .983 (255)  .983 (49)
+#   k=1000: uniform .266/.542/.725/.827 for top-1..4 (5/20/45/80); clustered .965/.991/.992/.994, and
+#   top-4 m.1 kept .994 at 7M pairs (1.17 assignments per item).
+# At equal work, more assignments beat bigger clusters (uniform k=80 top-1: .42 recall at 63M pairs,
+# k=316 top-2: .62). The margin (m.1: keep a further centroid only within 0.1 of the best) cost no
+# recall and saved 1-5x work where the data has structure; 0.05 lost ~1 point on uniform data.
+def assign_clusters(
+    vectors: np.ndarray,
+    centroids: np.ndarray,
+    assign: int = 3,
+    *,
+    assign_margin: float | None = 0.1,
+    block_rows: int = 4096,
+    threads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's `assign` nearest centroids. vectors: (B, D) raw (finite, nonzero rows);
+    centroids: (k, D) -> ids (B, a) int32, sims (B, a) float32, a = min(assign, k), best first.
+
+    Column 0 is the top-1 cluster (the manifest's `cluster`). With `assign_margin`, a further centroid
+    is kept only if its cosine is within the margin of the best one (adaptive multi-assignment);
+    dropped entries are -1 / NaN. Deterministic per row: BLAS proposes centroids within a margin of
+    the a-th best, a float64 dot product ranks them, ties go to the lower centroid id.
+    """
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    top = max(1, min(int(assign), len(centroids)))
+    # keep the (rows x k) similarity block near 64 MiB
+    block_rows = max(64, min(block_rows, (1 << 24) // max(1, len(centroids))))
+    starts = range(0, len(vectors), block_rows)
+
+    def work(s: int):
+        return _assign_block(unit_rows(vectors[s : s + block_rows]), centroids, top)
+
+    parts = list(_pool_map(work, starts, threads))
+    ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, top), np.int32)
+    sims = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, top), np.float32)
+    if assign_margin is not None and top > 1:
+        far = sims[:, 1:] < sims[:, :1] - np.float32(assign_margin)
+        ids[:, 1:][far] = -1
+        sims[:, 1:][far] = np.nan
+    return ids, sims
+
+
+def group_members(ids: np.ndarray, rows: np.ndarray, n_clusters: int) -> list[np.ndarray]:
+    """ids: (B, a) from `assign_clusters` for the items `rows` (B,) -> per cluster, its member rows,
+    ascending (so memory-mapped reads are sequential)."""
+    flat_rows = np.repeat(np.asarray(rows, dtype=np.int64), ids.shape[1])
+    flat_ids = ids.reshape(-1).astype(np.int64)
+    ok = flat_ids >= 0
+    flat_rows, flat_ids = flat_rows[ok], flat_ids[ok]
+    order = np.lexsort((flat_rows, flat_ids))
+    flat_rows, flat_ids = flat_rows[order], flat_ids[order]
+    bounds = np.searchsorted(flat_ids, np.arange(n_clusters + 1))
+    return [flat_rows[bounds[c] : bounds[c + 1]] for c in range(n_clusters)]
+
+
+# ----------------------------------------------------------------------------- block search
+
+
+class Engine:
+    """Where candidate matrix products run; the pair set is the same for every engine.
+
+    backend "numpy": float32 BLAS on the CPU, blocks spread over a thread pool (one BLAS thread each).
+    backend "torch": `device` (e.g. "cuda") and `precision` fp32 | tf32 | fp16 | bf16, or int8 on an
+    x86 CPU (fbgemm), run in the calling thread with torch's own threads. Blocks with fewer than
+    `min_rows` rows use numpy fp32 (conversion overheads dominate).
+
+    Measured on the 2-core AMD EPYC (AVX2, no AMX/VNNI) dev box: the int8 product alone is ~1.7x an
+    fp32 one at 2048 rows, but with quantising and packing it only breaks even, so int8 is opt-in
+    (for CPUs with VNNI/AMX), and torch bf16/fp16 on this CPU are emulated (6-8x slower than fp32).
+    """
+
+    def __init__(
+        self, backend: str = "numpy", device: str = "cpu", precision: str = "fp32", min_rows: int = 1024
+    ):
+        if backend not in ("numpy", "torch"):
+            raise ValueError(f"backend must be 'numpy' or 'torch', got {backend!r}")
+        if precision not in MARGINS or (backend == "numpy" and precision != "fp32"):
+            raise ValueError(f"precision {precision!r} is not available with backend {backend!r}")
+        if precision == "int8" and not (str(device).startswith("cpu") and int8_available()):
+            raise ValueError("int8 needs torch's x86 (fbgemm) quantized engine on a CPU device")
+        self.backend, self.device, self.precision, self.min_rows = backend, str(device), precision, min_rows
+        # fp32 on CUDA may silently run as TF32 (a global torch flag): use the TF32 bound there
+        cuda_fp32 = backend == "torch" and precision == "fp32" and not self.device.startswith("cpu")
+        self.margin = MARGINS["tf32" if cuda_fp32 else precision]
+
+    @staticmethod
+    def auto(device: str = "cpu") -> Engine:
+        """numpy fp32 on the CPU; torch fp16 on any other device (e.g. "cuda")."""
+        return Engine() if str(device).startswith("cpu") else Engine("torch", device, "fp16")
+
+    def __repr__(self) -> str:
+        return f"Engine({self.backend!r}, {self.device!r}, {self.precision!r})"
+
+    def prepare(self, u: np.ndarray) -> Block:
+        """u: (B, D) unit rows -> the block with this engine's form of it (cacheable; either side)."""
+        if self.backend == "numpy":
+            return Block(u, u, u.nbytes)
+        if self.precision == "int8":
+            return Block(u, _Int8Block(u), u.nbytes * 9 // 4)
+        import torch
+
+        dtype = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        return Block(u, torch.from_numpy(u).to(self.device, dtype[self.precision]), u.nbytes * 2)
+
+    def candidates(self, pa, pb, threshold: float, same: bool) -> tuple[np.ndarray, np.ndarray] | None:
+        """pa, pb: `Block.data` of two blocks (pb ignored when `same`: the upper triangle of pa pa^T) ->
+        (ia, ib) int64, a superset of the pairs with cosine > threshold; None when the block is so
+        dense near the threshold that an fp32 pass is cheaper than re-checking (int8 only)."""
+        t32 = float(np.float32(threshold))
+        pb = pa if same else pb
+        if self.backend == "numpy":
+            mask = (pa @ pb.T) > np.float32(t32 - fp32_margin(pa.shape[1]))
+        elif self.precision == "int8":
+            mask = pa.product(pb).numpy() > np.float32(t32 - pa.margin_with(pb))
+        else:  # compare in float32: the threshold itself must not be rounded to fp16/bf16
+            mask = ((pa @ pb.T).float() > t32 - self.margin).cpu().numpy()
+        # flatnonzero + divmod: 2-D np.nonzero is ~50x slower on a sparse mask; filtering i < j
+        # afterwards is cheaper than masking the lower triangle first
+        ia, ib = np.divmod(np.flatnonzero(mask), mask.shape[1])
+        if same:
+            upper = ia < ib
+            ia, ib = ia[upper], ib[upper]
+        if self.precision == "int8" and len(ia) > max(1024, mask.size // 500):
+            return None  # re-checks cost ~100 int8 products each: recompute this block in fp32
+        return ia.astype(np.int64), ib.astype(np.int64)
+
+
+class Block(NamedTuple):
+    """A block of canonical unit rows u: (B, D) float32, with an engine's form of it."""
+
+    u: np.ndarray
+    data: object
+    nbytes: int  # host memory held (for the block cache's budget)
+
+
+class _Int8Block:
+    """A block of unit rows for fbgemm's int8 GEMM, with the exact size of its rounding error.
+
+    Left side (the "input"): per-block scale, values k in [-63, 63] (u8 = k + 64 in [1, 127]: AVX2's
+    vpmaddubsw adds two u8*s8 products in int16, and 2*127*127 < 32767, so nothing saturates). We pass
+    float32 values exactly on that grid, so fbgemm's own rounding gives back our k. Right side (the
+    packed "weight"): per-row scale, int8 in [-127, 127]. int32 accumulation is exact, so
+    |a.b - out| <= |e_a| |b| + |a_q| |e_b| (Cauchy-Schwarz) with e = u - u_q known per row.
+    """
+
+    def __init__(self, u: np.ndarray):
+        import torch
+
+        u64 = u.astype(np.float64)
+        self.sx = max(float(np.abs(u).max()), 1e-30) / 63
+        xq = (np.rint(u64 / self.sx) * self.sx).astype(np.float32)
+        self.x = torch.from_numpy(xq)
+        self.err_x = float(np.sqrt(((u64 - xq) ** 2).sum(axis=1)).max())
+        self.u = u
+        self._packed = None
+
+    def packed(self):
+        if self._packed is None:
+            import torch
+
+            u64 = self.u.astype(np.float64)
+            sw = np.maximum(np.abs(u64).max(axis=1), 1e-30) / 127
+            k = np.rint(u64 / sw[:, None])
+            self.err_w = float(np.sqrt(((u64 - k * sw[:, None]) ** 2).sum(axis=1)).max())
+            with (
+                warnings.catch_warnings()
+            ):  # quantized tensors are deprecated API in torch 2.13 (pinned < 2.14)
+                warnings.simplefilter("ignore")
+                q = torch._make_per_channel_quantized_tensor(
+                    torch.from_numpy(k.astype(np.int8)),
+                    torch.from_numpy(sw),
+                    torch.zeros(len(k), dtype=torch.int64),
+                    0,
+                )
+                self._packed = torch.ops.quantized.linear_prepack(q, None)
+        return self._packed
+
+    def product(self, other: _Int8Block):
+        import torch
+
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            self.x, self.sx, 64, other.packed()
+        )
+
+    def margin_with(self, other: _Int8Block) -> float:
+        other.packed()
+        # |x_q| <= 1 + err_x; 1e-5 covers the float32 scaling of the int32 result and |u| = 1 +- 1e-7
+        return self.err_x + (1 + self.err_x) * other.err_w + 1e-5
+
+
+_INT8_OK: bool | None = None
+
+
+def int8_available() -> bool:
+    """torch with the x86 quantized engine, checked once on adversarial blocks against float64."""
+    global _INT8_OK
+    if _INT8_OK is None:
+        try:
+            import torch
+
+            if torch.backends.quantized.engine not in ("x86", "fbgemm"):
+                raise RuntimeError(torch.backends.quantized.engine)
+            rng = np.random.default_rng(0)
+            u = unit_rows(rng.standard_normal((96, 512)))
+            u[:8] = unit_rows(np.sign(rng.standard_normal((8, 512))))  # every product at the extremes
+            u[8:12] = u[:4]
+            u[12:16] = -u[:4]
+            blk = _Int8Block(u)
+            out = blk.product(blk).numpy().astype(np.float64)
+            err = np.abs(out - u.astype(np.float64) @ u.T.astype(np.float64))
+            _INT8_OK = bool(err.max() <= blk.margin_with(blk))
+        except Exception:  # no torch, no fbgemm, or an op that changed: fp32 it is
+            _INT8_OK = False
+    return _INT8_OK
+
+
+_FP32 = Engine()
+
+
+def make_engine(backend: str = "auto", device: str = "cpu", precision: str = "auto") -> Engine:
+    """backend "auto" | "numpy" | "torch"; precision "auto" or a key of MARGINS. auto: `Engine.auto`."""
+    if backend == "auto" and precision == "auto":
+        return Engine.auto(device)
+    if precision == "auto":
+        precision = "fp32" if backend == "numpy" else Engine.auto(device).precision
+    if backend == "auto":
+        backend = "numpy" if precision == "fp32" and str(device).startswith("cpu") else "torch"
+    return Engine(backend, device, precision)
+
+
+def search_block_pair(
+    ua: np.ndarray, ub: np.ndarray | None, threshold: float, engine: Engine | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ua: (A, D), ub: (B, D) canonical unit rows (`unit_rows`), or ub None to search ua against itself
+    (i < j) -> ia (P,), ib (P,) int64 local indices and cos (P,) float32: exactly the pairs with
+    canonical cosine > threshold."""
+    engine = _pick(engine or _FP32, len(ua))
+    return _check(engine.prepare(ua), None if ub is None else engine.prepare(ub), threshold, engine)[:3]
+
+
+def _pick(engine: Engine, rows: int) -> Engine:
+    return engine if rows >= engine.min_rows else _FP32
+
+
+def _check(pa: Block, pb: Block | None, threshold: float, engine: Engine):
+    """Candidates from `engine` for blocks pa, pb (None: pa against itself), then the exact re-check."""
+    same = pb is None
+    pb = pa if same else pb
+    cand = engine.candidates(pa.data, pb.data, threshold, same)
+    if cand is None:  # dense near the threshold: an fp32 pass has far fewer candidates
+        cand = _FP32.candidates(pa.u, pb.u, threshold, same)
+    ia, ib = cand
+    cos = exact_dots(pa.u[ia], pb.u[ib])
+    keep = above(cos, threshold)
+    return ia[keep], ib[keep], cos[keep], len(ia)
+
+
+def block_pairs(n_rows: int, block_rows: int = BLOCK_ROWS) -> list[tuple[int, int]]:
+    """Split an (n x n) upper triangle into block tasks (a, b), a <= b, row-block indices of size
+    `block_rows`: how a cluster too big for one worker is spread out."""
+    nb = max(1, -(-n_rows // block_rows))
+    return [(a, b) for a in range(nb) for b in range(a, nb)]
+
+
+def _pool_map(fn, items, threads: int | None):
+    """Ordered map over a thread pool (numpy's BLAS releases the GIL). threads=1: plain loop."""
+    threads = threads or (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
+    items = list(items)
+    if threads <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    # one BLAS thread per block: the pool is the parallelism (OpenBLAS with 2 threads on small calls
+    # is 10-40x slower here, env_probe.md)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+        yield from pool.map(fn, items)
+
+
+def find_pairs_in_groups(
+    embeddings: np.ndarray,
+    groups: Sequence[np.ndarray],
+    threshold: float,
+    *,
+    block_rows: int = BLOCK_ROWS,
+    engine: Engine | None = None,
+    threads: int | None = None,
+    cache_bytes: int = 1 << 30,
+    progress: ProgressFn | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """All pairs with canonical cosine > threshold that share a group.
+
+    embeddings: (N, D) raw, may be a memmap (a task holds its row block in float32 and reads the
+    others one at a time; prepared blocks of split groups are cached up to `cache_bytes`);
+    groups: row-index arrays (clusters; one group of all rows = exact search). Groups larger than
+    `block_rows` are split into row blocks over the upper triangle.
+    -> pairs (P, 2) int64 (i < j, sorted, unique), cos (P,) float32, stats.
+    """
+    engine = engine or _FP32
+    tasks = []  # (group, row-block a, number of row blocks): block a against blocks a..end
+    for g, rows in enumerate(groups):
+        if len(rows) >= 2:
+            nb = -(-len(rows) // block_rows)
+            tasks += [(g, a, nb) for a in range(nb)]
+    # biggest tasks first so the pool does not end on one long straggler
+    tasks.sort(key=lambda t: -(t[2] - t[1]) * min(block_rows, len(groups[t[0]])) ** 2)
+    cache: dict = {}  # (group, block, engine) -> Block, for groups split into several blocks
+    budget = [cache_bytes]
+
+    def block(g, b, eng):
+        rows = np.asarray(groups[g], dtype=np.int64)[b * block_rows : (b + 1) * block_rows]
+        key = (g, b, id(eng))
+        if key not in cache:
+            blk = eng.prepare(unit_rows(embeddings[rows]))
+            if len(groups[g]) <= block_rows or budget[0] < blk.nbytes:
+                return rows, blk
+            budget[0] -= blk.nbytes
+            cache[key] = blk
+        return rows, cache[key]
+
+    def group_engine(g):
+        return _pick(engine, min(block_rows, len(groups[g])))
+
+    def work(task):
+        g, a, nb = task
+        eng = group_engine(g)
+        ra, pa = block(g, a, eng)
+        out, n_cand = [], 0
+        for b in range(a, nb):
+            rb, pb = (ra, None) if b == a else block(g, b, eng)
+            ia, ib, cos, n = _check(pa, pb, threshold, eng)
+            out.append((ra[ia], rb[ib], cos))
+            n_cand += n
+        return out, n_cand
+
+    # torch engines use torch's threads: run their tasks here, one at a time; numpy tasks in a pool
+    own = [t for t in tasks if group_engine(t[0]).backend == "torch"]
+    pooled = [t for t in tasks if group_engine(t[0]).backend == "numpy"]
+    parts, n_candidates, done = [], 0, 0
+    for out, n_cand in _chain(map(work, own), _pool_map(work, pooled, threads)):
+        parts += out
+        n_candidates += n_cand
+        done += 1
+        if progress:
+            progress("search", done, len(tasks))
+    if parts:
+        i = np.concatenate([p[0] for p in parts])
+        j = np.concatenate([p[1] for p in parts])
+        cos = np.concatenate([p[2] for p in parts])
+    else:
+        i = j = np.zeros(0, np.int64)
+        cos = np.zeros(0, np.float32)
+    pairs, cos = unique_pairs(np.stack([i, j], axis=1), cos)
+    # candidates: products the engine proposed (true pairs + its margin band), all re-checked exactly
+    return pairs, cos, {"tasks": len(tasks), "candidates": n_candidates, "engine": repr(engine)}
+
+
+def _chain(*iterables):
+    for it in iterables:
+        yield from it
+
+
+def unique_pairs(pairs: np.ndarray, cos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """pairs: (P, 2) int64, cos: (P,) -> the same set with i < j, sorted by (i, j), each pair once
+    (multi-assignment finds a pair in every cluster the two items share; its cosine is identical)."""
+    pairs = np.sort(np.asarray(pairs, dtype=np.int64).reshape(-1, 2), axis=1)
+    order = np.lexsort((pairs[:, 1], pairs[:, 0]))
+    pairs, cos = pairs[order], np.asarray(cos, dtype=np.float32)[order]
+    first = np.ones(len(pairs), dtype=bool)
+    first[1:] = np.any(pairs[1:] != pairs[:-1], axis=1)
+    return pairs[first], cos[first]
+
+
+def search_cluster(
+    vectors: np.ndarray,
+    threshold: float,
+    *,
+    block_rows: int = BLOCK_ROWS,
+    engine: Engine | None = None,
+    threads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One cluster's members, all against all. vectors: (M, D) raw -> pairs (P, 2) int64 local
+    indices (i < j, sorted), cos (P,) float32: exactly the member pairs with cosine > threshold."""
+    pairs, cos, _ = find_pairs_in_groups(
+        vectors, [np.arange(len(vectors))], threshold, block_rows=block_rows, engine=engine, threads=threads
+    )
+    return pairs, cos
+
+
+def find_pairs(
+    embeddings: np.ndarray,
+    keys: Sequence[str],
+    threshold: float,
+    valid: np.ndarray | None = None,
+    *,
+    exact: bool = False,
+    clusters: int | str = "auto",
+    assign: int = 3,
+    assign_margin: float | None = 0.1,
+    kmeans_iters: int = 20,
+    kmeans_sample: int = 100_000,
+    seed: int = 0,
+    block_rows: int = BLOCK_ROWS,
+    engine: Engine | None = None,
+    threads: int | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """The whole search in one process.
+
+    embeddings: (N, D) raw; keys: (N,); valid: (N,) bool rows to search (default all).
+    -> pairs (P, 2) int64 row indices (i < j, sorted), cos (P,) float32, assignment (N, a) int32
+    cluster ids (-1: none; invalid rows all -1), stats (timings in seconds, sizes).
+    exact=True, or one cluster, searches all valid rows against each other: 100 % recall.
+    """
+    n = len(embeddings)
+    valid = np.ones(n, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    rows = np.flatnonzero(valid)
+    k = auto_clusters(len(rows)) if clusters == "auto" else max(1, int(clusters))
+    if exact:
+        k = 1
+    stats: dict = {"n_valid": int(len(rows)), "threshold": float(threshold)}
+    t0 = time.perf_counter()
+    if k == 1:
+        assignment = np.full((n, 1), -1, dtype=np.int32)
+        assignment[rows, 0] = 0
+        groups = [rows]
+        stats.update(n_clusters=1, sample=0)
+    else:
+        fraction = kmeans_sample_fraction(len(rows), k, kmeans_sample)
+        sample = np.array([r for r in rows.tolist() if in_kmeans_sample(keys[r], fraction)], dtype=np.int64)
+        if progress:
+            progress("kmeans", 0, 1)
+        centroids = train_centroids(
+            embeddings[sample], [keys[r] for r in sample], k, iters=kmeans_iters, seed=seed
+        )
+        k = len(centroids)
+        if progress:
+            progress("kmeans", 1, 1)
+        stats.update(n_clusters=k, sample=int(len(sample)), t_kmeans=time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        ids, _ = assign_clusters(
+            _Rows(embeddings, rows), centroids, assign, assign_margin=assign_margin, threads=threads
+        )
+        assignment = np.full((n, ids.shape[1]), -1, dtype=np.int32)
+        assignment[rows] = ids
+        groups = group_members(ids, rows, k)
+        stats.update(
+            t_assign=time.perf_counter() - t1, assignments_per_item=float((ids >= 0).sum() / max(1, len(ids)))
+        )
+    sizes = [len(g) for g in groups]
+    stats.update(largest_cluster=max(sizes, default=0), pairwise_work=float(sum(s * s for s in sizes)) / 2)
+    t2 = time.perf_counter()
+    pairs, cos, s_stats = find_pairs_in_groups(
+        embeddings,
+        groups,
+        threshold,
+        block_rows=block_rows,
+        engine=engine,
+        threads=threads,
+        progress=progress,
+    )
+    stats.update(s_stats, t_search=time.perf_counter() - t2, n_pairs=int(len(pairs)))
+    return pairs, cos, assignment, stats
+
+
+class _Rows:
+    """A lazy row subset of a (memory-mapped) array: `_Rows(x, rows)[a:b]` reads only those rows,
+    so assignment never materialises a copy of a large memmap."""
+
+    def __init__(self, x: np.ndarray, rows: np.ndarray):
+        self.x, self.rows = x, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, sl):
+        return self.x[self.rows[sl]]
