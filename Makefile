@@ -35,13 +35,7 @@ test: lint tiny-models
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -n 2 --durations=15 -q
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/flowcurate tiny-models --output $(DEMO_OUT)/models
-	$(VENV)/bin/flowcurate sample-data --output $(DEMO_OUT)/data --n 512
-	@echo
-	@echo "demo outputs:"
-	@echo "  tiny models:  $(abspath $(DEMO_OUT))/models  (sd3/, sscd.torchscript.pt, captioner/, tiny_report.json)"
-	@echo "  sample data:  $(abspath $(DEMO_OUT))/data/raw/*.tar  (truth: $(abspath $(DEMO_OUT))/data/truth.json)"
-	@echo "  next stages (flowcurate run, train, sample, memorization) arrive with later issues."
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/flowcurate demo --output $(DEMO_OUT)
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -9,18 +9,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
+from dedup.cli import add_parser as add_dedup_parser
 from models.cli import add_parsers as add_model_parsers
 
 EPILOG = """\
 examples:
+  flowcurate demo --output demo-out/                 # the journey offline on tiny models (make demo)
   flowcurate tiny-models --output models/            # tiny offline models in the real layouts
   flowcurate sample-data --output data/ --n 512      # raw img2dataset-style shards + truth.json
   flowcurate config --config tiny                    # print a resolved config (preset or TOML path)
+  flowcurate dedup --input 'imgs/**/*.jpg' --output dd/   # SSCD near-duplicates (see dedup --help)
 
 user journeys (marked: not yet available in this version):
   flowcurate run --input 'raw/*.tar' --output out/ --config tiny        (not yet available)
-  flowcurate dedup --input 'imgs/**/*.jpg' --output dd/                 (not yet available)
   flowcurate train --shards out/ --config tiny --output run/            (not yet available)
   flowcurate sample --checkpoint run/ --prompt 'a red circle' --output grid.png  (not yet available)
   flowcurate memorization --checkpoint run/ --curated out/ --output report/      (not yet available)
@@ -29,7 +32,6 @@ user journeys (marked: not yet available in this version):
 # Subcommands that later issues fill in: name -> (what it will do, the issue that builds it)
 PENDING = {
     "run": ("curate raw shards into training shards with Apache Beam", "#5 (Beam curation pipeline)"),
-    "dedup": ("remove SSCD near-duplicates from images or embeddings", "#3 (SSCD near-duplicate removal)"),
     "train": ("train the rectified-flow MM-DiT on curated shards", "#4 (MM-DiT and trainer)"),
     "sample": ("generate an image grid from a checkpoint", "#4 (MM-DiT and trainer)"),
     "memorization": ("check a trained model for memorized training images", "#6 (memorization check)"),
@@ -45,6 +47,13 @@ def _config(args) -> int:
 
         cfg = resolve_models(cfg, log=lambda msg: print(msg, file=sys.stderr))
     print(json.dumps(to_dict(cfg), indent=2))
+    return 0
+
+
+def _demo(args) -> int:
+    from cli.demo import run_demo
+
+    run_demo(Path(args.output), n=args.n, seed=args.seed)
     return 0
 
 
@@ -67,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     add_model_parsers(sub)
+    add_dedup_parser(sub)
 
     p = sub.add_parser("config", help="print a config (preset name or TOML path) as JSON",
                        epilog="examples:\n  flowcurate config --config sd3\n"
@@ -75,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="tiny", help="preset name (tiny, sd3) or path to a TOML file")
     p.add_argument("--resolve", action="store_true", help="resolve tiny:// model locations to paths")
     p.set_defaults(func=_config)
+
+    p = sub.add_parser("demo", help="run the whole journey offline on tiny models (what `make demo` runs)",
+                       epilog="example:\n  flowcurate demo --output demo-out/",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", default="demo-out", help="folder for everything the demo writes")
+    p.add_argument("--n", type=int, default=512, help="sample images (default 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo)
 
     for name, (what, _issue) in PENDING.items():
         p = sub.add_parser(name, help=f"{what} (not yet available)")

@@ -1,6 +1,7 @@
-"""`python -m dedup`: the standalone SSCD dedup command (flowcurate dedup), issue #3."""
+"""`python -m dedup`: the standalone SSCD dedup command (the same as `flowcurate dedup`)."""
 
 import sys
 
-print("python -m dedup: not yet available in this version (the standalone SSCD dedup command (flowcurate dedup), issue #3).", file=sys.stderr)
-sys.exit(2)
+from dedup.cli import main
+
+sys.exit(main())
