@@ -33,7 +33,7 @@ from models.config import TINY_SCHEME
 VERSION = 1
 REPORT = "tiny_report.json"
 ROLES = ("sd3", "sscd.torchscript.pt", "captioner")
-_SOURCES = ("tiny.py", "tiny_sd3.py", "tiny_sscd.py", "tiny_captioner.py", "procedural.py")
+_SOURCES = ("tiny.py", "tiny_sd3.py", "tiny_sscd.py", "tiny_captioner.py", "procedural.py", "sscd.py")
 
 
 def source_hash() -> str:
