@@ -152,24 +152,42 @@ def clip_bpe(words: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
 
     Layout as in OpenAI CLIP's vocab.json: the 256 byte characters (so "!" is id 0, the pad id of SD3's
     CLIP-G tokenizer), the same with "</w>", one entry per merge in merge order, then <|startoftext|>,
-    <|endoftext|> (so EOS has the largest id, which CLIP's legacy argmax pooling relies on)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    <|endoftext|> (so EOS has the largest id, which CLIP's legacy argmax pooling relies on).
+
+    Trained here rather than with `tokenizers`' BpeTrainer, which breaks frequency ties in hash-map
+    order and so gives different merges from run to run; ties here go to the lexicographically smallest
+    pair."""
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     chars = list(bytes_to_unicode().values())
     base = chars + [c + "</w>" for c in chars]
-    # Train with CLIPTokenizer's own normalizer and pre-tokenizer, so training words split as at use time.
+    # Split with CLIPTokenizer's own normalizer and pre-tokenizer, so training words are what it sees.
     clip = CLIPTokenizer(vocab={t: i for i, t in enumerate(base)}, merges=[]).backend_tokenizer
-    bpe = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>"))
-    bpe.normalizer, bpe.pre_tokenizer = clip.normalizer, clip.pre_tokenizer
-    # A vocab_size far above need: training stops when no pair is left, i.e. every word is one token.
-    trainer = trainers.BpeTrainer(vocab_size=1_000_000, min_frequency=1, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  end_of_word_suffix="</w>")
-    bpe.train_from_iterator(words, trainer)
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
-              for m in json.loads(bpe.to_str())["model"]["merges"]]
+    pieces = sorted({p for w in words
+                     for p, _ in clip.pre_tokenizer.pre_tokenize_str(clip.normalizer.normalize_str(w))})
+    seqs = [[*p[:-1], p[-1] + "</w>"] for p in pieces]
+    merges: list[tuple[str, str]] = []
+    while True:  # until no pair is left: every training word is then a single token
+        counts: dict[tuple[str, str], int] = {}
+        for seq in seqs:
+            for pair in zip(seq, seq[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        a, b = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append((a, b))
+        for k, seq in enumerate(seqs):
+            out, i = [], 0
+            while i < len(seq):
+                if i + 1 < len(seq) and seq[i] == a and seq[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            seqs[k] = out
+        seqs = [seq for seq in seqs if len(seq) > 1]
     vocab = base + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
     if len(set(vocab)) != len(vocab):
         raise RuntimeError("BPE merges produced a duplicate token")
@@ -221,7 +239,7 @@ AE_KL_WEIGHT = 1e-6
 AE_MOMENT_WEIGHT = 1e-2  # pulls latent means to mean shift_factor, std 1 / scaling_factor
 
 
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
@@ -276,8 +294,8 @@ def fit_autoencoder(seed: int, steps: int = AE_STEPS, log=None) -> tuple[Autoenc
     streams = np.random.SeedSequence([seed, 0x5D3A]).spawn(2)  # training pool / held-out images
     # never render more images than training can draw (quick builds in tests use a few steps)
     n_pool = min(AE_POOL, max(64, steps * AE_BATCH))
-    pool = _to_tensor(image_batch(np.random.default_rng(streams[0]), n_pool, RESOLUTION))
-    held = _to_tensor(image_batch(np.random.default_rng(streams[1]), AE_HELDOUT, RESOLUTION))
+    pool = images_to_tensor(image_batch(np.random.default_rng(streams[0]), n_pool, RESOLUTION))
+    held = images_to_tensor(image_batch(np.random.default_rng(streams[1]), AE_HELDOUT, RESOLUTION))
     vae = AutoencoderKL(**VAE)
     c = VAE["latent_channels"]
     with torch.no_grad():

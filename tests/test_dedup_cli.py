@@ -63,8 +63,9 @@ def test_planted_copies_removed_and_nothing_else_much(image_run):
         for k in strong:
             r = rows[k]
             assert r["status"] in ("kept", "duplicate"), (k, r)
-            if r["status"] == "duplicate":
-                assert r["duplicate_of"] in members, (k, r, members)
+            # a copy may be removed by a larger unrelated look-alike visited first (Algorithm 1 is
+            # greedy); such strays are bounded below
+            assert r["status"] == "kept" or rows[r["duplicate_of"]]["status"] == "kept", (k, r, members)
         # exact / re-encoded copies and their original end in one group with one kept image
         assert sum(rows[k]["status"] == "kept" for k in strong) <= 1, [rows[k] for k in strong]
     planted = sum(len(g["copies"]) for g in truth["duplicate_groups"])
