@@ -42,8 +42,8 @@ def run_demo(output: Path, n: int = 512, seed: int = 0) -> dict[str, Path]:
     copies = sum(len(g["copies"]) for g in truth["duplicate_groups"])
     print(f"\n[demo] done in {time.perf_counter() - t0:.0f} s")
     print(f"  tiny AE reconstruction: {report['sd3'].get('ae_psnr_db', '?')} dB PSNR; SSCD copies found: "
-          f"{report['sscd'].get('copy_frac_gt_0.75', '?')}, unrelated kept apart: "
-          f"{report['sscd'].get('unrelated_frac_lt_0.3', '?')}")
+          f"{report['sscd'].get('copy_above_0.75', '?')}, unrelated kept apart: "
+          f"{report['sscd'].get('unrelated_below_0.3', '?')}")
     print(f"  sample data: {truth['n']} samples, {len(truth['duplicate_groups'])} duplicate groups "
           f"({copies} copies), {len(truth['broken'])} broken")
     print(f"  dedup: {json.dumps(summary.get('counts', {}), sort_keys=True)}")
