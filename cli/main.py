@@ -13,6 +13,8 @@ from pathlib import Path
 
 from dedup.cli import add_parser as add_dedup_parser
 from models.cli import add_parsers as add_model_parsers
+from trainer.sample import add_parser as add_sample_parser
+from trainer.train import add_parser as add_train_parser
 
 EPILOG = """\
 examples:
@@ -21,19 +23,17 @@ examples:
   flowcurate sample-data --output data/ --n 512      # raw img2dataset-style shards + truth.json
   flowcurate config --config tiny                    # print a resolved config (preset or TOML path)
   flowcurate dedup --input 'imgs/**/*.jpg' --output dd/   # SSCD near-duplicates (see dedup --help)
+  flowcurate train --shards out/ --config tiny --output run/            # MM-DiT on curated shards
+  flowcurate sample --checkpoint run/ --prompt 'a red circle' --output grid.png
 
 user journeys (marked: not yet available in this version):
   flowcurate run --input 'raw/*.tar' --output out/ --config tiny        (not yet available)
-  flowcurate train --shards out/ --config tiny --output run/            (not yet available)
-  flowcurate sample --checkpoint run/ --prompt 'a red circle' --output grid.png  (not yet available)
   flowcurate memorization --checkpoint run/ --curated out/ --output report/      (not yet available)
 """
 
 # Subcommands that later issues fill in: name -> (what it will do, the issue that builds it)
 PENDING = {
     "run": ("curate raw shards into training shards with Apache Beam", "#5 (Beam curation pipeline)"),
-    "train": ("train the rectified-flow MM-DiT on curated shards", "#4 (MM-DiT and trainer)"),
-    "sample": ("generate an image grid from a checkpoint", "#4 (MM-DiT and trainer)"),
     "memorization": ("check a trained model for memorized training images", "#6 (memorization check)"),
 }
 
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_model_parsers(sub)
     add_dedup_parser(sub)
+    add_train_parser(sub)
+    add_sample_parser(sub)
 
     p = sub.add_parser("config", help="print a config (preset name or TOML path) as JSON",
                        epilog="examples:\n  flowcurate config --config sd3\n"
@@ -106,11 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command not in PENDING:  # pending commands accept their future flags
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from models.config import ConfigError
+    from models.shards import ShardFormatError
 
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"flowcurate: config error: {e}", file=sys.stderr)
+        return 2
+    except ShardFormatError as e:  # includes trainer.data.DataError
+        print(f"flowcurate {args.command}: {e}", file=sys.stderr)
         return 2
 
 

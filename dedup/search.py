@@ -302,7 +302,13 @@ class Engine:
         elif self.precision == "int8":
             mask = pa.product(pb).numpy() > np.float32(t32 - pa.margin_with(pb))
         else:  # compare in float32: the threshold itself must not be rounded to fp16/bf16
-            mask = ((pa @ pb.T).float() > t32 - self.margin).cpu().numpy()
+            import torch
+
+            # the mask stays on the device: only the (few) candidate indices cross to the host, in
+            # row-major order like flatnonzero below (copying a block's mask costs more than its product)
+            hit = (pa @ pb.T).float() > t32 - self.margin
+            idx = torch.nonzero(torch.triu(hit, diagonal=1) if same else hit).cpu().numpy()
+            return idx[:, 0].astype(np.int64), idx[:, 1].astype(np.int64)
         # flatnonzero + divmod: 2-D np.nonzero is ~50x slower on a sparse mask; filtering i < j
         # afterwards is cheaper than masking the lower triangle first
         ia, ib = np.divmod(np.flatnonzero(mask), mask.shape[1])

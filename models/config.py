@@ -105,6 +105,8 @@ class TrainConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     warmup_steps: int = 1000
+    # after warm-up: "constant" (DiT, SD3) or "cosine" (decays to 0 at max_steps: short runs, overfit checks)
+    lr_schedule: str = "constant"
     max_steps: int = 100_000
     grad_clip: float = 1.0
     ema_decay: float = 0.9999

@@ -28,3 +28,40 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _make_golden():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("make_golden", Path(__file__).parent / "data" / "make_golden.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+GOLDEN = __import__("pathlib").Path(__file__).parent / "data" / "golden"
+
+
+@pytest.fixture(scope="session")
+def golden():
+    """The committed golden curated-shard fixture (format only: its content hashes pin the tiny models of
+    the machine that wrote it, which another CPU may build with different low bits)."""
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def fresh_shards(tiny_models, tmp_path_factory):
+    """Shards in the golden layout made now from this machine's tiny models (8 samples, two 48x64),
+    so the record's content hashes match the models `sample` loads."""
+    out = tmp_path_factory.mktemp("fresh") / "out"
+    _make_golden().main(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def four_shards(tiny_models, tmp_path_factory):
+    """Four 32x32 training samples (4x4 latents) for the overfit test."""
+    out = tmp_path_factory.mktemp("four") / "out"
+    _make_golden().main(out, n=4, odd=(), val_fraction=0.0, size=32)
+    return out

@@ -1,6 +1,7 @@
-"""`python -m trainer`: the MM-DiT trainer (flowcurate train / sample), issue #4."""
+"""`python -m trainer train|sample ...`: the same commands as `flowcurate train|sample`."""
 
 import sys
 
-print("python -m trainer: not yet available in this version (the MM-DiT trainer (flowcurate train / sample), issue #4).", file=sys.stderr)
-sys.exit(2)
+from trainer.train import main
+
+sys.exit(main())

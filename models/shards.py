@@ -1,0 +1,349 @@
+"""The curated-shard format: the one contract between the pipeline (writer) and the trainer (reader).
+
+DESIGN.md "Data contracts" is the specification; this module is its code, used by both sides, so a
+round-trip test pins it:
+
+- `OUT/conditioning.json` + `OUT/conditioning.npz`: which autoencoder and text encoders made the
+  arrays (source, revision, content hash, dtype), the AE's scale and shift, widths and lengths, and the
+  encodings of the empty prompt (CFG) and of a few validation prompts. Its content hash
+  (`sha256:` of the JSON file's bytes, which name the npz's hash) is written into every sample.
+- `OUT/shards/{train,val}-NNNNNN.tar`: one sample per kept image, members sorted by name, float16
+  `.npy` arrays (`latent_mean`, `latent_logvar`, and per caption variant `{v}.clip_l`, `{v}.clip_g`,
+  `{v}.clip_l_pooled`, `{v}.clip_g_pooled`, `{v}.t5`) and a `json` with key, source, sizes, crop,
+  resolution, both captions and the conditioning hash. Tars are written deterministically (sorted
+  keys, fixed headers, temporary name then rename), so reruns are byte-identical.
+- `OUT/shards/index.json`: shard names, splits and sample counts.
+
+`assemble` builds the MM-DiT's context and pooled vector from the stored parts as the reference does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import zipfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+VARIANTS = ("orig", "syn")
+PARTS = ("clip_l", "clip_l_pooled", "clip_g", "clip_g_pooled", "t5")
+LATENT_MEMBERS = ("latent_mean.npy", "latent_logvar.npy")
+RECORD_JSON = "conditioning.json"
+RECORD_NPZ = "conditioning.npz"
+INDEX_JSON = "index.json"
+SPLITS = ("train", "val")
+
+
+class ShardFormatError(ValueError):
+    """A shard, sample or conditioning record does not match the contract (never ignored)."""
+
+
+def array_members() -> list[str]:
+    """Every `.npy` member of a sample, in tar order (sorted)."""
+    return sorted([*LATENT_MEMBERS, *(f"{v}.{p}.npy" for v in VARIANTS for p in PARTS)])
+
+
+# ------------------------------------------------------------------------------------------------------
+# Stable hashing: split and shard of a key (hashlib, never Python's salted `hash`)
+
+def key_hash(key: str, salt: str = "") -> int:
+    return int.from_bytes(hashlib.sha256(f"{salt}{key}".encode()).digest()[:8], "big")
+
+
+def split_of(key: str, val_fraction: float) -> str:
+    """`val` for a fixed fraction of keys by hash, else `train`."""
+    return "val" if key_hash(key, "split:") < val_fraction * 2.0**64 else "train"
+
+
+def shard_of(key: str, n_shards: int) -> int:
+    return key_hash(key, "shard:") % max(1, n_shards)
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+# ------------------------------------------------------------------------------------------------------
+# Deterministic bytes: npy, npz, tar
+
+def npy_bytes(array: np.ndarray, dtype: str = "float16") -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """An `np.load`-able npz with fixed timestamps (np.savez stamps the current time)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name in sorted(arrays):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            zf.writestr(info, npy_bytes(arrays[name], str(arrays[name].dtype)))
+    return buf.getvalue()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def tar_bytes(samples: Iterable[Mapping[str, bytes]]) -> bytes:
+    """A WebDataset tar: samples sorted by `__key__`, members `{key}.{name}` sorted by name, fixed
+    headers (mtime 0, uid/gid 0, mode 0644), so equal inputs give equal bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for sample in sorted(samples, key=lambda s: s["__key__"]):
+            key = sample["__key__"]
+            if "." in key or "/" in key:
+                raise ShardFormatError(f"sample key {key!r} contains '.' or '/'")
+            for name in sorted(k for k in sample if not k.startswith("__")):
+                info = tarfile.TarInfo(f"{key}.{name}")
+                info.size, info.mtime, info.mode = len(sample[name]), 0, 0o644
+                tf.addfile(info, io.BytesIO(sample[name]))
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Samples
+
+def encode_sample(key: str, latent_mean: np.ndarray, latent_logvar: np.ndarray,
+                  encodings: Mapping[str, Mapping[str, np.ndarray]], meta: Mapping, conditioning: str,
+                  dtype: str = "float16") -> dict[str, bytes]:
+    """One sample's tar members. `encodings[variant][part]` without the batch axis; `meta` holds
+    source, width, height, crop, resolution and `caption` {orig, syn} (DESIGN.md)."""
+    out = {"__key__": key, "latent_mean.npy": npy_bytes(latent_mean, dtype),
+           "latent_logvar.npy": npy_bytes(latent_logvar, dtype)}
+    for v in VARIANTS:
+        for p in PARTS:
+            out[f"{v}.{p}.npy"] = npy_bytes(encodings[v][p], dtype)
+    doc = {"format_version": FORMAT_VERSION, "key": key, **meta, "conditioning": conditioning}
+    out["json"] = json.dumps(doc, sort_keys=True).encode()
+    return out
+
+
+def expected_shapes(record: Mapping, resolution: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    """Member -> shape for a sample of `resolution` [H, W] under a conditioning record."""
+    ae, ctx = record["autoencoder"], record["context"]
+    te = record["text_encoders"]
+    h, w = (int(r) // ae["downsample"] for r in resolution)
+    shapes = {m: (ae["latent_channels"], h, w) for m in LATENT_MEMBERS}
+    per = {"clip_l": (ctx["clip_length"], te["clip_l"]["width"]), "clip_l_pooled": (te["clip_l"]["pooled_width"],),
+           "clip_g": (ctx["clip_length"], te["clip_g"]["width"]), "clip_g_pooled": (te["clip_g"]["pooled_width"],),
+           "t5": (ctx["t5_length"], te["t5"]["width"])}
+    for v in VARIANTS:
+        for p in PARTS:
+            shapes[f"{v}.{p}.npy"] = per[p]
+    return shapes
+
+
+def check_sample(sample: Mapping, record: Conditioning) -> dict:
+    """Validate one raw sample (member name -> bytes, as webdataset yields it) against the record and
+    return its parsed json. Raises ShardFormatError naming the shard, key and what differs."""
+    where = f"{sample.get('__url__', '?')}#{sample.get('__key__', '?')}"
+    if "json" not in sample:
+        raise ShardFormatError(f"{where}: no json member")
+    doc = json.loads(sample["json"])
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise ShardFormatError(f"{where}: format_version {doc.get('format_version')} != {FORMAT_VERSION}")
+    if doc.get("conditioning") != record.hash:
+        raise ShardFormatError(
+            f"{where}: made with conditioning {doc.get('conditioning')}, but the run's conditioning record "
+            f"{record.path} is {record.hash}: the shard was encoded with other text encoders / AE / widths")
+    missing = [m for m in array_members() if m not in sample]
+    if missing:
+        raise ShardFormatError(f"{where}: missing members {missing}")
+    return doc
+
+
+def check_arrays(arrays: Mapping[str, np.ndarray], doc: Mapping, record: Conditioning, where: str = "") -> None:
+    shapes = expected_shapes(record.json, doc["resolution"])
+    for name, shape in shapes.items():
+        a = arrays[name]
+        if tuple(a.shape) != shape or a.dtype != np.dtype(record.json["store_dtype"]):
+            raise ShardFormatError(f"{where}#{doc['key']}: {name} is {a.dtype}{list(a.shape)}, the conditioning "
+                                   f"record says {record.json['store_dtype']}{list(shape)}")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Conditioning record
+
+@dataclass(frozen=True)
+class Conditioning:
+    json: dict
+    arrays: dict[str, np.ndarray]
+    hash: str
+    path: str = ""
+
+    @property
+    def latent_channels(self) -> int:
+        return self.json["autoencoder"]["latent_channels"]
+
+    @property
+    def context_width(self) -> int:
+        return self.json["context"]["width"]
+
+    @property
+    def pooled_width(self) -> int:
+        return self.json["context"]["pooled_width"]
+
+    def prompt_parts(self, which: str) -> dict[str, np.ndarray]:
+        """`empty` (1, ...) or `validation` (P, ...) encodings as float32 arrays per part."""
+        return {p: self.arrays[f"{which}.{p}"].astype(np.float32) for p in PARTS}
+
+
+def record_bytes(doc: Mapping) -> bytes:
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def content_hash(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def write_record(out_dir: Path, doc: dict, arrays: Mapping[str, np.ndarray]) -> Conditioning:
+    """Write conditioning.npz then conditioning.json (which names the npz's hash); return the record."""
+    npz = npz_bytes(arrays)
+    doc = {**doc, "arrays": {"file": RECORD_NPZ, "hash": content_hash(npz)}}
+    data = record_bytes(doc)
+    atomic_write(Path(out_dir) / RECORD_NPZ, npz)
+    atomic_write(Path(out_dir) / RECORD_JSON, data)
+    return Conditioning(doc, {k: np.asarray(v) for k, v in arrays.items()}, content_hash(data),
+                        str(Path(out_dir) / RECORD_JSON))
+
+
+def read_record(path: str | Path) -> Conditioning:
+    """Read `conditioning.json` (or a folder holding it) and its npz; verify the npz's hash."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RECORD_JSON
+    if not path.is_file():
+        raise ShardFormatError(f"no conditioning record at {path}")
+    data = path.read_bytes()
+    doc = json.loads(data)
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise ShardFormatError(f"{path}: format_version {doc.get('format_version')} != {FORMAT_VERSION}")
+    npz_path = path.with_name(doc["arrays"]["file"])
+    npz = npz_path.read_bytes()
+    if content_hash(npz) != doc["arrays"]["hash"]:
+        raise ShardFormatError(f"{npz_path}: content hash differs from the one {path} records")
+    with np.load(io.BytesIO(npz), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    return Conditioning(doc, arrays, content_hash(data), str(path))
+
+
+def folder_hash(source: str, subfolder: str, revision: str | None = None) -> str:
+    """Content hash of a model folder's files (a local folder or a hub snapshot already in the cache)."""
+    root = Path(source)
+    if not root.is_dir():
+        from huggingface_hub import snapshot_download
+
+        root = Path(snapshot_download(source, revision=revision, allow_patterns=[f"{subfolder}/*"]))
+    h = hashlib.sha256()
+    for f in sorted(p for p in (root / subfolder).rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def make_record(out_dir: Path, source: str, autoencoder, encoders, *, revision: str | None = None,
+                store_dtype: str = "float16", validation_prompts: Iterable[str] = (),
+                ae_dtype: str = "float32", te_dtype: str = "float32", label: str | None = None) -> Conditioning:
+    """Describe the loaded `models.autoencoder.Autoencoder` and `models.text_encoders.TextEncoders`
+    (both from the folder or hub id `source`), encode the empty and validation prompts, and write the
+    record. `label` is what the record names as the source when it differs from the resolved path
+    (`tiny://sd3`: portable across machines; the content hashes pin the exact weights)."""
+    from models.text_encoders import CLIP_LENGTH, ROLES
+
+    widths = encoders.widths()
+    prompts = list(validation_prompts)
+    tes = {}
+    for role, sub, tok in ROLES:
+        tes[role] = {"source": label or str(source), "subfolder": sub, "tokenizer": tok, "revision": revision,
+                     "content_hash": folder_hash(source, sub, revision), "dtype": te_dtype,
+                     "width": widths[role],
+                     "max_length": encoders.t5_length if role == "t5" else CLIP_LENGTH}
+        if role != "t5":
+            tes[role]["pooled_width"] = widths[f"{role}_pooled"]
+    if widths["clip_l"] + widths["clip_g"] > widths["t5"]:
+        raise ShardFormatError(f"CLIP-L + CLIP-G widths {widths['clip_l']} + {widths['clip_g']} exceed the T5 "
+                               f"width {widths['t5']}: the reference zero-pads CLIP to the T5 width")
+    doc = {
+        "format_version": FORMAT_VERSION,
+        "autoencoder": {"source": label or str(source), "subfolder": "vae", "revision": revision,
+                        "content_hash": folder_hash(source, "vae", revision), "dtype": ae_dtype,
+                        "scaling_factor": autoencoder.scaling_factor, "shift_factor": autoencoder.shift_factor,
+                        "latent_channels": autoencoder.latent_channels, "downsample": autoencoder.downsample},
+        "text_encoders": tes,
+        "store_dtype": store_dtype,
+        "context": {"clip_length": CLIP_LENGTH, "t5_length": encoders.t5_length,
+                    "length": CLIP_LENGTH + encoders.t5_length, "width": widths["t5"],
+                    "pooled_width": widths["clip_l_pooled"] + widths["clip_g_pooled"]},
+        "prompts": {"empty": "", "validation": prompts},
+    }
+    arrays = {}
+    for which, batch in (("empty", [""]), ("validation", prompts)):
+        if not batch:
+            continue
+        enc = encoders.encode(batch)
+        arrays.update({f"{which}.{p}": enc[p].astype(store_dtype) for p in PARTS})
+    return write_record(out_dir, doc, arrays)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Index
+
+def write_index(shards_dir: Path, counts: Mapping[str, int], conditioning: str) -> dict:
+    """`counts`: shard file name -> samples. Empty shards are never listed (nor written)."""
+    doc = {"format_version": FORMAT_VERSION, "conditioning": conditioning,
+           "shards": [{"name": n, "split": n.split("-", 1)[0], "samples": int(c)}
+                      for n, c in sorted(counts.items()) if c > 0]}
+    atomic_write(Path(shards_dir) / INDEX_JSON, record_bytes(doc))
+    return doc
+
+
+def read_index(shards_dir: Path) -> dict:
+    path = Path(shards_dir) / INDEX_JSON
+    if not path.is_file():
+        raise ShardFormatError(f"no {INDEX_JSON} in {shards_dir}")
+    doc = json.loads(path.read_text())
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise ShardFormatError(f"{path}: format_version {doc.get('format_version')} != {FORMAT_VERSION}")
+    return doc
+
+
+# ------------------------------------------------------------------------------------------------------
+# Assembly (torch): what the MM-DiT sees
+
+def assemble(parts: Mapping, keep: Mapping | None = None):
+    """Stack per-encoder parts (torch tensors, batch first) as the reference does:
+    context = concat_seq(pad_to_T5_width(concat_ch(clip_l, clip_g)), t5)  (B, 77 + L, Wt)
+    pooled  = concat(clip_l_pooled, clip_g_pooled)                        (B, Wl' + Wg')
+    `keep[role]` (B,) bool/float zeroes a dropped encoder's sequence and pooled parts (SD3 App. B.3)."""
+    import torch
+    import torch.nn.functional as F
+
+    cl, cg, t5 = parts["clip_l"], parts["clip_g"], parts["t5"]
+    pl, pg = parts["clip_l_pooled"], parts["clip_g_pooled"]
+    if keep is not None:
+        def m(role, x):
+            k = torch.as_tensor(keep[role], dtype=x.dtype, device=x.device)
+            return x * k.view(-1, *([1] * (x.dim() - 1)))
+        cl, pl, cg, pg, t5 = m("clip_l", cl), m("clip_l", pl), m("clip_g", cg), m("clip_g", pg), m("t5", t5)
+    clip = torch.cat([cl, cg], dim=-1)
+    clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5], dim=-2), torch.cat([pl, pg], dim=-1)

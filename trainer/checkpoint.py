@@ -1,0 +1,111 @@
+"""Checkpoints: `RUN/checkpoints/step-NNNNNN/` with model.safetensors, ema.safetensors,
+optimizer.safetensors and state.json (config, model config, step, data position, RNG states).
+
+Written into a temporary folder and renamed, so a killed run never leaves a half checkpoint; the last
+K are kept. Tensors only go through safetensors and JSON; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+STATE = "state.json"
+
+
+def step_dir(run: Path, step: int) -> Path:
+    return Path(run) / "checkpoints" / f"step-{step:06d}"
+
+
+def checkpoints(run: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / STATE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest(run: Path) -> Path | None:
+    found = checkpoints(run)
+    return found[-1] if found else None
+
+
+def resolve(path: str | Path) -> Path:
+    """A run folder (its latest checkpoint) or a step folder -> the step folder."""
+    path = Path(path)
+    if (path / STATE).is_file():
+        return path
+    found = latest(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: neither a checkpoint folder (no {STATE}) nor a run with checkpoints")
+    return found
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for name, value in st.items():
+            tensors[f"{pid}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state(generator: torch.Generator) -> str:
+    return base64.b64encode(generator.get_state().numpy().tobytes()).decode()
+
+
+def set_rng_state(generator: torch.Generator, state: str) -> None:
+    generator.set_state(torch.frombuffer(bytearray(base64.b64decode(state)), dtype=torch.uint8))
+
+
+def save(run: Path, step: int, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
+         state: dict, keep: int = 3) -> Path:
+    final = step_dir(run, step)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+    tensors, meta = _optimizer_tensors(opt)
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp / "optimizer.safetensors")
+    (tmp / STATE).write_text(json.dumps({**state, "step": step, "optimizer": meta}, indent=2, sort_keys=True))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in checkpoints(run)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_state(folder: Path) -> dict:
+    return json.loads((Path(folder) / STATE).read_text())
+
+
+def load_weights(folder: Path, which: str = "ema", device: str = "cpu") -> dict[str, torch.Tensor]:
+    return load_file(Path(folder) / f"{which}.safetensors", device=device)
+
+
+def load(folder: Path, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
+         device: str = "cpu") -> dict:
+    model.load_state_dict(load_weights(folder, "model", device))
+    ema.load_state_dict(load_weights(folder, "ema", device))
+    state = read_state(folder)
+    _load_optimizer(opt, load_file(Path(folder) / "optimizer.safetensors", device=device), state["optimizer"])
+    return state
