@@ -86,10 +86,12 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
 def decode_sample(raw: dict, doc: dict, record: S.Conditioning, aug: Augment | None, seed: int, epoch: int):
     """Raw members -> (latent (C,h,w) model space, parts {part: array}, keep {role: 0/1}) as float32.
     `aug=None` is the evaluation view: original caption, no drops, posterior mean."""
-    arrays = {m: S.load_npy(raw[m]) for m in S.array_members()}
-    S.check_arrays(arrays, doc, record, raw.get("__url__", ""))
     rng = sample_rng(seed, epoch, doc["key"])
     variant = "orig" if aug is None or rng.random() < aug.orig_caption_prob else "syn"
+    # decode (and check) only what this sample feeds: the latents and the chosen caption's encodings
+    names = [*S.LATENT_MEMBERS, *(f"{variant}.{p}.npy" for p in S.PARTS)]
+    arrays = {m: S.load_npy(raw[m]) for m in names}
+    S.check_arrays(arrays, doc, record, raw.get("__url__", ""))
     keep = {r: 1.0 if aug is None or rng.random() >= aug.text_drop_prob else 0.0 for r in ("clip_l", "clip_g", "t5")}
     mean = arrays["latent_mean.npy"].astype(np.float32)
     if aug is not None and aug.sample_latent:
@@ -97,16 +99,17 @@ def decode_sample(raw: dict, doc: dict, record: S.Conditioning, aug: Augment | N
         mean = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
     ae = record.json["autoencoder"]
     latent = to_model_space(torch.from_numpy(mean), ae["scaling_factor"], ae["shift_factor"])
-    parts = {p: arrays[f"{variant}.{p}.npy"].astype(np.float32) for p in S.PARTS}
+    # stay in the stored float16 until the batch is assembled (one vectorised conversion in collate)
+    parts = {p: torch.from_numpy(arrays[f"{variant}.{p}.npy"]) for p in S.PARTS}
     return latent, parts, keep, variant
 
 
 def collate(items: list, keys: list[str]) -> dict:
     latents = torch.stack([it[0] for it in items])
-    parts = {p: torch.from_numpy(np.stack([it[1][p] for it in items])) for p in S.PARTS}
+    parts = {p: torch.stack([it[1][p] for it in items]) for p in S.PARTS}
     keep = {r: torch.tensor([it[2][r] for it in items]) for r in ("clip_l", "clip_g", "t5")}
-    context, pooled = S.assemble(parts, keep)
-    return {"latents": latents, "context": context, "pooled": pooled, "keys": keys,
+    context, pooled = S.assemble(parts, keep)  # exact in float16: concatenation, zero pad, 0/1 masks
+    return {"latents": latents, "context": context.float(), "pooled": pooled.float(), "keys": keys,
             "variants": [it[3] for it in items], "keep": keep}
 
 
