@@ -140,8 +140,12 @@ def train_centroids(
     """
     import faiss  # imported here: the keep rule and the report need no FAISS
 
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    u = unit_rows(np.asarray(vectors)[order]) if len(order) else np.zeros((0, vectors.shape[1]), np.float32)
+    order = np.asarray(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
+    # normalised in blocks (unit_rows is per row, so bit-identical): a whole-sample float64 copy made
+    # k-means the peak of anonymous memory (1.75 GB at 100k, BENCHMARKS.md)
+    u = np.empty((len(order), vectors.shape[1]), np.float32)
+    for s in range(0, len(order), 8192):
+        u[s : s + 8192] = unit_rows(np.asarray(vectors[order[s : s + 8192]]))
     k = max(1, min(int(n_clusters), len(u)))
     if k == 1:
         mean = u.astype(np.float64).sum(axis=0) if len(u) else np.ones(vectors.shape[1])

@@ -45,5 +45,11 @@ def test_package_entry_points_exist(pkg):
         r = subprocess.run([sys.executable, "-m", pkg, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "--input SPEC" in r.stdout and "summary.json" in r.stdout
         return
+    if pkg == "trainer":  # available: `python -m trainer train|sample` is `flowcurate train|sample`
+        r = subprocess.run([sys.executable, "-m", pkg, "train", "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "--shards" in r.stdout and "torchrun" in r.stdout
+        r = subprocess.run([sys.executable, "-m", pkg, "sample", "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "--checkpoint" in r.stdout
+        return
     r = subprocess.run([sys.executable, "-m", pkg], capture_output=True, text=True)
     assert r.returncode == 2 and "not yet available" in r.stderr
