@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from dedup.cli import main as dedup_main
+from models.config import load_config
 from models.sample_data import write_sample_data
 from models.tiny import write_tiny_models
 
@@ -24,7 +25,8 @@ def run_demo(output: Path, n: int = 512, seed: int = 0) -> dict[str, Path]:
     report = json.loads((models / "tiny_report.json").read_text())
     print(f"[demo] 2/3 sample data: {n} procedural images with planted duplicates -> {output / 'data'}")
     truth = write_sample_data(output / "data", n=n, seed=seed)
-    print(f"[demo] 3/3 flowcurate dedup (SSCD near-duplicates, threshold 0.5) -> {output / 'dedup'}")
+    threshold = load_config("tiny").dedup.threshold
+    print(f"[demo] 3/3 flowcurate dedup (SSCD near-duplicates, tiny preset threshold {threshold}) -> {output / 'dedup'}")
     rc = dedup_main(["--input", str(output / "data" / "raw"), "--output", str(output / "dedup"),
                      "--config", "tiny", "--sscd", str(models / "sscd.torchscript.pt"), "--quiet"])
     if rc != 0:

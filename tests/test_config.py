@@ -38,5 +38,5 @@ def test_override_replaces_only_given_fields():
     cfg = load_config("tiny")
     new = override(cfg, "dedup", threshold=0.8, assign=None)
     assert new.dedup.threshold == 0.8 and new.dedup.assign == cfg.dedup.assign
-    assert cfg.dedup.threshold == 0.5
+    assert cfg.dedup.threshold == 0.75
     assert to_dict(new)["dedup"]["threshold"] == 0.8

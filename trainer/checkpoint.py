@@ -1,5 +1,6 @@
 """Checkpoints: `RUN/checkpoints/step-NNNNNN/` with model.safetensors, ema.safetensors,
-optimizer.safetensors and state.json (config, model config, step, data position, RNG states).
+optimizer.safetensors and state.json (config, model config, step, data position). The training noise
+is drawn from generators seeded by (seed, step), so there is no RNG state to carry.
 
 Written into a temporary folder and renamed, so a killed run never leaves a half checkpoint; the last
 K are kept. Tensors only go through safetensors and JSON; nothing is unpickled.
@@ -7,7 +8,6 @@ K are kept. Tensors only go through safetensors and JSON; nothing is unpickled.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -65,14 +65,6 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def rng_state(generator: torch.Generator) -> str:
-    return base64.b64encode(generator.get_state().numpy().tobytes()).decode()
-
-
-def set_rng_state(generator: torch.Generator, state: str) -> None:
-    generator.set_state(torch.frombuffer(bytearray(base64.b64decode(state)), dtype=torch.uint8))
 
 
 def save(run: Path, step: int, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -72,6 +73,11 @@ def plot_losses(log: Path, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{step}:{stream}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
 
 
 def learning_rate(tc, step: int) -> float:
@@ -151,13 +157,11 @@ def train(args) -> Path:
     ema = MMDiT(mc).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, eps=tc.adam_eps, weight_decay=tc.weight_decay)
-    gen = torch.Generator().manual_seed(tc.seed)
     step = 0
     resume = C.latest(run)
     if resume is not None:
         state = C.load(resume, model, ema, opt, device)
         step = state["step"]
-        C.set_rng_state(gen, state["rng"])
         if rank == 0:
             print(f"resuming from {resume} (step {step})", file=sys.stderr)
 
@@ -181,7 +185,7 @@ def train(args) -> Path:
 
     def state_json() -> dict:
         return {"config": to_dict(cfg), "model_config": dataclasses.asdict(mc), "data_position": step,
-                "rng": C.rng_state(gen), "world_size": world, "conditioning": record.hash,
+                "world_size": world, "conditioning": record.hash,
                 "sample_size": sample_size, "shards": args.shards}
 
     def periodic(final: bool = False) -> None:
@@ -207,9 +211,12 @@ def train(args) -> Path:
         if sample_size is None:
             down = record.json["autoencoder"]["downsample"]
             sample_size = [x0.shape[-2] * down, x0.shape[-1] * down]
-        # draw t and eps for the global batch on every rank, keep this rank's slice
+        # t and eps come from a generator seeded by (seed, step[, rank]): nothing to save, and a resumed
+        # run draws what an uninterrupted one draws. In `global` mode every rank draws the global batch
+        # and keeps its slice, so N ranks see exactly what one process sees.
         b = len(x0)
         n = b * world if ds.split == "global" else b
+        gen = step_generator(tc.seed, step, 0 if ds.split == "global" else rank)
         t = sample_t(n, tc.timestep_density, tc.logit_mean, tc.logit_std, shift=tc.shift, generator=gen)
         eps = torch.randn((n, *x0.shape[1:]), generator=gen)
         lo = rank * b if ds.split == "global" else 0
