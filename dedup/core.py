@@ -126,9 +126,9 @@ def find_duplicates(
     priority: str = "pixels",
     exact: bool = False,
     clusters: int | str = "auto",
-    assign: int = 3,
+    assign: int = 8,
     assign_margin: float | None = 0.1,
-    kmeans_iters: int = 20,
+    kmeans_iters: int = 10,
     kmeans_sample: int = 100_000,
     seed: int = 0,
     block_rows: int = BLOCK_ROWS,
@@ -143,11 +143,11 @@ def find_duplicates(
     embeddings: (N, D) SSCD descriptors, float16/32/64, any scale, may be a memmap (read in blocks;
     never copied whole to float32). keys: (N,) unique strings. pixels: (N,) width*height, or None.
     threshold: pairs need cosine > threshold. priority: "pixels" (more pixels first, then key) or
-    "key". exact: search all pairs (no k-means). clusters: k, or "auto" (~sqrt(N), 1 below 1000
-    items). assign: nearest clusters searched per item; assign_margin: a 2nd.. cluster only when its
-    cosine to the item is within this of the best (None: always). The defaults (3, 0.1) recalled as
-    many pairs as plain top-3 on our synthetic sets with 1-4x less search work (measurements above
-    `dedup.search.assign_clusters`). kmeans_iters, kmeans_sample, seed: FAISS k-means on about
+    "key". exact: search all pairs (no k-means). clusters: k, or "auto" (one cluster, i.e. exact,
+    up to 20k items, else ~4 sqrt(N); `dedup.search.auto_clusters`). assign: nearest clusters
+    searched per item; assign_margin: a 2nd.. cluster only when its cosine to the item is within this
+    of the best (None: always). The defaults (8, 0.1) with k = 4 sqrt(N) recalled ~99 % of planted
+    pairs above cosine 0.8 at 1M (BENCHMARKS.md). kmeans_iters, kmeans_sample, seed: FAISS k-means on about
     kmeans_sample items (at least 40 per centroid) chosen by key hash. block_rows: rows per matrix
     product block (memory ~ threads * block_rows^2 * 4 bytes). backend/device/precision: where
     candidate products run (`dedup.search.make_engine`; auto: numpy fp32 on the CPU, torch fp16 on

@@ -122,14 +122,23 @@ def kmeans_sample_fraction(n_items: int, n_clusters: int, kmeans_sample: int) ->
     return min(1.0, max(kmeans_sample, 40 * n_clusters) / n_items)
 
 
+EXACT_BELOW = 20_000  # "auto" searches all pairs up to this many items (2e8 pairs: seconds)
+
+
 def auto_clusters(n_items: int) -> int:
-    """Default k: about sqrt(N). Search cost ~ N^2/k, k-means cost ~ sample * k; sqrt(N) balances
-    them (env_probe.md §4) and gives clusters of ~sqrt(N) items. Below 1000 items, one cluster."""
-    return 1 if n_items < 1000 else int(round(math.sqrt(n_items)))
+    """Default k: one cluster (exact search) up to EXACT_BELOW items, else about 4 sqrt(N).
+
+    Measured at 1M x 512 (clustered generator of benchmarks/dedup_bench.py, planted pairs): at equal
+    search work, more and smaller clusters with more assignments recall more than fewer, larger ones:
+    k = 1000, top-3 m.1: .59 / .78 / .95 (cosine 0.7-0.8 / 0.8-0.9 / 0.9-1) at 7.6e9 pairs;
+    k = 2000, top-8 m.1: .91 / .98 / 1.0 at 30e9; k = 4000, top-8 m.1: .92 / .98 / 1.0 at 13.7e9,
+    top-10 m.1: .95 / .99 / 1.0 at 20e9. k-means and assignment cost grow with k (~95 s and ~45 s on
+    2 cores at k = 4000), which is where 4 sqrt(N) stops paying (BENCHMARKS.md)."""
+    return 1 if n_items <= EXACT_BELOW else int(round(4 * math.sqrt(n_items)))
 
 
 def train_centroids(
-    vectors: np.ndarray, keys: Sequence[str], n_clusters: int, *, iters: int = 20, seed: int = 0
+    vectors: np.ndarray, keys: Sequence[str], n_clusters: int, *, iters: int = 10, seed: int = 0
 ) -> np.ndarray:
     """Spherical FAISS k-means on a sample. vectors: (S, D) raw; keys: (S,) -> (k, D) float32 centroids.
 
@@ -200,7 +209,7 @@ def _assign_block(u: np.ndarray, centroids: np.ndarray, top: int) -> tuple[np.nd
 def assign_clusters(
     vectors: np.ndarray,
     centroids: np.ndarray,
-    assign: int = 3,
+    assign: int = 8,
     *,
     assign_margin: float | None = 0.1,
     block_rows: int = 4096,
@@ -596,9 +605,9 @@ def find_pairs(
     *,
     exact: bool = False,
     clusters: int | str = "auto",
-    assign: int = 3,
+    assign: int = 8,
     assign_margin: float | None = 0.1,
-    kmeans_iters: int = 20,
+    kmeans_iters: int = 10,
     kmeans_sample: int = 100_000,
     seed: int = 0,
     block_rows: int = BLOCK_ROWS,
