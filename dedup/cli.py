@@ -331,7 +331,9 @@ def _load(specs: list[str], keys_path: str | None, what: str, ctx: _Context, exc
         raise UsageError(f"{what} names images; a keys file is only for .npy embeddings")
     t0 = time.perf_counter()
     ctx.log(f"{what}: listing {len(files)} files")
-    listing = list_images(files)
+    with tqdm(total=len(files), desc=f"list {what.strip('-')}", unit="file", file=sys.stderr,
+              disable=ctx.args.quiet, dynamic_ncols=True) as bar:
+        listing = list_images(files, progress=bar.update)
     ctx.timings[f"list_{what.strip('-')}"] = time.perf_counter() - t0
     ctx.log(f"{what}: {len(listing.items)} images, {len(listing.rejected)} rejected while listing")
     items = {it.key: it for it in listing.items}

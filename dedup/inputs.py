@@ -93,10 +93,10 @@ def _unique(key: str, seen: dict[str, int]) -> tuple[str, bool]:
     return (key, False) if n == 1 else (f"{key}~{n}", True)
 
 
-def list_images(files: list[Path]) -> Listing:
+def list_images(files: list[Path], progress: Callable[[int], None] | None = None) -> Listing:
     """Image files and tar members as items; tars' samples without an image, repeated keys and
     unreadable tar tails as rejections. Image files' keys are their paths relative to the common
-    folder of all inputs, without the extension."""
+    folder of all inputs, without the extension. progress(n): called as files are listed."""
     out = Listing()
     seen: dict[str, int] = {}
     images = [f for f in files if f.suffix.lower().lstrip(".") in IMAGE_EXTS]
@@ -110,8 +110,12 @@ def list_images(files: list[Path]) -> Listing:
         else:
             out.items.append(ImageItem(key, source, **loc))
 
-    for f in images:
+    for i, f in enumerate(images):
         add(sanitize_key(str(f.relative_to(root).with_suffix(""))), str(f), path=str(f))
+        if progress and i % 1024 == 1023:
+            progress(1024)
+    if progress and len(images) % 1024:
+        progress(len(images) % 1024)
     for t in tars:
         with open(t, "rb") as fh:
             for s in scan_tar(fh, str(t)):
@@ -126,6 +130,8 @@ def list_images(files: list[Path]) -> Listing:
                     continue
                 m = s.members[ext]
                 add(s.key, s.source, path=str(t), offset=m.offset, size=m.size)
+        if progress:
+            progress(1)
     out.items.sort(key=lambda it: it.key)
     return out
 

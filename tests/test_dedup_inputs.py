@@ -42,7 +42,9 @@ def test_hostile_tars_are_contained(tmp_path):
     _tar(tmp_path / "b.tar", [("0001.jpg", jpg), ("0003.jpg", jpg)])  # 0001 repeats a.tar's key
     whole = (tmp_path / "b.tar").read_bytes()
     (tmp_path / "c.tar").write_bytes(whole[:4000])  # cut inside the second member (data at 3072..5091)
-    listing = list_images(expand([str(tmp_path)]))
+    listed = []
+    listing = list_images(expand([str(tmp_path)]), progress=listed.append)
+    assert sum(listed) == 3  # the progress bar counts every listed file
     keys = sorted(it.key for it in listing.items)
     assert "etc/passwd" in keys and "dir/0002" in keys and not any(".." in k for k in keys)
     reasons = {k: r for k, _, r in listing.rejected}
