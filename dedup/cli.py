@@ -110,9 +110,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cosine above which two images are duplicates (default 0.5, SD3 App. E.2; the SSCD "
                         "authors' 90 %% precision point is 0.75)")
     d.add_argument("--clusters", type=_clusters, metavar="auto|K",
-                   help="k-means cells: auto (about sqrt(N); one cell below 1000 items) or K")
+                   help="k-means cells: auto (exact search up to 20k items, else about 4 sqrt(N)) or K")
     d.add_argument("--assign", type=_positive, metavar="A",
-                   help="recall: nearest cells each item is searched in (default 3)")
+                   help="recall: nearest cells each item is searched in (default 8)")
     d.add_argument("--assign-margin", type=float, metavar="M",
                    help="recall: use a 2nd..A-th cell only when its centroid cosine is within M of the "
                         "nearest (default 0.1; 2 = always)")
