@@ -1,0 +1,84 @@
+"""Validation of one raw image: bytes -> the training-resolution RGB array and what the manifest records,
+or `ImageRejected` with a reason from the vocabulary. A pure function (no Beam), tested alone.
+
+Order: decode with the pixel limit, EXIF transpose and mode conversion (`models.images.decode_image`:
+CMYK, 16-bit (scaled), palette, alpha -> RGB); minimum size (shorter side); maximum aspect ratio; then
+the largest centred crop with the target's aspect ratio, resized to the target (SD3: square at the
+training resolution, or with `buckets` the aspect bucket nearest to the image's own aspect ratio). The
+crop box is reported in the original (EXIF-corrected) pixels, as DESIGN.md's sample json wants it.
+`pixel_hash` is the sha256 of the decoded original's pixels and size: the exact-duplicate key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from models.images import BAD_ASPECT, DEFAULT_MAX_PIXELS, TOO_SMALL, ImageRejected, decode_image
+
+# sides of the resized image are multiples of this: the AE downsamples 8x, the MM-DiT patches 2x2
+SIDE_MULTIPLE = 16
+
+
+@dataclass(frozen=True)
+class Valid:
+    image: np.ndarray  # (H, W, 3) uint8 at `resolution`
+    width: int  # the original after EXIF transpose
+    height: int
+    crop: tuple[int, int, int, int]  # left, top, right, bottom in the original's pixels
+    resolution: tuple[int, int]  # (H, W) of `image`
+    pixel_hash: str  # "sha256:..." of the decoded original (exact-duplicate detection)
+    mode: str  # the original's mode, e.g. "CMYK"
+
+
+def aspect_buckets(resolution: int, max_aspect: float = 3.0, multiple: int = SIDE_MULTIPLE) -> list[tuple[int, int]]:
+    """(H, W) buckets of about resolution^2 pixels, sides multiples of `multiple`, aspect <= max_aspect,
+    from the tallest to the widest; always includes the square."""
+    out = set()
+    for w in range(multiple, int(resolution * math.sqrt(max_aspect)) + multiple, multiple):
+        h = int(round(resolution * resolution / w / multiple)) * multiple
+        if h >= multiple and max(w, h) / min(w, h) <= max_aspect + 1e-9:
+            out.add((h, w))
+    out.add((resolution, resolution))
+    return sorted(out, key=lambda hw: hw[1] / hw[0])
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest in log space (ties: the squarer one)."""
+    a = math.log(width / height)
+    return min(buckets, key=lambda hw: (abs(math.log(hw[1] / hw[0]) - a), abs(math.log(hw[1] / hw[0]))))
+
+
+def centre_crop_box(width: int, height: int, target_h: int, target_w: int) -> tuple[int, int, int, int]:
+    """The largest centred box of the target's aspect ratio inside a width x height image."""
+    if width * target_h > height * target_w:  # wider than the target: crop the sides
+        cw, ch = max(1, round(height * target_w / target_h)), height
+    else:
+        cw, ch = width, max(1, round(width * target_h / target_w))
+    left, top = (width - cw) // 2, (height - ch) // 2
+    return left, top, left + cw, top + ch
+
+
+def pixel_hash(img: Image.Image) -> str:
+    h = hashlib.sha256(f"{img.mode}:{img.width}x{img.height}:".encode())
+    h.update(img.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def validate(data: bytes, *, resolution: int = 256, min_size: int = 64, max_aspect: float = 3.0,
+             max_pixels: int = DEFAULT_MAX_PIXELS, buckets: list[tuple[int, int]] | None = None) -> Valid:
+    """Raw image bytes -> `Valid`, or raise `ImageRejected` (reason from the vocabulary)."""
+    d = decode_image(data, max_pixels)
+    w, h = d.width, d.height
+    if min(w, h) < min_size:
+        raise ImageRejected(TOO_SMALL, f"{w}x{h}: shorter side < {min_size}")
+    if max(w, h) / min(w, h) > max_aspect:
+        raise ImageRejected(BAD_ASPECT, f"{w}x{h}: aspect ratio {max(w, h) / min(w, h):.2f} > {max_aspect}")
+    th, tw = nearest_bucket(w, h, buckets) if buckets else (resolution, resolution)
+    box = centre_crop_box(w, h, th, tw)
+    out = d.image.resize((tw, th), Image.Resampling.BICUBIC, box=box, reducing_gap=None)
+    return Valid(np.asarray(out, dtype=np.uint8), w, h, box, (th, tw), pixel_hash(d.image), d.mode)
