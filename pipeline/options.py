@@ -1,0 +1,70 @@
+"""`flowcurate run` options: our flags as a Beam `PipelineOptions` view, plus the TOML config.
+
+Every Beam option passes through unchanged, so the same command line runs locally or elsewhere:
+
+    flowcurate run --input 'raw/*.tar' --output out/ --config tiny                      # local runner
+    flowcurate run ... --runner DataflowRunner --project P --region R \\
+        --temp_location gs://B/tmp --sdk_container_image IMAGE                           # Dataflow
+    flowcurate run ... --runner SparkRunner --spark_master_url spark://HOST:7077           # Spark
+    flowcurate run ... --runner PortableRunner --job_endpoint HOST:8099                   # any job server
+
+`launch_options` resolves the config and every model location (building the tiny models once for
+`tiny://` locations) on the launching machine, so workers receive absolute paths and never build.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from models.config import Config, load_config, override
+
+
+class FlowcurateOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--input", action="append", default=None,
+                            help="raw input: tar glob, image folder or glob, Parquet with image bytes; "
+                                 "any path Beam's FileSystems read (repeatable)")
+        parser.add_argument("--output", default=None, help="output folder OUT (local path or gs://, s3://, ...)")
+        parser.add_argument("--config", default="tiny", help="preset name (tiny, sd3) or TOML path")
+        parser.add_argument("--input_format", default="auto", choices=("auto", "tars", "images", "parquet"),
+                            help="how to read --input (auto: by extension)")
+        parser.add_argument("--image_column", default="image", help="Parquet input: the image bytes column")
+        parser.add_argument("--caption_column", default="caption", help="Parquet input: the caption column")
+        parser.add_argument("--key_column", default="key", help="Parquet input: the key column")
+        parser.add_argument("--resolution", type=int, default=None, help="override [pipeline] resolution")
+        parser.add_argument("--val_fraction", type=float, default=None, help="override [pipeline] val_fraction")
+        parser.add_argument("--dedup_threshold", type=float, default=None, help="override [dedup] threshold")
+
+
+@dataclass(frozen=True)
+class Launch:
+    beam: PipelineOptions  # everything, Beam's options included, for beam.Pipeline(options=...)
+    ours: FlowcurateOptions
+    config: Config  # model locations resolved to absolute paths
+    runner: str
+
+
+class OptionsError(ValueError):
+    pass
+
+
+def launch_options(argv: list[str] | None = None, *, resolve_models: bool = True, log=print) -> Launch:
+    """Parse argv (Beam flags pass through), load and override the config, resolve model paths."""
+    beam = PipelineOptions(argv or [])
+    ours = beam.view_as(FlowcurateOptions)
+    if not ours.input:
+        raise OptionsError("--input is required (a tar glob, an image folder or glob, or Parquet files)")
+    if not ours.output:
+        raise OptionsError("--output is required")
+    cfg = load_config(ours.config)
+    cfg = override(cfg, "pipeline", resolution=ours.resolution, val_fraction=ours.val_fraction)
+    cfg = override(cfg, "dedup", threshold=ours.dedup_threshold)
+    if resolve_models:
+        from models.tiny import resolve_models as resolve
+
+        cfg = resolve(cfg, log=log)
+    runner = beam.view_as(StandardOptions).runner or "DirectRunner"
+    return Launch(beam, ours, cfg, runner)
