@@ -102,6 +102,46 @@ def scan_tar(fileobj: BinaryIO, source: str) -> Iterator[TarSample | TarTail]:
         yield current
 
 
+def iter_tar(fileobj: BinaryIO, source: str) -> Iterator[tuple[TarSample, dict[str, bytes]] | TarTail]:
+    """Like `scan_tar`, reading each member's bytes as the stream passes (one pass; works on
+    non-seekable streams such as cloud storage reads): (sample, {ext: bytes}) per sample, then a
+    `TarTail` if the archive is damaged. A sample whose member data is cut off is not yielded; the
+    tail starts at its first member, so nothing is dropped without a row saying where."""
+    current: TarSample | None = None
+    data: dict[str, bytes] = {}
+    offset = 0
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+            for info in tar:
+                offset = info.offset
+                if not info.isfile():
+                    continue
+                raw_key, ext = split_name(info.name)
+                if current is None or raw_key != current.raw_key:
+                    if current is not None:
+                        yield current, data
+                    current, data = TarSample(sanitize_key(raw_key), f"{source}#{info.name}", raw_key=raw_key), {}
+                fh = tar.extractfile(info)
+                blob = fh.read() if fh is not None else b""
+                if len(blob) != info.size:
+                    raise EOFError(f"member {info.name!r} is cut short ({len(blob)} of {info.size} bytes)")
+                current.members[ext] = Member(ext, info.offset_data, info.size)
+                data[ext] = blob
+                if ext in IMAGE_EXTS:
+                    current.source = f"{source}#{info.name}"
+                offset = info.offset_data + info.size
+    except (tarfile.TarError, EOFError, OSError) as e:
+        if current is not None and len(data) == len(current.members) and current.members and \
+                max(m.offset + m.size for m in current.members.values()) <= offset:
+            yield current, data  # the damage lies after its last member: it is whole
+        elif current is not None and current.members:
+            offset = min(m.offset for m in current.members.values()) - tarfile.BLOCKSIZE
+        yield TarTail(source, max(offset, 0), f"{type(e).__name__}: {e}")
+        return
+    if current is not None:
+        yield current, data
+
+
 def _size(fileobj: BinaryIO) -> int:
     try:
         return fileobj.seek(0, 2)
