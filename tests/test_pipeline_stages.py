@@ -1,0 +1,70 @@
+"""pipeline/stages.py on the FnApiRunner: validation rows and exact-duplicate removal over the sample
+data, with every input accounted for exactly once."""
+
+from __future__ import annotations
+
+import pickle
+import tempfile
+from pathlib import Path
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+
+from models.sample_data import write_sample_data
+from pipeline.read import ReadRaw
+from pipeline.stages import ExactDedup, Validate, manifest_row
+
+
+def _dump(pcoll, label, path):
+    return (pcoll | f"{label}List" >> beam.combiners.ToList()
+            | f"{label}Write" >> beam.Map(lambda xs, p=str(path): Path(p).write_bytes(pickle.dumps(list(xs)))))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw")
+    truth = write_sample_data(root, n=96, seed=2)
+    out = Path(tempfile.mkdtemp())
+    with TestPipeline(runner="FnApiRunner") as p:
+        raw = p | ReadRaw([str(root / "raw" / "*.tar")])
+        v = raw | beam.ParDo(Validate(64, 32, 3.0, 89_478_485)).with_outputs(Validate.REJECTED, main="ok")
+        d = v.ok | ExactDedup()
+        _dump(v[Validate.REJECTED], "rej", out / "rejected.pkl")
+        _dump(d.kept, "kept", out / "kept.pkl")
+        _dump(d[ExactDedup.DUPLICATES], "dup", out / "dup.pkl")
+    load = lambda name: pickle.loads((out / f"{name}.pkl").read_bytes())  # noqa: E731
+    return truth, load("rejected"), load("kept"), load("dup")
+
+
+def test_every_input_is_accounted_for_once(run):
+    truth, rejected, kept, dups = run
+    keys = [r["key"] for r in rejected] + [a.key for a in kept] + [r["key"] for r in dups]
+    assert len(keys) == len(set(keys)) == truth["n"]
+
+
+def test_rejections_match_the_planted_broken_samples(run):
+    truth, rejected, _, _ = run
+    got = {r["key"]: r["reason"] for r in rejected}
+    assert got == {k: b["reason"] for k, b in truth["broken"].items()}
+
+
+def test_exact_copies_are_removed_with_similarity_one(run):
+    truth, _, kept, dups = run
+    kept_keys = {a.key for a in kept}
+    exact = {k: g["original"] for g in truth["duplicate_groups"] for k, kind in g["copies"].items() if kind == "exact"}
+    by_key = {r["key"]: r for r in dups}
+    assert exact
+    for copy, original in exact.items():
+        pair = {copy, original}
+        removed = pair & set(by_key)
+        assert len(removed) == 1 and (pair - removed) <= kept_keys
+        r = by_key[removed.pop()]
+        assert r["similarity"] == 1.0 and r["duplicate_of"] in pair and r["status"] == "duplicate"
+    assert all(a.image.shape == (64, 64, 3) for a in kept)
+
+
+def test_manifest_row_rejects_unknown_fields():
+    assert manifest_row("k", "s", "kept")["notes"] == []
+    with pytest.raises(ValueError, match="unknown"):
+        manifest_row("k", "s", "kept", colour="red")
