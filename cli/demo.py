@@ -51,7 +51,9 @@ def run_demo(output: Path, n: int = 512, seed: int = 0) -> dict[str, Path]:
     print(f"  dedup: {json.dumps(summary.get('counts', {}), sort_keys=True)}")
     for name, p in paths.items():
         print(f"  {name + ':':20s} {p}")
-    print("  next (arriving with later issues): flowcurate run -> train -> sample -> memorization")
+    print("  try training: flowcurate train --shards tests/data/golden --output run/ --max-steps 200, then\n"
+          "  flowcurate sample --checkpoint run/ --prompt 'a red circle' --output grid.png\n"
+          "  next (arriving with later issues): flowcurate run (curated shards) -> train -> memorization")
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
         raise RuntimeError(f"demo outputs missing: {missing}")
