@@ -166,3 +166,17 @@ def test_train_writes_logs_plots_samples_and_sample_cli_works(fresh_shards, tmp_
 
     with pytest.raises(ModelMismatch, match="not the weights"):
         flowcurate(["sample", "--checkpoint", str(run), "--output", str(tmp_path / "g2.png"), "--steps", "2"])
+
+
+
+def test_training_goes_on_without_grids_when_the_ae_differs(fresh_shards, tmp_path, capsys, monkeypatch):
+    import trainer.sample as sample_mod
+
+    def mismatch(*a, **k):
+        raise sample_mod.ModelMismatch("autoencoder at X has content sha256:1, the record says sha256:0")
+
+    monkeypatch.setattr(sample_mod, "load_autoencoder", mismatch)
+    cfg = write_config(tmp_path / "c.toml", max_steps=2, sample_every=1)
+    assert main(["train", "--shards", str(fresh_shards), "--config", str(cfg), "--output", str(tmp_path / "run")]) == 0
+    assert "sample grids disabled" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "samples").exists() and C.latest(tmp_path / "run") is not None

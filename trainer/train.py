@@ -177,9 +177,12 @@ def train(args) -> Path:
     log_path, sample_size = run / "log.jsonl", None
     ae = None
     if rank == 0 and tc.sample_every > 0 and "validation.t5" in record.arrays:
-        from trainer.sample import load_autoencoder
+        from trainer.sample import ModelMismatch, load_autoencoder
 
-        ae = load_autoencoder(record, device)
+        try:
+            ae = load_autoencoder(record, device)
+        except (ModelMismatch, OSError) as e:  # grids need the record's exact AE; training does not
+            print(f"warning: sample grids disabled: {e}", file=sys.stderr)
     crash_at = int(os.environ.get(CRASH_ENV, "-1"))
     t0, seen = time.time(), 0
 
