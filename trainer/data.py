@@ -21,7 +21,6 @@ run dry). `auto` picks `shards` when there are enough shards, else `global`.
 from __future__ import annotations
 
 import glob
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -252,6 +251,3 @@ def open_record(path: str | Path | None, urls: list[str]) -> S.Conditioning:
         raise DataError(f"no conditioning record beside {urls[:1]}: pass --conditioning OUT/conditioning.json")
     return S.read_record(path)
 
-
-def describe(batch: dict) -> str:
-    return json.dumps({"keys": batch["keys"], "latents": list(batch["latents"].shape)})

@@ -101,10 +101,12 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 def copy_record(record: S.Conditioning, run: Path) -> None:
     """The run keeps a copy of the record; a run folder made from other shards is refused."""
     mine = run / S.RECORD_JSON
-    if mine.exists() and S.read_record(mine).hash != record.hash:
-        raise DataError(f"{run} was trained on shards with conditioning {S.read_record(mine).hash}, these shards "
-                        f"have {record.hash}: use another --output")
-    if not mine.exists():
+    if mine.exists():
+        theirs = S.read_record(mine).hash
+        if theirs != record.hash:
+            raise DataError(f"{run} was trained on shards with conditioning {theirs}, these shards "
+                            f"have {record.hash}: use another --output")
+    else:
         shutil.copyfile(Path(record.path).with_name(record.json["arrays"]["file"]), run / S.RECORD_NPZ)
         shutil.copyfile(record.path, mine)
 
@@ -191,7 +193,7 @@ def train(args) -> Path:
                 "world_size": world, "conditioning": record.hash,
                 "sample_size": sample_size, "shards": args.shards}
 
-    def periodic(final: bool = False) -> None:
+    def periodic() -> None:
         if val_urls:
             val, per_t = evaluate(ema, val_urls, record, max(1, tc.batch_size), device, autocast)
             log_line(log_path, {"step": step, "val_loss": val, "val_loss_by_t": per_t})
@@ -257,7 +259,7 @@ def train(args) -> Path:
         if C.latest(run) is None or C.read_state(C.latest(run))["step"] != step:
             C.save(run, step, model, ema, opt, state_json(), keep=tc.keep_checkpoints)
         if tc.sample_every == 0 or step % tc.sample_every:
-            periodic(final=True)
+            periodic()
         print(f"trained {step} steps; run folder {run}")
     if world > 1:
         dist.barrier()
