@@ -12,6 +12,23 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def write_tar():
+    """write_tar(path, [(member name, bytes), ...]): a plain tar with the names exactly as given
+    (unsanitised, e.g. "../../etc/passwd.jpg"), for the readers of untrusted archives."""
+    import io
+    import tarfile
+
+    def write(path, members):
+        with tarfile.open(path, "w") as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+    return write
+
+
+@pytest.fixture(scope="session")
 def tiny_models():
     """The cached tiny models (seed 0): built once per machine under a lock, shared by xdist workers."""
     from models.tiny import ensure_tiny_models

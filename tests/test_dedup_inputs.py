@@ -1,7 +1,5 @@
 """dedup.inputs: listing images and tars (hostile ones too), embedding, embedding files."""
 
-import io
-import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -16,14 +14,6 @@ from models.sscd import SSCDPreprocess, load_sscd
 from models.tars import sanitize_key
 
 
-def _tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_sample_data_listing_accounts_for_every_key(tmp_path):
     truth = write_sample_data(tmp_path, n=96, seed=5)
     listing = list_images(expand([str(tmp_path / "raw" / "*.tar")]))
@@ -34,12 +24,12 @@ def test_sample_data_listing_accounts_for_every_key(tmp_path):
     assert all(it.source.startswith(str(tmp_path / "raw")) and "#" in it.source for it in listing.items)
 
 
-def test_hostile_tars_are_contained(tmp_path):
+def test_hostile_tars_are_contained(tmp_path, write_tar):
     rng = np.random.default_rng(0)
     jpg = jpeg_bytes(random_image(rng, 64)[0])
-    _tar(tmp_path / "a.tar", [("../../etc/passwd.jpg", jpg), ("0001.jpg", jpg), ("0001.txt", b"cap"),
+    write_tar(tmp_path / "a.tar", [("../../etc/passwd.jpg", jpg), ("0001.jpg", jpg), ("0001.txt", b"cap"),
                               ("dir/0002.png", jpg)])
-    _tar(tmp_path / "b.tar", [("0001.jpg", jpg), ("0003.jpg", jpg)])  # 0001 repeats a.tar's key
+    write_tar(tmp_path / "b.tar", [("0001.jpg", jpg), ("0003.jpg", jpg)])  # 0001 repeats a.tar's key
     whole = (tmp_path / "b.tar").read_bytes()
     (tmp_path / "c.tar").write_bytes(whole[:4000])  # cut inside the second member (data at 3072..5091)
     listed = []

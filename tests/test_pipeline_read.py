@@ -3,10 +3,8 @@ Parquet with image bytes; every input is one RawItem, keys are unique and safe, 
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
-import tarfile
 import tempfile
 from pathlib import Path
 
@@ -30,14 +28,6 @@ def run(specs, **kw):
     return pickle.loads(out.read_bytes())
 
 
-def _tar(path, members):
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-
-
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     root = tmp_path_factory.mktemp("raw")
@@ -58,9 +48,9 @@ def test_sample_shards_are_read_completely(sample):
     assert sum(it.caption is not None for it in ok) > 0.9 * len(ok)
 
 
-def test_damaged_tar_repeats_folder_and_parquet(tmp_path):
+def test_damaged_tar_repeats_folder_and_parquet(tmp_path, write_tar):
     jpg = jpeg_bytes(random_image(__import__("numpy").random.default_rng(0), 48)[0])
-    _tar(tmp_path / "a.tar", [("../../etc/passwd.jpg", jpg), ("0001.jpg", jpg), ("0001.txt", b"a cat"),
+    write_tar(tmp_path / "a.tar", [("../../etc/passwd.jpg", jpg), ("0001.jpg", jpg), ("0001.txt", b"a cat"),
                               ("0002.jpg", jpg)])
     whole = (tmp_path / "a.tar").read_bytes()
     (tmp_path / "cut.tar").write_bytes(whole[:3000])  # inside the second member's data
@@ -99,8 +89,8 @@ def test_input_patterns(tmp_path):
     assert input_patterns(f"{tmp_path}/d/*.tar") == (f"{tmp_path}/d/*.tar", f"{tmp_path}/d")
 
 
-def test_read_tar_streams_without_seeking(tmp_path):
+def test_read_tar_streams_without_seeking(tmp_path, write_tar):
     jpg = b"\xff\xd8" + b"x" * 100
-    _tar(tmp_path / "s.tar", [("k1.jpg", jpg), ("k1.json", json.dumps({}).encode()), ("k2.txt", b"no image")])
+    write_tar(tmp_path / "s.tar", [("k1.jpg", jpg), ("k1.json", json.dumps({}).encode()), ("k2.txt", b"no image")])
     got = list(read_tar(str(tmp_path / "s.tar")))
     assert [(g.key, g.reason) for g in got] == [("k1", None), ("k2", "missing_image")]
