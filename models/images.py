@@ -29,12 +29,16 @@ BAD_EMBEDDING = "bad_embedding"
 REASONS = (EMPTY_FILE, UNDECODABLE, TRUNCATED, TOO_MANY_PIXELS, TOO_SMALL, BAD_ASPECT, MISSING_IMAGE,
            DUPLICATE_KEY, UNREADABLE_ARCHIVE_TAIL, BAD_EMBEDDING)
 FILTERED_PREFIX = "filtered:"  # + the configured filter's name, e.g. "filtered:reference"
+# + the pipeline stage, e.g. "failed:validate": an unexpected error on this one element (a dead letter),
+# kept as a row so nothing is lost silently; the run goes on
+FAILED_PREFIX = "failed:"
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
 
 
 def is_reason(reason: str) -> bool:
-    return reason in REASONS or (reason.startswith(FILTERED_PREFIX) and len(reason) > len(FILTERED_PREFIX))
+    return reason in REASONS or any(reason.startswith(p) and len(reason) > len(p)
+                                    for p in (FILTERED_PREFIX, FAILED_PREFIX))
 
 
 class ImageRejected(Exception):

@@ -44,11 +44,19 @@ class SSCDPreprocess:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.normalize(self.resize(img))
+
+    def resize(self, img: Image.Image) -> np.ndarray:
+        """RGB PIL image -> (size, size, 3) uint8: the first half of `__call__`, so a pipeline can resize
+        where it decodes and ship the small array to the model (`normalize`) with identical results."""
         if img.mode != "RGB":
             raise ValueError(f"expected an RGB image (decode with models.images.decode_image), got {img.mode}")
         # BILINEAR with PIL's antialiasing, as torchvision's Resize does on PIL images
-        img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return np.asarray(img.resize((self.size, self.size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+    def normalize(self, pixels: np.ndarray) -> torch.Tensor:
+        """(size, size, 3) uint8 from `resize` -> (3, size, size) float32, ImageNet-normalised."""
+        x = torch.from_numpy(pixels.astype(np.float32) / 255.0).permute(2, 0, 1)
         mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
         std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
         return (x - mean) / std

@@ -43,6 +43,7 @@ class Accepted(NamedTuple):
     crop: tuple[int, int, int, int]
     resolution: tuple[int, int]
     pixel_hash: str
+    sscd: np.ndarray | None = None  # (S, S, 3) uint8 for the SSCD model; dropped once embedded
 
 
 class Validate(beam.DoFn):
@@ -50,9 +51,10 @@ class Validate(beam.DoFn):
 
     REJECTED = "rejected"
 
-    def __init__(self, resolution: int, min_size: int, max_aspect: float, max_pixels: int, buckets=None):
+    def __init__(self, resolution: int, min_size: int, max_aspect: float, max_pixels: int, buckets=None,
+                 sscd=None):
         self.kw = dict(resolution=resolution, min_size=min_size, max_aspect=max_aspect, max_pixels=max_pixels,
-                       buckets=buckets)
+                       buckets=buckets, sscd=sscd)
         self.rejected = beam.metrics.Metrics.counter("flowcurate", "rejected")
 
     def process(self, item: RawItem):
@@ -69,7 +71,7 @@ class Validate(beam.DoFn):
                                                                        reason=e.reason))
             return
         yield Accepted(item.key, item.source, item.caption, v.image, v.width, v.height, v.crop, v.resolution,
-                       v.pixel_hash)
+                       v.pixel_hash, v.sscd)
 
 
 def _resolve_exact(group: tuple[str, list[Accepted]]):

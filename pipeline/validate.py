@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from models.images import BAD_ASPECT, DEFAULT_MAX_PIXELS, TOO_SMALL, ImageRejected, decode_image
+from models.sscd import SSCDPreprocess
 
 # sides of the resized image are multiples of this: the AE downsamples 8x, the MM-DiT patches 2x2
 SIDE_MULTIPLE = 16
@@ -33,6 +34,7 @@ class Valid:
     resolution: tuple[int, int]  # (H, W) of `image`
     pixel_hash: str  # "sha256:..." of the decoded original (exact-duplicate detection)
     mode: str  # the original's mode, e.g. "CMYK"
+    sscd: np.ndarray | None = None  # (S, S, 3) uint8: the whole original resized for SSCD (DESIGN.md "Dedup")
 
 
 def aspect_buckets(resolution: int, max_aspect: float = 3.0, multiple: int = SIDE_MULTIPLE) -> list[tuple[int, int]]:
@@ -70,8 +72,11 @@ def pixel_hash(img: Image.Image) -> str:
 
 
 def validate(data: bytes, *, resolution: int = 256, min_size: int = 64, max_aspect: float = 3.0,
-             max_pixels: int = DEFAULT_MAX_PIXELS, buckets: list[tuple[int, int]] | None = None) -> Valid:
-    """Raw image bytes -> `Valid`, or raise `ImageRejected` (reason from the vocabulary)."""
+             max_pixels: int = DEFAULT_MAX_PIXELS, buckets: list[tuple[int, int]] | None = None,
+             sscd: SSCDPreprocess | None = None) -> Valid:
+    """Raw image bytes -> `Valid`, or raise `ImageRejected` (reason from the vocabulary). With `sscd`,
+    also the EXIF-corrected original resized for the SSCD model (`SSCDPreprocess.resize`), made here
+    while the decoded original is at hand, so no later stage decodes the bytes again."""
     d = decode_image(data, max_pixels)
     w, h = d.width, d.height
     if min(w, h) < min_size:
@@ -81,4 +86,5 @@ def validate(data: bytes, *, resolution: int = 256, min_size: int = 64, max_aspe
     th, tw = nearest_bucket(w, h, buckets) if buckets else (resolution, resolution)
     box = centre_crop_box(w, h, th, tw)
     out = d.image.resize((tw, th), Image.Resampling.BICUBIC, box=box, reducing_gap=None)
-    return Valid(np.asarray(out, dtype=np.uint8), w, h, box, (th, tw), pixel_hash(d.image), d.mode)
+    return Valid(np.asarray(out, dtype=np.uint8), w, h, box, (th, tw), pixel_hash(d.image), d.mode,
+                 sscd.resize(d.image) if sscd is not None else None)
