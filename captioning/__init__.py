@@ -1,0 +1,6 @@
+"""Synthetic captions from an image-text-to-text VLM (SD3 §5.2.2), see README.md."""
+
+from captioning.captioner import CAPTION_FALLBACK, DEFAULT_PROMPT, Caption, Captioner
+from captioning.cleanup import clean_caption
+
+__all__ = ["CAPTION_FALLBACK", "DEFAULT_PROMPT", "Caption", "Captioner", "clean_caption"]
