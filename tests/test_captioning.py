@@ -1,4 +1,4 @@
-"""captioning: caption cleanup (a table) and the Captioner on the tiny VLM."""
+"""captioning: caption cleanup (a table), the Captioner on the tiny VLM, and its Beam ModelHandler."""
 
 from __future__ import annotations
 
@@ -158,3 +158,46 @@ def test_gpu_placement(path, captioner):
     assert captions == captioner.caption(images, ["orig"] * 5)
     half = Captioner.load(path, device="cuda", dtype="float16", **OPTIONS)
     assert all(c.text and c.notes == () for c in half.caption(images, [None] * 5))
+
+
+def test_handler_options_without_loading():
+    from captioning.handler import CaptionModelHandler
+
+    handler = CaptionModelHandler("/nonexistent/vlm", device="cuda")  # stores options only
+    assert handler.batch_elements_kwargs() == {"max_batch_size": 1}
+    assert handler.share_model_across_processes() is False
+    assert CaptionModelHandler("/x", share_model=True).share_model_across_processes() is True
+    assert handler.get_metrics_namespace() == "flowcurate_captioning"
+    chunk = [(np.zeros((4, 5, 3), np.uint8), "abc"), (np.zeros((2, 2, 3), np.uint8), None)]
+    assert handler.get_num_bytes([chunk, chunk]) == 2 * (60 + 3 + 12)
+
+
+@pytest.mark.parametrize("keyed", [False, True])  # two runs: both must equal the direct captions
+def test_run_inference_in_beam_equals_direct_captions(captioner, path, keyed):
+    import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from captioning.handler import CaptionModelHandler
+
+    images = _images(3, 6)
+    bad = np.zeros((3, 3), np.uint8)
+    chunks = [[(images[0], "zero"), (images[1], None), (images[2], "two")],
+              [(images[3], "three"), (bad, "bad")],
+              [(images[4], None)]]
+    expected = [captioner.caption([i for i, _ in chunk], [o for _, o in chunk]) for chunk in chunks]
+    assert expected[1][1] == Caption("bad", (CAPTION_FALLBACK,))
+
+    handler = CaptionModelHandler(path, **OPTIONS)
+    pipeline = beam.Pipeline()
+    if keyed:
+        out = (pipeline | beam.Create(list(enumerate(chunks))) | RunInference(KeyedModelHandler(handler)))
+        assert_that(out, equal_to(list(enumerate(expected))))
+    else:
+        out = pipeline | beam.Create(chunks) | RunInference(handler)
+        assert_that(out, equal_to(expected))
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = result.metrics().query(MetricsFilter().with_namespace("flowcurate_captioning"))["counters"]
+    assert [c.committed for c in counters if c.key.metric.name == CAPTION_FALLBACK] == [1]
