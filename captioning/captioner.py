@@ -84,6 +84,8 @@ class Captioner:
         kwargs = {"trust_remote_code": trust_remote_code}
         if revision is not None:
             kwargs["revision"] = revision
+        if device == "auto":  # resolved where the model loads (a worker's own GPU, if it has one)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
         if dtype is None:
             dtype = torch.float32 if device.type == "cpu" else "auto"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dedup.cli import add_parser as add_dedup_parser
 from models.cli import add_parsers as add_model_parsers
+from pipeline.run import add_parser as add_run_parser
 from trainer.sample import add_parser as add_sample_parser
 from trainer.train import add_parser as add_train_parser
 
@@ -23,17 +24,16 @@ examples:
   flowcurate sample-data --output data/ --n 512      # raw img2dataset-style shards + truth.json
   flowcurate config --config tiny                    # print a resolved config (preset or TOML path)
   flowcurate dedup --input 'imgs/**/*.jpg' --output dd/   # SSCD near-duplicates (see dedup --help)
+  flowcurate run --input 'raw/*.tar' --output out/ --config tiny   # curate with Apache Beam (see run --help)
   flowcurate train --shards out/ --config tiny --output run/            # MM-DiT on curated shards
   flowcurate sample --checkpoint run/ --prompt 'a red circle' --output grid.png
 
 user journeys (marked: not yet available in this version):
-  flowcurate run --input 'raw/*.tar' --output out/ --config tiny        (not yet available)
   flowcurate memorization --checkpoint run/ --curated out/ --output report/      (not yet available)
 """
 
 # Subcommands that later issues fill in: name -> (what it will do, the issue that builds it)
 PENDING = {
-    "run": ("curate raw shards into training shards with Apache Beam", "#5 (Beam curation pipeline)"),
     "memorization": ("check a trained model for memorized training images", "#6 (memorization check)"),
 }
 
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_model_parsers(sub)
     add_dedup_parser(sub)
+    add_run_parser(sub)
     add_train_parser(sub)
     add_sample_parser(sub)
 
@@ -103,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "run":  # Beam's PipelineOptions parses run's flags (they pass through)
+        from pipeline.run import main as run_main
+
+        return run_main(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in PENDING:  # pending commands accept their future flags

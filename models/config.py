@@ -66,6 +66,15 @@ class PipelineConfig:
     # encoder batch sizes (per worker)
     batch_size: int = 16
     caption_batch_size: int = 8
+    # crop to the nearest aspect bucket of about resolution^2 pixels instead of the centred square
+    aspect_buckets: bool = False
+    # where the model stages run: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"
+    # dtypes the models run in (float32 | float16 | bfloat16); the shards store `store_dtype`
+    ae_dtype: str = "float32"
+    text_encoder_dtype: str = "float32"
+    # prompts encoded into the conditioning record, for the trainer's sample grids
+    validation_prompts: tuple[str, ...] = ("a red circle above a blue square", "a photo of a cat")
 
 
 @dataclass(frozen=True)

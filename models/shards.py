@@ -215,15 +215,21 @@ def content_hash(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def write_record(out_dir: Path, doc: dict, arrays: Mapping[str, np.ndarray]) -> Conditioning:
-    """Write conditioning.npz then conditioning.json (which names the npz's hash); return the record."""
+def record_files(doc: dict, arrays: Mapping[str, np.ndarray]) -> tuple[dict, dict[str, bytes], str]:
+    """-> (the doc naming the npz's hash, {file name: bytes} in write order, the record's content hash).
+    For writers that are not local paths (the pipeline writes through Beam's FileSystems)."""
     npz = npz_bytes(arrays)
     doc = {**doc, "arrays": {"file": RECORD_NPZ, "hash": content_hash(npz)}}
     data = record_bytes(doc)
-    atomic_write(Path(out_dir) / RECORD_NPZ, npz)
-    atomic_write(Path(out_dir) / RECORD_JSON, data)
-    return Conditioning(doc, {k: np.asarray(v) for k, v in arrays.items()}, content_hash(data),
-                        str(Path(out_dir) / RECORD_JSON))
+    return doc, {RECORD_NPZ: npz, RECORD_JSON: data}, content_hash(data)
+
+
+def write_record(out_dir: Path, doc: dict, arrays: Mapping[str, np.ndarray]) -> Conditioning:
+    """Write conditioning.npz then conditioning.json (which names the npz's hash); return the record."""
+    doc, files, digest = record_files(doc, arrays)
+    for name, data in files.items():
+        atomic_write(Path(out_dir) / name, data)
+    return Conditioning(doc, {k: np.asarray(v) for k, v in arrays.items()}, digest, str(Path(out_dir) / RECORD_JSON))
 
 
 def read_record(path: str | Path) -> Conditioning:
@@ -262,13 +268,19 @@ def folder_hash(source: str, subfolder: str, revision: str | None = None) -> str
     return "sha256:" + h.hexdigest()
 
 
-def make_record(out_dir: Path, source: str, autoencoder, encoders, *, revision: str | None = None,
-                store_dtype: str = "float16", validation_prompts: Iterable[str] = (),
-                ae_dtype: str = "float32", te_dtype: str = "float32", label: str | None = None) -> Conditioning:
+def make_record(out_dir: Path, source: str, autoencoder, encoders, **kw) -> Conditioning:
+    """`record_parts`, written to `out_dir`."""
+    return write_record(out_dir, *record_parts(source, autoencoder, encoders, **kw))
+
+
+def record_parts(source: str, autoencoder, encoders, *, revision: str | None = None,
+                 store_dtype: str = "float16", validation_prompts: Iterable[str] = (),
+                 ae_dtype: str = "float32", te_dtype: str = "float32",
+                 label: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """Describe the loaded `models.autoencoder.Autoencoder` and `models.text_encoders.TextEncoders`
-    (both from the folder or hub id `source`), encode the empty and validation prompts, and write the
-    record. `label` is what the record names as the source when it differs from the resolved path
-    (`tiny://sd3`: portable across machines; the content hashes pin the exact weights)."""
+    (both from the folder or hub id `source`) and encode the empty and validation prompts -> the
+    record's (doc, arrays). `label` is what the record names as the source when it differs from the
+    resolved path (`tiny://sd3`: portable across machines; the content hashes pin the exact weights)."""
     from models.text_encoders import CLIP_LENGTH, ROLES
 
     widths = encoders.widths()
@@ -303,17 +315,21 @@ def make_record(out_dir: Path, source: str, autoencoder, encoders, *, revision: 
             continue
         enc = encoders.encode(batch)
         arrays.update({f"{which}.{p}": enc[p].astype(store_dtype) for p in PARTS})
-    return write_record(out_dir, doc, arrays)
+    return doc, arrays
 
 
 # ------------------------------------------------------------------------------------------------------
 # Index
 
-def write_index(shards_dir: Path, counts: Mapping[str, int], conditioning: str) -> dict:
+def index_doc(counts: Mapping[str, int], conditioning: str) -> dict:
     """`counts`: shard file name -> samples. Empty shards are never listed (nor written)."""
-    doc = {"format_version": FORMAT_VERSION, "conditioning": conditioning,
-           "shards": [{"name": n, "split": n.split("-", 1)[0], "samples": int(c)}
-                      for n, c in sorted(counts.items()) if c > 0]}
+    return {"format_version": FORMAT_VERSION, "conditioning": conditioning,
+            "shards": [{"name": n, "split": n.split("-", 1)[0], "samples": int(c)}
+                       for n, c in sorted(counts.items()) if c > 0]}
+
+
+def write_index(shards_dir: Path, counts: Mapping[str, int], conditioning: str) -> dict:
+    doc = index_doc(counts, conditioning)
     atomic_write(Path(shards_dir) / INDEX_JSON, record_bytes(doc))
     return doc
 

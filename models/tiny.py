@@ -49,7 +49,9 @@ def cache_root() -> Path:
 
 
 def cache_dir(seed: int = 0) -> Path:
-    return cache_root() / "tiny" / f"v{VERSION}-seed{seed}"
+    # the source hash is part of the name, so checkouts with different builder code (a branch, a
+    # worktree, an older release) each keep their own build instead of replacing each other's
+    return cache_root() / "tiny" / f"v{VERSION}-seed{seed}-{source_hash()}"
 
 
 @contextmanager

@@ -1,6 +1,7 @@
-"""`python -m pipeline`: the Beam curation pipeline (flowcurate run), issue #5."""
+"""`python -m pipeline ...` = `flowcurate run ...`: the Beam curation pipeline."""
 
 import sys
 
-print("python -m pipeline: not yet available in this version (the Beam curation pipeline (flowcurate run), issue #5).", file=sys.stderr)
-sys.exit(2)
+from pipeline.run import main
+
+sys.exit(main())

@@ -61,7 +61,9 @@ class SSCDModelHandler(ModelHandler):
 
     def load_model(self):
         from models.sscd import load_sscd
+        from pipeline.encode import resolve_device
 
+        self.device = resolve_device(self.device)  # on the worker: "auto" means its own GPU, if any
         return load_sscd(self.location, self.device)
 
     def run_inference(self, batch, model, inference_args=None):

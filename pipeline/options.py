@@ -20,6 +20,8 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from models.config import Config, load_config, override
 
+LOCAL_RUNNER = "FnApiRunner"
+
 
 class FlowcurateOptions(PipelineOptions):
     @classmethod
@@ -37,6 +39,11 @@ class FlowcurateOptions(PipelineOptions):
         parser.add_argument("--resolution", type=int, default=None, help="override [pipeline] resolution")
         parser.add_argument("--val_fraction", type=float, default=None, help="override [pipeline] val_fraction")
         parser.add_argument("--dedup_threshold", type=float, default=None, help="override [dedup] threshold")
+        parser.add_argument("--model_accelerator", default=None,
+                            help="Beam accelerator resource hint for the SSCD, captioning and encoding steps "
+                                 "only, e.g. 'type:nvidia-l4;count:1;install-nvidia-driver' (Dataflow)")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="replace an earlier run's shards, manifest, embeddings and stats in --output")
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,12 @@ class OptionsError(ValueError):
 
 def launch_options(argv: list[str] | None = None, *, resolve_models: bool = True, log=print) -> Launch:
     """Parse argv (Beam flags pass through), load and override the config, resolve model paths."""
-    beam = PipelineOptions(argv or [])
+    argv = list(argv or [])
+    if not any(a == "--runner" or a.startswith("--runner=") for a in argv):
+        # Beam's DirectRunner first tries to download and start Prism; the in-process FnApiRunner is
+        # the local runner that works offline (and the one the --direct_* options configure)
+        argv = [*argv, "--runner", LOCAL_RUNNER]
+    beam = PipelineOptions(argv)
     ours = beam.view_as(FlowcurateOptions)
     if not ours.input:
         raise OptionsError("--input is required (a tar glob, an image folder or glob, or Parquet files)")
@@ -66,5 +78,5 @@ def launch_options(argv: list[str] | None = None, *, resolve_models: bool = True
         from models.tiny import resolve_models as resolve
 
         cfg = resolve(cfg, log=log)
-    runner = beam.view_as(StandardOptions).runner or "DirectRunner"
+    runner = beam.view_as(StandardOptions).runner
     return Launch(beam, ours, cfg, runner)

@@ -26,7 +26,7 @@ MANIFEST_FIELDS = ("key", "source", "status", "reason", "duplicate_of", "similar
 
 def manifest_row(key: str, source: str, status: str, **fields) -> dict:
     row = dict.fromkeys(MANIFEST_FIELDS)
-    row.update(key=key, source=source, status=status, notes=[], **fields)
+    row.update({"key": key, "source": source, "status": status, "notes": [], **fields})
     unknown = set(row) - set(MANIFEST_FIELDS)
     if unknown:
         raise ValueError(f"unknown manifest fields {sorted(unknown)}")
