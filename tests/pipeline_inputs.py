@@ -56,7 +56,7 @@ def odd_images() -> dict[str, tuple[str, bytes, tuple[int, int], np.ndarray]]:
     out["odd_cmyk"] = ("jpg", _encode(cmyk, "JPEG", quality=95), img.size, np.asarray(img))
     grey = np.asarray(_scene(2).convert("L"), np.uint16) * 257  # 16-bit: full range, 65535 = white
     g8 = (grey // 257).astype(np.uint8)
-    out["odd_16bit"] = ("png", _encode(Image.fromarray(grey.astype(np.uint16), "I;16"), "PNG"),
+    out["odd_16bit"] = ("png", _encode(Image.fromarray(grey.astype(np.uint16)), "PNG"),
                         (grey.shape[1], grey.shape[0]), np.stack([g8] * 3, -1))
     pal = _scene(3).quantize(16)
     pal.info["transparency"] = 0

@@ -158,10 +158,10 @@ def test_shard_encodings_equal_diffusers(curated):
         clip = np.concatenate([l_, g_], -1)
         clip = np.pad(clip, ((0, 0), (0, t5.shape[-1] - clip.shape[-1])))
         ours = np.concatenate([clip, t5], 0).astype(np.float32)
-        np.testing.assert_allclose(ours, pe[0].numpy(), atol=2e-3, rtol=2e-3)
+        np.testing.assert_allclose(ours, pe[0].detach().numpy(), atol=2e-3, rtol=2e-3)
         ours_pooled = np.concatenate([load_npy(s[f"{variant}.clip_l_pooled.npy"]),
                                       load_npy(s[f"{variant}.clip_g_pooled.npy"])]).astype(np.float32)
-        np.testing.assert_allclose(ours_pooled, pooled[0].numpy(), atol=2e-3, rtol=2e-3)
+        np.testing.assert_allclose(ours_pooled, pooled[0].detach().numpy(), atol=2e-3, rtol=2e-3)
     member = doc["source"].rpartition("#")[2]
     with tarfile.open(doc["source"].rpartition("#")[0]) as tf:
         data = tf.extractfile(member).read()
