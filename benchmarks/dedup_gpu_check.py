@@ -53,6 +53,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from benchmarks.common import machine  # noqa: E402
 from dedup.core import DUPLICATE, find_duplicates  # noqa: E402
+from dedup.search import pair_cosines, unit_rows  # noqa: E402
 
 OUT_FILE = None
 PLANT_BINS = ((0.5, 0.7), (0.7, 0.9), (0.9, 1.0))
@@ -200,6 +201,27 @@ def faiss_pairs(index, xq: np.ndarray, rows: np.ndarray, threshold: float) -> se
     return set(zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist()))
 
 
+def canonical(x: np.ndarray) -> np.ndarray:
+    """FAISS's input: the canonical float32 unit rows (`unit_rows`, in blocks). Raw float16 rows are
+    off unit length by ~1e-4, which moves FAISS's inner products by as much; FAISS then differs from
+    the canonical cosine only by its sgemm rounding (~1e-7)."""
+    out = np.empty(x.shape, np.float32)
+
+    def block(s: int) -> None:
+        out[s : s + 16384] = unit_rows(x[s : s + 16384])
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(block, range(0, len(x), 16384)))
+    return out
+
+
+def differing(x: np.ndarray, xf: np.ndarray, pairs: set, show: int = 10) -> list:
+    """Up to `show` pairs found by one side only: canonical cosine and FAISS's float32 score."""
+    p = np.array(sorted(pairs)[:show], dtype=np.int64).reshape(-1, 2)
+    cos = pair_cosines(x, p)
+    return [[int(i), int(j), float(c), float(xf[i] @ xf[j])] for (i, j), c in zip(p.tolist(), cos)]
+
+
 def timings(res, t_total: float) -> dict:
     s = res.stats
     tm = {
@@ -254,7 +276,7 @@ def cmd_check(args) -> None:
         res = run_dedup(x, keys, t, args.device, exact=True, block_rows=args.block_rows)
         t_dev = time.perf_counter() - t0
         ours = set(map(tuple, res.pairs.tolist()))
-        xf = x.astype(np.float32)
+        xf = canonical(x)
         t0 = time.perf_counter()
         index = faiss.IndexFlatIP(xf.shape[1])
         index.add(xf)
@@ -274,6 +296,7 @@ def cmd_check(args) -> None:
                 "identical": ours == theirs,
                 "only_ours": len(ours - theirs),
                 "only_faiss": len(theirs - ours),
+                "differing": differing(x, xf, ours ^ theirs),
                 "search_stats": {k: res.stats.get(k) for k in ("candidates", "tasks", "engine", "device")},
             }
         )
@@ -342,7 +365,7 @@ def cmd_exact(args) -> None:
     if args.faiss_s <= 0:
         return
     # FAISS exact on the CPU cores: a query sample against all rows, timed and extrapolated x N / queries
-    xf = x.astype(np.float32)
+    xf = canonical(x)
     index = faiss.IndexFlatIP(xf.shape[1])
     index.add(xf)
     rng = np.random.default_rng(3)
@@ -381,6 +404,7 @@ def cmd_exact(args) -> None:
             "identical_on_queries": ours == found,
             "only_ours": len(ours - found),
             "only_faiss": len(found - ours),
+            "differing": differing(x, xf, ours ^ found),
         }
     )
 

@@ -657,9 +657,15 @@ def _floor_in(x: float, dtype) -> float:
     `tile >= it`, compared in the tile's own precision, keeps every entry above x."""
     import torch
 
-    c = torch.tensor(x, dtype=torch.float64).to(dtype)
-    if float(c) > x:
-        c = torch.nextafter(c, torch.tensor(-math.inf, dtype=dtype))
+    c = torch.tensor([x], dtype=torch.float64).to(dtype)
+    if float(c) > x:  # one step down on the bits (torch.nextafter lacks half types in some versions)
+        bits = c.view(torch.int16 if c.element_size() == 2 else torch.int32)
+        if float(c) > 0:
+            bits -= 1
+        elif float(c) < 0:
+            bits += 1  # sign and magnitude: a larger magnitude
+        else:  # +-0 > x: the smallest negative subnormal
+            bits.fill_(-(1 << (8 * c.element_size() - 1)) + 1)
     return float(c)
 
 
