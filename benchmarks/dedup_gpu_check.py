@@ -554,7 +554,8 @@ def cmd_run(args) -> None:
     path = str(scratch / f"emb{calib_n}.npy")
     if child("gen-calib", ["gen", "--n", str(calib_n), "--path", path], 60, 10) == 0:
         child("cluster-calib", ["cluster", "--path", path], 150, 30)
-    Path(path).unlink(missing_ok=True)
+    for f in (path, path + ".planted.npz"):
+        Path(f).unlink(missing_ok=True)
     # the largest scale size whose extrapolated time fits
     gen = records("gen", n=calib_n)
     cal = records("cluster", n=calib_n)
@@ -583,7 +584,8 @@ def cmd_run(args) -> None:
         path = str(scratch / f"emb{chosen}.npy")
         if child("gen-scale", ["gen", "--n", str(chosen), "--path", path], left(), 10) == 0:
             child("cluster-scale", ["cluster", "--path", path], left(), 30)
-        Path(path).unlink(missing_ok=True)
+        for f in (path, path + ".planted.npz"):
+            Path(f).unlink(missing_ok=True)
     for n in args.extra_exact_n:  # more exact sizes while time is left (N^2 from the 1M run)
         ex = records("exact", n=args.exact_n)
         if not ex:
@@ -666,7 +668,7 @@ def main(argv=None) -> int:
     p.add_argument("--check-n", type=int, default=50_000)
     p.add_argument("--cluster-check-n", type=int, default=100_000)
     p.add_argument("--exact-n", type=int, default=1_000_000)
-    p.add_argument("--faiss-s", type=float, default=20.0)
+    p.add_argument("--faiss-s", type=float, default=15.0)
     p.add_argument("--calib-n", type=int, default=1_000_000)
     p.add_argument("--scale-n", type=int, nargs="+", default=[10_000_000, 5_000_000, 3_000_000, 2_000_000])
     p.add_argument("--extra-exact-n", type=int, nargs="*", default=[2_000_000, 4_000_000])
