@@ -49,13 +49,21 @@ ProgressFn = Callable[[str, int, int], None]
 # ----------------------------------------------------------------------------- canonical numbers
 
 
-def row_norms(x: np.ndarray, block_rows: int = 65536) -> np.ndarray:
-    """x: (N, D) any float dtype, may be a memmap -> (N,) float64 L2 norms (NaN/inf for bad rows)."""
+def row_norms(x: np.ndarray, block_rows: int = 4096, threads: int | None = None) -> np.ndarray:
+    """x: (N, D) any float dtype, may be a memmap -> (N,) float64 L2 norms (NaN/inf for bad rows).
+
+    Row blocks on a thread pool (numpy releases the GIL): each norm is a per-row float64 sum, so the
+    result does not depend on the block size or the thread count (10M x 512 on one thread: ~1 min).
+    Memory: two float64 blocks per thread (4096 x 512: 32 MiB each)."""
     out = np.empty(len(x), dtype=np.float64)
-    for s in range(0, len(x), block_rows):
+
+    def work(s: int) -> None:
         b = np.asarray(x[s : s + block_rows], dtype=np.float64)
         with np.errstate(over="ignore", invalid="ignore"):
             out[s : s + len(b)] = np.sqrt((b * b).sum(axis=1))
+
+    for _ in _pool_map(work, range(0, len(x), block_rows), threads):
+        pass
     return out
 
 
@@ -112,6 +120,21 @@ def _key_hash(key: str) -> int:
 def in_kmeans_sample(key: str, fraction: float) -> bool:
     """Whether `key` belongs to the k-means training sample: a pure function of (key, fraction)."""
     return _key_hash(key) < int(min(max(fraction, 0.0), 1.0) * 2**64)
+
+
+def _sample_rows(rows: np.ndarray, keys: Sequence[str], fraction: float) -> np.ndarray:
+    """The rows whose key `in_kmeans_sample`: the same test, inlined (10M keys: ~1.6x faster)."""
+    cut = int(min(max(fraction, 0.0), 1.0) * 2**64)
+    blake, from_bytes = hashlib.blake2b, int.from_bytes
+    return np.array(
+        [
+            r
+            for r in rows.tolist()
+            if from_bytes(blake(keys[r].encode("utf-8"), digest_size=8, person=b"fc-kmeans").digest(), "big")
+            < cut
+        ],
+        dtype=np.int64,
+    )
 
 
 def kmeans_sample_fraction(n_items: int, n_clusters: int, kmeans_sample: int) -> float:
@@ -183,6 +206,15 @@ def _assign_block(u: np.ndarray, centroids: np.ndarray, top: int) -> tuple[np.nd
     s = u @ centroids.T  # BLAS: only proposes; rescored exactly below
     kth = -np.partition(-s, top - 1, axis=1)[:, top - 1]
     rows, cols = np.nonzero(s >= (kth - fp32_margin(u.shape[1]))[:, None])
+    return _rescore(u, centroids, rows, cols, top)
+
+
+def _rescore(
+    u: np.ndarray, centroids: np.ndarray, rows: np.ndarray, cols: np.ndarray, top: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Proposed (row, centroid) pairs -> each row's `top` best by a float64 dot product, ties to the
+    lower centroid id. The result is the same for every proposal set that contains each row's true
+    top (any proposer whose error is within the margin: BLAS here, a GPU in `_DeviceAssign`)."""
     exact = (u[rows].astype(np.float64) * centroids[cols].astype(np.float64)).sum(axis=1)
     order = np.lexsort((cols, -exact, rows))  # per row: best first, ties by centroid id
     rows, cols, exact = rows[order], cols[order], exact[order]
@@ -214,6 +246,7 @@ def assign_clusters(
     assign_margin: float | None = 0.1,
     block_rows: int = 4096,
     threads: int | None = None,
+    engine: Engine | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each row's `assign` nearest centroids. vectors: (B, D) raw (finite, nonzero rows);
     centroids: (k, D) -> ids (B, a) int32, sims (B, a) float32, a = min(assign, k), best first.
@@ -221,20 +254,35 @@ def assign_clusters(
     Column 0 is the top-1 cluster (the manifest's `cluster`). With `assign_margin`, a further centroid
     is kept only if its cosine is within the margin of the best one (adaptive multi-assignment);
     dropped entries are -1 / NaN. Deterministic per row: BLAS proposes centroids within a margin of
-    the a-th best, a float64 dot product ranks them, ties go to the lower centroid id.
+    the a-th best, a float64 dot product ranks them, ties go to the lower centroid id. With an
+    `engine` whose `on_device` is true (torch on a GPU), the device proposes instead (float64
+    products); the ranking is the same host code, so ids and sims are identical.
     """
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
     top = max(1, min(int(assign), len(centroids)))
-    # keep the (rows x k) similarity block near 64 MiB
-    block_rows = max(64, min(block_rows, (1 << 24) // max(1, len(centroids))))
-    starts = range(0, len(vectors), block_rows)
+    if engine is not None and engine.on_device:
+        # the device proposes, the host rescores (`_rescore`): per block, host memory ~ rows x
+        # (top + 1) x D x 32 bytes (512 rows, top 8, 512-d: ~70 MiB per thread)
+        block_rows = max(64, min(block_rows, 512))
+        propose = _DeviceAssign(engine, centroids, top)
 
-    def work(s: int):
-        return _assign_block(unit_rows(vectors[s : s + block_rows]), centroids, top)
+        def block(u: np.ndarray):
+            return _rescore(u, centroids, *propose(u), top)
+    else:
+        # keep the (rows x k) similarity block near 64 MiB
+        block_rows = max(64, min(block_rows, (1 << 24) // max(1, len(centroids))))
 
-    parts = list(_pool_map(work, starts, threads))
-    ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, top), np.int32)
-    sims = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, top), np.float32)
+        def block(u: np.ndarray):
+            return _assign_block(u, centroids, top)
+
+    ids = np.empty((len(vectors), top), np.int32)
+    sims = np.empty((len(vectors), top), np.float32)
+
+    def work(s: int) -> None:  # fills its rows in place: no second copy of ids / sims
+        ids[s : s + block_rows], sims[s : s + block_rows] = block(unit_rows(vectors[s : s + block_rows]))
+
+    for _ in _pool_map(work, range(0, len(vectors), block_rows), threads):
+        pass
     if assign_margin is not None and top > 1:
         far = sims[:, 1:] < sims[:, :1] - np.float32(assign_margin)
         ids[:, 1:][far] = -1
@@ -245,11 +293,18 @@ def assign_clusters(
 def group_members(ids: np.ndarray, rows: np.ndarray, n_clusters: int) -> list[np.ndarray]:
     """ids: (B, a) from `assign_clusters` for the items `rows` (B,) -> per cluster, its member rows,
     ascending (so memory-mapped reads are sequential)."""
-    flat_rows = np.repeat(np.asarray(rows, dtype=np.int64), ids.shape[1])
+    rows = np.asarray(rows, dtype=np.int64)
+    ascending = bool(np.all(rows[1:] >= rows[:-1]))
+    flat_rows = np.repeat(rows, ids.shape[1])
     flat_ids = ids.reshape(-1).astype(np.int64)
     ok = flat_ids >= 0
     flat_rows, flat_ids = flat_rows[ok], flat_ids[ok]
-    order = np.lexsort((flat_rows, flat_ids))
+    if ascending and n_clusters < (1 << 15):
+        # flat_rows ascending already: a stable sort by id alone gives the same order (lexsort is
+        # stable too), and numpy sorts int16 by radix (10M items x 5 ids: seconds instead of ~15 s)
+        order = np.argsort(flat_ids.astype(np.int16), kind="stable")
+    else:
+        order = np.lexsort((flat_rows, flat_ids))
     flat_rows, flat_ids = flat_rows[order], flat_ids[order]
     bounds = np.searchsorted(flat_ids, np.arange(n_clusters + 1))
     return [flat_rows[bounds[c] : bounds[c + 1]] for c in range(n_clusters)]
@@ -269,10 +324,21 @@ class Engine:
     Measured on the 2-core AMD EPYC (AVX2, no AMX/VNNI) dev box: the int8 product alone is ~1.7x an
     fp32 one at 2048 rows, but with quantising and packing it only breaks even, so int8 is opt-in
     (for CPUs with VNNI/AMX), and torch bf16/fp16 on this CPU are emulated (6-8x slower than fp32).
+
+    `resident` (torch, not int8): `find_pairs_in_groups` normalises every row once onto the device and
+    multiplies tiles of any group there, collecting candidate indices on the device (one host sync per
+    tile of `DEVICE_TILE` products), then re-checks them on the host; `assign_clusters` lets the device
+    propose centroids. None (default): on any non-CPU device, when the rows fit its memory; True also
+    on the CPU (tests); False: the block path below. `min_rows` does not apply there.
     """
 
     def __init__(
-        self, backend: str = "numpy", device: str = "cpu", precision: str = "fp32", min_rows: int = 1024
+        self,
+        backend: str = "numpy",
+        device: str = "cpu",
+        precision: str = "fp32",
+        min_rows: int = 1024,
+        resident: bool | None = None,
     ):
         if backend not in ("numpy", "torch"):
             raise ValueError(f"backend must be 'numpy' or 'torch', got {backend!r}")
@@ -281,6 +347,7 @@ class Engine:
         if precision == "int8" and not (str(device).startswith("cpu") and int8_available()):
             raise ValueError("int8 needs torch's x86 (fbgemm) quantized engine on a CPU device")
         self.backend, self.device, self.precision, self.min_rows = backend, str(device), precision, min_rows
+        self.resident = resident
         # fp32 on CUDA may silently run as TF32 (a global torch flag): use the TF32 bound there
         cuda_fp32 = backend == "torch" and precision == "fp32" and not self.device.startswith("cpu")
         self.margin = MARGINS["tf32" if cuda_fp32 else precision]
@@ -292,6 +359,13 @@ class Engine:
 
     def __repr__(self) -> str:
         return f"Engine({self.backend!r}, {self.device!r}, {self.precision!r})"
+
+    @property
+    def on_device(self) -> bool:
+        """Whether search and assignment take the device-resident path (see the class docstring)."""
+        if self.backend != "torch" or self.precision == "int8" or self.resident is False:
+            return False
+        return bool(self.resident) or not self.device.startswith("cpu")
 
     def prepare(self, u: np.ndarray) -> Block:
         """u: (B, D) unit rows -> the block with this engine's form of it (cacheable; either side)."""
@@ -505,8 +579,14 @@ def find_pairs_in_groups(
     groups: row-index arrays (clusters; one group of all rows = exact search). Groups larger than
     `block_rows` are split into row blocks over the upper triangle.
     -> pairs (P, 2) int64 (i < j, sorted, unique), cos (P,) float32, stats.
+    With an `Engine.on_device` engine, all rows go to the device once and the products run there
+    (`_device_pairs`); the pair set and cosines are the same.
     """
     engine = engine or _FP32
+    if engine.on_device:
+        out = _device_pairs(embeddings, groups, threshold, engine, block_rows, threads, progress)
+        if out is not None:
+            return out
     tasks = []  # (group, row-block a, number of row blocks): block a against blocks a..end
     for g, rows in enumerate(groups):
         if len(rows) >= 2:
@@ -563,6 +643,206 @@ def find_pairs_in_groups(
     pairs, cos = unique_pairs(np.stack([i, j], axis=1), cos)
     # candidates: products the engine proposed (true pairs + its margin band), all re-checked exactly
     return pairs, cos, {"tasks": len(tasks), "candidates": n_candidates, "engine": repr(engine)}
+
+
+# ----------------------------------------------------------------------------- device-resident path
+
+# Products per device tile (row block x column chunk): 2^28 -> 512 MiB of fp16 and a 256 MiB mask.
+DEVICE_TILE = 1 << 28
+_TORCH_DTYPES = {"fp32": "float32", "tf32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _floor_in(x: float, dtype) -> float:
+    """The largest value of the torch `dtype` that is <= x, as a float (exact in that dtype), so that
+    `tile >= it`, compared in the tile's own precision, keeps every entry above x."""
+    import torch
+
+    c = torch.tensor([x], dtype=torch.float64).to(dtype)
+    if float(c) > x:  # one step down on the bits (torch.nextafter lacks half types in some versions)
+        bits = c.view(torch.int16 if c.element_size() == 2 else torch.int32)
+        if float(c) > 0:
+            bits -= 1
+        elif float(c) < 0:
+            bits += 1  # sign and magnitude: a larger magnitude
+        else:  # +-0 > x: the smallest negative subnormal
+            bits.fill_(-(1 << (8 * c.element_size() - 1)) + 1)
+    return float(c)
+
+
+def _device_units(x: np.ndarray, device, dtype, chunk: int = 65536):
+    """x: (N, D) raw, may be a memmap -> (N, D) unit rows on the device in `dtype`.
+
+    Normalised there in float64, rounded to float32 and then to `dtype`, as `unit_rows` would; the
+    float64 norm may differ from the host's in its last bit (another summation order), so a float32
+    value may differ by one unit in the last place: 2^-23 relative, far inside every engine's margin
+    (fp32 1.5e-4 >= D 2^-24 + 2 * 2^-23). Rows with a zero or non-finite norm become NaN: never a
+    candidate (groups hold valid rows anyway). Host reads run one chunk ahead on a thread.
+    """
+    import torch
+
+    n, d = x.shape
+    out = torch.empty((n, d), dtype=dtype, device=device)
+
+    def read(s: int) -> np.ndarray:
+        b = np.array(x[s : s + chunk])  # a copy: torch wants writable memory, memmaps are read-only
+        return b if b.dtype in (np.float16, np.float32, np.float64) else b.astype(np.float64)
+
+    for s, b in zip(range(0, n, chunk), _ahead(read, range(0, n, chunk))):
+        t = torch.from_numpy(b).to(device).double()
+        t = t / (t * t).sum(dim=1, keepdim=True).sqrt()
+        out[s : s + len(b)] = t.float().to(dtype)
+    return out
+
+
+def _ahead(fn, items, depth: int = 2):
+    """fn over items in order, up to `depth` calls running ahead on a thread (bounded memory)."""
+    items = list(items)
+    with ThreadPoolExecutor(1) as pool:
+        futures = [pool.submit(fn, it) for it in items[:depth]]
+        for k in range(len(items)):
+            res = futures[k].result()
+            futures[k] = None  # release the result once consumed
+            if k + depth < len(items):
+                futures.append(pool.submit(fn, items[k + depth]))
+            yield res
+
+
+def _device_fits(device, nbytes: int) -> bool:
+    """Whether `nbytes` of resident rows plus a few tiles fit the device's free memory."""
+    import torch
+
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes + 8 * DEVICE_TILE <= 0.8 * free
+
+
+def _device_pairs(embeddings, groups, threshold, engine: Engine, block_rows, threads, progress):
+    """`find_pairs_in_groups` with every row resident on the device; None if they do not fit.
+
+    Each group is tiled into row blocks of `block_rows` against column chunks of up to
+    DEVICE_TILE / block_rows rows of the same group (upper triangle only). A tile's product is
+    compared there with the largest value of the product's dtype <= float32(t) - engine.margin, and
+    only the candidate indices leave it, encoded as i * N + j (i < j), one transfer per ~1M. On the
+    host: unique candidates (multi-assignment proposes a pair in every cluster both ends share),
+    then the same exact re-check as everywhere (`exact_dots` of `unit_rows`), on a thread pool.
+    """
+    import torch
+
+    device = torch.device(engine.device)
+    dtype = getattr(torch, _TORCH_DTYPES[engine.precision])
+    n, d = embeddings.shape
+    if not _device_fits(device, n * d * torch.tensor([], dtype=dtype).element_size()):
+        return None
+    t0 = time.perf_counter()
+    units = _device_units(embeddings, device, dtype)
+    t1 = time.perf_counter()
+    cut = _floor_in(float(np.float32(threshold)) - engine.margin, dtype)
+    rb = max(1, int(block_rows))
+    cb = max(rb, DEVICE_TILE // rb)
+    n_tasks = sum(-(-len(g) // rb) for g in groups if len(g) >= 2)
+    found: list[np.ndarray] = []  # host: candidate codes, compacted to unique ones now and then
+    pending: list = []  # device: candidate codes not copied yet
+    n_pending = n_found = n_cand = tiles = done = 0
+
+    def flush():
+        nonlocal pending, n_pending, n_found, found
+        if pending:
+            found.append(torch.cat(pending).cpu().numpy())
+            n_found += n_pending
+            pending, n_pending = [], 0
+        if n_found > (1 << 25):  # bound host memory: duplicates out
+            found = [np.unique(np.concatenate(found))]
+            n_found = len(found[0])
+
+    for rows in groups:
+        m = len(rows)
+        if m < 2:
+            continue
+        # a contiguous, writable int64 copy: torch takes neither negative strides nor read-only memory
+        idx = torch.from_numpy(np.array(rows, dtype=np.int64)).to(device)
+        for a0 in range(0, m, rb):
+            a1 = min(m, a0 + rb)
+            xa = units.index_select(0, idx[a0:a1])
+            for c0 in range(a0, m, cb):
+                c1 = min(m, c0 + cb)
+                xc = xa if (c0, c1) == (a0, a1) else units.index_select(0, idx[c0:c1])
+                nz = torch.nonzero((xa @ xc.T) >= cut)  # the one host sync per tile
+                if c0 == a0:  # the tile holds the diagonal: local column j > local row i, each pair once
+                    nz = nz[nz[:, 1] > nz[:, 0]]
+                tiles += 1
+                if len(nz):
+                    gi, gj = idx[a0:a1][nz[:, 0]], idx[c0:c1][nz[:, 1]]
+                    pending.append(torch.minimum(gi, gj) * n + torch.maximum(gi, gj))
+                    n_pending += len(nz)
+                    n_cand += len(nz)
+                del nz
+            if n_pending >= (1 << 20) or len(pending) >= 512:
+                flush()
+            done += 1
+            if progress:
+                progress("search", done, n_tasks)
+    flush()
+    codes = np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+    del units
+    t2 = time.perf_counter()
+    pairs, cos = _recheck_codes(embeddings, codes, n, threshold, threads)
+    t3 = time.perf_counter()
+    stats = {
+        "tasks": n_tasks,
+        "candidates": n_cand,
+        "engine": repr(engine),
+        "device": {
+            "resident": True,
+            "tiles": tiles,
+            "unique_candidates": int(len(codes)),
+            "t_upload": t1 - t0,
+            "t_products": t2 - t1,
+            "t_recheck": t3 - t2,
+        },
+    }
+    return pairs, cos, stats
+
+
+def _recheck_codes(embeddings, codes: np.ndarray, n: int, threshold: float, threads, chunk: int = 2048):
+    """Sorted unique codes i * n + j -> pairs (P, 2), cos (P,) with canonical cosine > threshold, in
+    (i, j) order: what `unique_pairs` gives for the same pairs (each cosine is per pair). Memory:
+    ~chunk x D x 50 bytes per thread (2048 x 512: ~50 MiB)."""
+
+    def work(s: int):
+        c = codes[s : s + chunk]
+        i, j = c // n, c % n
+        cos = exact_dots(unit_rows(embeddings[i]), unit_rows(embeddings[j]))
+        keep = above(cos, threshold)
+        return i[keep], j[keep], cos[keep]
+
+    parts = list(_pool_map(work, range(0, len(codes), chunk), threads))
+    if not parts:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
+    pairs = np.stack([np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])], axis=1)
+    return pairs, np.concatenate([p[2] for p in parts])
+
+
+class _DeviceAssign:
+    """Centroid proposals for `_rescore` from a torch device: products in float64 (float32 inputs are
+    exact in it; the sum's error, ~D 2^-53, is far below fp32_margin), the top-`top` threshold per row
+    and the candidates (row, centroid) within fp32_margin of it, like `_assign_block`. Both proposal
+    sets contain every row's true top, so `_rescore` returns the same ids and sims."""
+
+    def __init__(self, engine: Engine, centroids: np.ndarray, top: int):
+        import torch
+
+        self.device = torch.device(engine.device)
+        self.centroids = torch.from_numpy(np.array(centroids, dtype=np.float64)).to(self.device)
+        self.top, self.margin = top, fp32_margin(centroids.shape[1])
+
+    def __call__(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        s = torch.from_numpy(u).to(self.device).double() @ self.centroids.T
+        kth = torch.topk(s, self.top, dim=1).values[:, -1:]
+        idx = torch.nonzero(s >= kth - self.margin).cpu().numpy()
+        return idx[:, 0], idx[:, 1]
 
 
 def _chain(*iterables):
@@ -637,7 +917,7 @@ def find_pairs(
         stats.update(n_clusters=1, sample=0)
     else:
         fraction = kmeans_sample_fraction(len(rows), k, kmeans_sample)
-        sample = np.array([r for r in rows.tolist() if in_kmeans_sample(keys[r], fraction)], dtype=np.int64)
+        sample = _sample_rows(rows, keys, fraction)
         if progress:
             progress("kmeans", 0, 1)
         centroids = train_centroids(
@@ -649,7 +929,12 @@ def find_pairs(
         stats.update(n_clusters=k, sample=int(len(sample)), t_kmeans=time.perf_counter() - t0)
         t1 = time.perf_counter()
         ids, _ = assign_clusters(
-            _Rows(embeddings, rows), centroids, assign, assign_margin=assign_margin, threads=threads
+            _Rows(embeddings, rows),
+            centroids,
+            assign,
+            assign_margin=assign_margin,
+            threads=threads,
+            engine=engine,
         )
         assignment = np.full((n, ids.shape[1]), -1, dtype=np.int32)
         assignment[rows] = ids
