@@ -37,6 +37,9 @@ class CaptionModelHandler(ModelHandler[Chunk, list[Caption], Captioner]):
                              dtype=dtype)
 
     def load_model(self) -> Captioner:
+        from models.text_encoders import quiet_hf_logging
+
+        quiet_hf_logging()
         return Captioner.load(self._location, **self._options)
 
     def run_inference(self, batch: Sequence[Chunk], model: Captioner,

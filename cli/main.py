@@ -13,7 +13,6 @@ from pathlib import Path
 
 from dedup.cli import add_parser as add_dedup_parser
 from models.cli import add_parsers as add_model_parsers
-from pipeline.run import add_parser as add_run_parser
 from trainer.sample import add_parser as add_sample_parser
 from trainer.train import add_parser as add_train_parser
 
@@ -77,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_model_parsers(sub)
     add_dedup_parser(sub)
-    add_run_parser(sub)
+    # `run` is parsed by Beam's PipelineOptions (main() hands it over before argparse); listed here for help
+    sub.add_parser("run", help="curate raw image shards into training shards (Apache Beam); see run --help")
     add_train_parser(sub)
     add_sample_parser(sub)
 

@@ -26,6 +26,17 @@ ROLES = (("clip_l", "text_encoder", "tokenizer"), ("clip_g", "text_encoder_2", "
          ("t5", "text_encoder_3", "tokenizer_3"))
 
 
+def quiet_hf_logging() -> None:
+    """Silence transformers' and diffusers' per-load progress bars and advice (workers load models in
+    every process; the bars flood a pipeline's log without telling anything)."""
+    import diffusers
+    import transformers
+
+    for lib in (transformers, diffusers):
+        lib.utils.logging.disable_progress_bar()
+        lib.utils.logging.set_verbosity_error()
+
+
 def torch_dtype(name: str) -> torch.dtype:
     try:
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]

@@ -70,8 +70,9 @@ class EncodeModelHandler(ModelHandler):
 
     def load_model(self):
         from models.autoencoder import Autoencoder
-        from models.text_encoders import TextEncoders
+        from models.text_encoders import TextEncoders, quiet_hf_logging
 
+        quiet_hf_logging()
         device = resolve_device(self.device)
         ae = Autoencoder.load(self.location, revision=self.revision, dtype=self.ae_dtype, device=device)
         te = TextEncoders.load(self.location, revision=self.revision, t5_length=self.t5_length,

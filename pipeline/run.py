@@ -96,8 +96,9 @@ def make_conditioning(_, sd3: str, *, revision, t5_length, store_dtype, ae_dtype
     """Encode the record (empty + validation prompts) once per run, write it, return its content hash."""
     from models.autoencoder import Autoencoder
     from models.shards import record_parts
-    from models.text_encoders import TextEncoders
+    from models.text_encoders import TextEncoders, quiet_hf_logging
 
+    quiet_hf_logging()
     ae = Autoencoder.load(sd3, revision=revision, dtype=ae_dtype)
     te = TextEncoders.load(sd3, revision=revision, t5_length=t5_length, dtype=te_dtype)
     doc, arrays = record_parts(sd3, ae, te, revision=revision, store_dtype=store_dtype,
@@ -330,14 +331,6 @@ examples:
 Every Apache Beam pipeline option passes through (see docs/deploy.md). Outputs: OUT/shards/
 (train/val tars + index.json), OUT/conditioning.json, OUT/manifest/, OUT/embeddings/, OUT/stats.json.
 """
-
-
-def add_parser(sub) -> argparse.ArgumentParser:
-    """`flowcurate run` in the umbrella command's help; `cli.main` hands its whole argv to `main`,
-    since Beam's options (hundreds, runner-specific) are parsed by `PipelineOptions`, not argparse."""
-    return sub.add_parser("run", help="curate raw image shards into training shards (Apache Beam)",
-                          description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def main(argv: list[str] | None = None) -> int:

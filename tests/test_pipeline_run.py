@@ -250,3 +250,18 @@ def test_missing_output_is_a_clear_error(capsys):
 
     assert main(["--input", "x/*.tar"]) == 2
     assert "--output is required" in capsys.readouterr().err
+
+
+def test_near_dup_decisions_equal_flowcurate_dedup_on_the_same_embeddings(curated, tmp_path):
+    """OUT/embeddings is a valid `flowcurate dedup --input`, and dedup decides the same."""
+    from dedup.cli import main as dedup_main
+
+    root, _, _, _ = curated
+    out = root / "out"
+    (part,) = sorted((out / "embeddings").glob("*.parquet"))
+    assert dedup_main(["--input", str(part), "--output", str(tmp_path / "dd"), "--config", "tiny", "--quiet"]) == 0
+    dd = {r["key"]: r for r in pq.read_table(tmp_path / "dd" / "dedup.parquet").to_pylist()}
+    rows = _manifest(out)
+    assert set(dd) <= set(rows)
+    for key, r in dd.items():
+        assert (rows[key]["status"], rows[key]["duplicate_of"]) == (r["status"], r["duplicate_of"]), key
