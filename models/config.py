@@ -73,6 +73,9 @@ class PipelineConfig:
     # dtypes the models run in (float32 | float16 | bfloat16); the shards store `store_dtype`
     ae_dtype: str = "float32"
     text_encoder_dtype: str = "float32"
+    # one copy of the captioner and of the encoders per machine, shared by its SDK worker processes
+    # (Beam's multi_process_shared): for models too big to load once per process (7B VLMs, T5-XXL)
+    share_models: bool = False
     # prompts encoded into the conditioning record, for the trainer's sample grids
     validation_prompts: tuple[str, ...] = ("a red circle above a blue square", "a photo of a cat")
 

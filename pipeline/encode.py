@@ -64,7 +64,10 @@ class EncodeModelHandler(ModelHandler):
     subfolder, the encoders from `text_encoder*` / `tokenizer*`."""
 
     def __init__(self, location: str, *, revision: str | None = None, t5_length: int = 77,
-                 ae_dtype: str = "float32", te_dtype: str = "float32", device: str = "auto"):
+                 ae_dtype: str = "float32", te_dtype: str = "float32", device: str = "auto",
+                 share_model: bool = False):
+        super().__init__(large_model=share_model)
+        self.share_model = share_model
         self.location, self.revision, self.t5_length = str(location), revision, t5_length
         self.ae_dtype, self.te_dtype, self.device = ae_dtype, te_dtype, device
 
@@ -91,6 +94,9 @@ class EncodeModelHandler(ModelHandler):
 
     def batch_elements_kwargs(self):
         return {"max_batch_size": 1}  # a chunk is already the batch (pipeline.chunks)
+
+    def share_model_across_processes(self) -> bool:
+        return self.share_model
 
     def get_metrics_namespace(self) -> str:
         return "flowcurate_encode"

@@ -57,6 +57,7 @@ class SSCDModelHandler(ModelHandler):
     how Beam groups elements. `location`: an SSCD TorchScript path (resolved by the launcher)."""
 
     def __init__(self, location: str, preprocess, device: str = "cpu"):
+        super().__init__()
         self.location, self.preprocess, self.device = str(location), preprocess, device
 
     def load_model(self):

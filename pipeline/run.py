@@ -237,7 +237,7 @@ def build(p: beam.Pipeline, launch: Launch, label: str | None = None) -> dict[st
     captioner = KeyedModelHandler(CaptionModelHandler(
         m.captioner, revision=m.captioner_revision, prompt=pc.caption_prompt,
         max_new_tokens=pc.caption_max_new_tokens, batch_size=pc.caption_batch_size,
-        trust_remote_code=m.trust_remote_code, device=device))
+        trust_remote_code=m.trust_remote_code, device=device, share_model=pc.share_models))
     captioned, cap_failed = (chunks | "CaptionInputs" >> beam.Map(_caption_pairs)
                              | "Caption" >> on_accelerator(RunInference(captioner).with_exception_handling()))
     failed.append(cap_failed.failed_inferences | "CaptionFailed" >> beam.FlatMap(_failed("caption", _keys)))
@@ -245,7 +245,7 @@ def build(p: beam.Pipeline, launch: Launch, label: str | None = None) -> dict[st
 
     encoder = KeyedModelHandler(EncodeModelHandler(
         m.sd3, revision=m.sd3_revision, t5_length=pc.t5_max_length, ae_dtype=pc.ae_dtype,
-        te_dtype=pc.text_encoder_dtype, device=device))
+        te_dtype=pc.text_encoder_dtype, device=device, share_model=pc.share_models))
     encoded, enc_failed = (captioned | "EncodeInputs" >> beam.Map(lambda c: (c, c))
                            | "Encode" >> on_accelerator(RunInference(encoder).with_exception_handling()))
     failed.append(enc_failed.failed_inferences | "EncodeFailed" >> beam.FlatMap(_failed("encode", _keys)))

@@ -32,7 +32,7 @@ def test_config_overrides_and_defaults():
     launch = launch_options(BASE + ["--resolution", "128", "--dedup_threshold", "0.6", "--input", "more/"],
                             resolve_models=False)
     assert launch.config.pipeline.resolution == 128 and launch.config.dedup.threshold == 0.6
-    assert launch.ours.input == ["raw/*.tar", "more/"] and launch.runner == "DirectRunner"
+    assert launch.ours.input == ["raw/*.tar", "more/"] and launch.runner == "FnApiRunner"  # the offline local default
     assert launch.config.models.sd3 == "tiny://sd3"  # unresolved on request
 
 
