@@ -415,11 +415,12 @@ def run(checkpoint: str | Path, curated: Curated, prompts: list[Prompt], output:
     idx, sim, clique = [], [], []
     shown: list[tuple[float, int, np.ndarray]] = []  # (similarity, generation, image): the top flagged
     for s in range(0, len(prompts), group):
-        enc = te.encode([p.text for p in prompts[s:s + group]])
-        rows = np.repeat(np.arange(min(group, len(prompts) - s)), k)
+        chunk = prompts[s:s + group]
+        enc = te.encode([p.text for p in chunk])
+        rows, row_seeds = np.repeat(np.arange(len(chunk)), k), seeds * len(chunk)
         imgs = np.concatenate([
             generate(model, ae, {p: enc[p][rows[b:b + st.batch_size]] for p in S.PARTS}, empty, size,
-                     (seeds * group)[b:b + st.batch_size], steps, shift, cfg)
+                     row_seeds[b:b + st.batch_size], steps, shift, cfg)
             for b in range(0, len(rows), st.batch_size)])
         i, c = search(sscd_embed(sscd, curated.preprocess, imgs, st.device))
         idx.append(i)
