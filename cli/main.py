@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dedup.cli import add_parser as add_dedup_parser
 from models.cli import add_parsers as add_model_parsers
+from trainer.memorization import add_parser as add_memorization_parser
 from trainer.sample import add_parser as add_sample_parser
 from trainer.train import add_parser as add_train_parser
 
@@ -26,15 +27,11 @@ examples:
   flowcurate run --input 'raw/*.tar' --output out/ --config tiny   # curate with Apache Beam (see run --help)
   flowcurate train --shards out/ --config tiny --output run/            # MM-DiT on curated shards
   flowcurate sample --checkpoint run/ --prompt 'a red circle' --output grid.png
-
-user journeys (marked: not yet available in this version):
-  flowcurate memorization --checkpoint run/ --curated out/ --output report/      (not yet available)
+  flowcurate memorization --checkpoint run/ --curated out/ --output report/   # SD3 App. E.3 check
 """
 
 # Subcommands that later issues fill in: name -> (what it will do, the issue that builds it)
-PENDING = {
-    "memorization": ("check a trained model for memorized training images", "#6 (memorization check)"),
-}
+PENDING: dict[str, tuple[str, str]] = {}
 
 
 def _config(args) -> int:
@@ -80,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="curate raw image shards into training shards (Apache Beam); see run --help")
     add_train_parser(sub)
     add_sample_parser(sub)
+    add_memorization_parser(sub)
 
     p = sub.add_parser("config", help="print a config (preset name or TOML path) as JSON",
                        epilog="examples:\n  flowcurate config --config sd3\n"

@@ -1,4 +1,4 @@
-"""`python -m trainer train|sample ...`: the same commands as `flowcurate train|sample`."""
+"""`python -m trainer train|sample|memorization ...`: the same commands as `flowcurate train|sample|memorization`."""
 
 import sys
 

@@ -306,9 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
+    from trainer.memorization import add_parser as add_memorization
     from trainer.sample import add_parser as add_sample
 
     add_sample(sub)
+    add_memorization(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
