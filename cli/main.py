@@ -30,10 +30,6 @@ examples:
   flowcurate memorization --checkpoint run/ --curated out/ --output report/   # SD3 App. E.3 check
 """
 
-# Subcommands that later issues fill in: name -> (what it will do, the issue that builds it)
-PENDING: dict[str, tuple[str, str]] = {}
-
-
 def _config(args) -> int:
     from models.config import load_config, to_dict
 
@@ -49,18 +45,8 @@ def _config(args) -> int:
 def _demo(args) -> int:
     from cli.demo import run_demo
 
-    run_demo(Path(args.output), n=args.n, seed=args.seed)
+    run_demo(Path(args.output), n=args.n, seed=args.seed, **({"train_steps": args.train_steps} if args.train_steps else {}))
     return 0
-
-
-def _pending(name: str):
-    def run(args) -> int:
-        what, issue = PENDING[name]
-        print(f"flowcurate {name}: not yet available in this version ({what}; tracked in issue {issue}).",
-              file=sys.stderr)
-        return 2
-
-    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,11 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="demo-out", help="folder for everything the demo writes")
     p.add_argument("--n", type=int, default=512, help="sample images (default 512)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-steps", type=int, default=None, help="training steps (default 300: a few minutes)")
     p.set_defaults(func=_demo)
-
-    for name, (what, _issue) in PENDING.items():
-        p = sub.add_parser(name, help=f"{what} (not yet available)")
-        p.set_defaults(func=_pending(name))
     return parser
 
 
@@ -108,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_main(argv[1:])
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in PENDING:  # pending commands accept their future flags
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parser.parse_args(argv)
     from models.config import ConfigError
     from models.shards import ShardFormatError
 

@@ -40,7 +40,7 @@ def test_concurrent_callers_build_once(tmp_path):
     for p in procs:
         p.join(30)
     paths = {q.get(timeout=5) for _ in procs}
-    assert paths == {str(tmp_path / "tiny" / f"v{tiny.VERSION}-seed7")}
+    assert paths == {str(tmp_path / "tiny" / f"v{tiny.VERSION}-seed7-{tiny.source_hash()}")}
     assert (tmp_path / "tiny" / "calls").read_text() == "x"  # built exactly once
     assert not [p for p in (tmp_path / "tiny").iterdir() if p.name.startswith(".v") and p.is_dir()]
 

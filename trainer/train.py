@@ -57,7 +57,9 @@ def plot_losses(log: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    # no log yet (e.g. --max-steps 0 on shards without a val split): an empty plot, not a crash
+    text = log.read_text() if log.exists() else ""
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
@@ -69,7 +71,8 @@ def plot_losses(log: Path, out: Path) -> None:
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
