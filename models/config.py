@@ -73,6 +73,11 @@ class PipelineConfig:
     # dtypes the models run in (float32 | float16 | bfloat16); the shards store `store_dtype`
     ae_dtype: str = "float32"
     text_encoder_dtype: str = "float32"
+    # model-based filters after validation (SD3 filtered by aesthetics and NSFW), each a table:
+    #   filters = [{name = "aesthetic", clip = "openai/clip-vit-large-patch14", head = "/w/aesthetic.safetensors",
+    #               min = 5.0}, {name = "nsfw", clip = "...", head = "/w/nsfw.safetensors", max = 0.5}]
+    # rejected rows read filtered:<name> (pipeline/filters.py); weights are the user's
+    filters: tuple = ()
     # one copy of the captioner and of the encoders per machine, shared by its SDK worker processes
     # (Beam's multi_process_shared): for models too big to load once per process (7B VLMs, T5-XXL)
     share_models: bool = False

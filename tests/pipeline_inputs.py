@@ -67,12 +67,12 @@ def odd_images() -> dict[str, tuple[str, bytes, tuple[int, int], np.ndarray]]:
     rot = _scene(4, 96, 64)
     exif = Image.Exif()
     exif[0x0112] = 6  # displayed rotated 90 degrees clockwise: 96x64 stored -> 64x96 shown
-    out["odd_exif_rotated"] = ("jpg", _encode(rot, "JPEG", quality=95, exif=exif.tobytes()), (64, 96),
+    out["odd_exif_rotated"] = ("jpg", _encode(rot, "JPEG", quality=95, subsampling=0, exif=exif.tobytes()), (64, 96),
                                np.asarray(rot.transpose(Image.Transpose.ROTATE_270)))
     png = _scene(5)
     out["odd_png_named_jpg"] = ("jpg", _encode(png, "PNG"), png.size, np.asarray(png))
     webp = _scene(6)
-    out["odd_webp"] = ("webp", _encode(webp, "WEBP", quality=95), webp.size, np.asarray(webp))
+    out["odd_webp"] = ("webp", _encode(webp, "WEBP", lossless=True), webp.size, np.asarray(webp))
     return out
 
 

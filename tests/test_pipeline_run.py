@@ -265,3 +265,19 @@ def test_near_dup_decisions_equal_flowcurate_dedup_on_the_same_embeddings(curate
     assert set(dd) <= set(rows)
     for key, r in dd.items():
         assert (rows[key]["status"], rows[key]["duplicate_of"]) == (r["status"], r["duplicate_of"]), key
+
+
+def test_odd_images_convert_to_the_right_pixels():
+    """What the pipeline decodes for each odd-but-valid input (CMYK, 16-bit, palette+alpha, EXIF,
+    PNG named .jpg, WebP) is the picture, not a mis-converted one (JPEG/WebP loss allowed)."""
+    from models.images import decode_image
+    from tests.pipeline_inputs import odd_images
+
+    for key, (_, data, (w, h), want) in odd_images().items():
+        got = np.asarray(decode_image(data).image, np.float32)
+        assert got.shape == (h, w, 3), key
+        err = np.abs(got - want.astype(np.float32)).mean()
+        assert err < 6, (key, err)
+        if key == "odd_exif_rotated":  # the other rotation is far off: the check can tell them apart
+            wrong = np.rot90(np.rot90(want))  # 180 degrees: same shape, wrong orientation
+            assert np.abs(got - wrong.astype(np.float32)).mean() > 4 * err + 10
