@@ -38,6 +38,7 @@ from models.shards import (
 from models.sscd import SSCDPreprocess
 from pipeline.chunks import Chunk, Chunks
 from pipeline.encode import Captioned, EncodeModelHandler, Kept
+from pipeline.filters import ApplyFilters
 from pipeline.neardup import NearDupDedup, SSCDModelHandler
 from pipeline.options import Launch, OptionsError, launch_options
 from pipeline.read import ReadRaw
@@ -208,9 +209,12 @@ def build(p: beam.Pipeline, launch: Launch, label: str | None = None) -> dict[st
     failed = [validated.failed | "ValidateFailed" >> beam.FlatMap(
         lambda d: [manifest_row(d[0].key, d[0].source, "rejected", reason=f"{FAILED_PREFIX}validate")])]
     exact = validated.ok | "ExactDedup" >> ExactDedup()
+    # optional model-based filters (aesthetic, NSFW, ...) on user-supplied weights: filtered:<name> rows
+    filtered = exact.kept | "Filters" >> ApplyFilters(
+        [{"device": device, **f} for f in pc.filters], pc.batch_size, o.model_accelerator)
 
     # SSCD on deterministic chunks, then near-duplicate removal over the dedup core
-    sscd_chunks = exact.kept | "SSCDChunks" >> Chunks(lambda a: a.key, pc.batch_size)
+    sscd_chunks = filtered["kept"] | "SSCDChunks" >> Chunks(lambda a: a.key, pc.batch_size)
     embedded, sscd_failed = (sscd_chunks | "SSCD" >> on_accelerator(RunInference(
         SSCDModelHandler(m.sscd, pre, device)).with_exception_handling()))
     failed.append(sscd_failed.failed_inferences | "SSCDFailed" >> beam.FlatMap(_failed("sscd", _keys)))
@@ -262,7 +266,8 @@ def build(p: beam.Pipeline, launch: Launch, label: str | None = None) -> dict[st
     index = (shards | "ShardCounts" >> beam.combiners.ToList()
              | "WriteIndex" >> beam.Map(_write_index, out, AsSingleton(conditioning)))
 
-    rows = ((validated[Validate.REJECTED], exact[ExactDedup.DUPLICATES], near[NearDupDedup.DUPLICATES],
+    rows = ((validated[Validate.REJECTED], exact[ExactDedup.DUPLICATES], filtered["rejected"],
+             near[NearDupDedup.DUPLICATES],
              near[NearDupDedup.REJECTED], written.rows, *failed)
             | "AllRows" >> beam.Flatten()
             | "Count" >> beam.Map(_count_row))
