@@ -68,10 +68,10 @@ def run_demo(output: Path, n: int = 512, seed: int = 0, train_steps: int = TRAIN
 
     report = output / "memorization"
     t = _step(6, f"flowcurate memorization --checkpoint {run_dir} --curated {curated} --output {report}")
-    # a few prompts (the most-duplicated captions first) x 8 seeds keep this step near a minute; the
+    # a few prompts (the most-duplicated captions first) x 10 seeds (SD3's clique size) keep this step near a minute; the
     # threshold is the tiny preset's dedup threshold: the tiny SSCD rates unrelated images up to ~0.8
     rc = trainer_main(["memorization", "--checkpoint", str(run_dir), "--curated", str(curated), "--output", str(report),
-                            "--top-duplicated", "4", "--random-prompts", "4", "--seeds", "8",
+                            "--top-duplicated", "4", "--random-prompts", "4", "--seeds", "10",
                             "--threshold", str(load_config("tiny").dedup.threshold), "--device", "cpu"])
     if rc != 0:
         raise RuntimeError(f"flowcurate memorization failed with exit code {rc}")

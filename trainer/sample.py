@@ -19,6 +19,7 @@ from PIL import Image
 from models import shards as S
 from models.autoencoder import Autoencoder
 from models.mmdit import MMDiT, MMDiTConfig
+from models.text_encoders import quiet_hf_logging
 from trainer import checkpoint as C
 from trainer.flow import euler_sample
 
@@ -50,12 +51,14 @@ def load_autoencoder(record: S.Conditioning, device: str = "cpu", verify: bool =
     source, entry = model_source(record, "autoencoder")
     if verify:
         _verify(source, entry, "autoencoder")
+    quiet_hf_logging()
     return Autoencoder.load(source, revision=entry.get("revision"), subfolder=entry["subfolder"], device=device)
 
 
 def load_text_encoders(record: S.Conditioning, device: str = "cpu", verify: bool = True):
     from models.text_encoders import TextEncoders
 
+    quiet_hf_logging()
     source, _ = model_source(record, "t5")
     if verify:
         for role in ("clip_l", "clip_g", "t5"):
