@@ -1,6 +1,6 @@
 """`flowcurate run`: raw image shards -> curated training shards, one Beam graph for every runner.
 
-    read -> validate -> exact dedup -> SSCD embed -> near-dup dedup -> caption -> encode -> write
+    read -> validate -> exact dedup -> [filters] -> SSCD embed -> near-dup dedup -> caption -> encode -> write
 
 Stage order and contracts: DESIGN.md. Every input ends as exactly one manifest row (kept, duplicate
 or rejected with a reason); expensive stages run only on survivors; model stages see deterministic
