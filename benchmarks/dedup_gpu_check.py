@@ -17,7 +17,8 @@ exact   exact mode on the device at --n (float16, in memory), time per phase; FA
         N / queries is an extrapolation (labelled), and its pairs must equal ours on those rows.
 gen     the clustered data below, float16, written in chunks into an .npy with open_memmap (threads;
         each chunk seeded by its position, so the data does not depend on the thread count).
-cluster find_duplicates on np.load(mmap_mode="r") of that file, default clustered mode: time per phase,
+cluster find_duplicates on np.load(mmap_mode="r") of that file, clustered mode (k = 4 sqrt(N) at every
+        size; k-means "auto": torch on the GPU, FAISS on the CPU): time per phase,
         planted-pair recall, and peak anonymous memory = peak RssAnon of the process (heap, arrays,
         torch and CUDA host memory; not the file-backed pages of the memory map), read from
         /proc/self/status every 20 ms by a thread (benchmarks/dedup_bench.py AnonPeak, as for the 1M CPU
@@ -53,7 +54,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from benchmarks.common import machine  # noqa: E402
 from dedup.core import DUPLICATE, find_duplicates  # noqa: E402
-from dedup.search import pair_cosines, unit_rows  # noqa: E402
+from dedup.search import auto_clusters, pair_cosines, unit_rows  # noqa: E402
 
 OUT_FILE = None
 PLANT_BINS = ((0.5, 0.7), (0.7, 0.9), (0.9, 1.0))
@@ -308,7 +309,8 @@ def cmd_check(args) -> None:
         results = {}
         for dev in ("cpu", args.device):
             t0 = time.perf_counter()
-            results[dev] = run_dedup(x, keys, t, dev)
+            # clustered mode (a GPU's "auto" would search 100k exactly) with the same (FAISS) centroids
+            results[dev] = run_dedup(x, keys, t, dev, clusters=auto_clusters(len(x)), kmeans="faiss")
             cuda_sync(dev)
             out[f"{dev}_s"] = timings(results[dev], time.perf_counter() - t0)
         a, b = results["cpu"], results[args.device]
@@ -464,7 +466,9 @@ def cmd_cluster(args) -> None:
             )
 
     mem.reset()
-    res = run_dedup(x, keys, args.threshold, args.device, progress=progress)
+    # clustered mode with k = 4 sqrt(N) at every size (on a GPU, "auto" searches up to 4M rows exactly);
+    # k-means as "auto" picks it: torch on the GPU, FAISS on the CPU
+    res = run_dedup(x, keys, args.threshold, args.device, progress=progress, clusters=auto_clusters(n))
     cuda_sync(args.device)
     dt = time.perf_counter() - t0
     rec = {
@@ -485,6 +489,7 @@ def cmd_cluster(args) -> None:
             for k in (
                 "n_clusters",
                 "sample",
+                "kmeans",
                 "largest_cluster",
                 "assignments_per_item",
                 "pairwise_work",
@@ -548,8 +553,10 @@ def cmd_run(args) -> None:
     scratch = Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     child("env", ["env", "--scratch", str(scratch)], 60, 5)
-    child("check", ["check", "--n", str(args.check_n), "--cluster-n", str(args.cluster_check_n)], 150, 30)
-    child("exact", ["exact", "--n", str(args.exact_n), "--faiss-s", str(args.faiss_s)], 200, 30)
+    if "check" not in args.skip:
+        child("check", ["check", "--n", str(args.check_n), "--cluster-n", str(args.cluster_check_n)], 150, 30)
+    if "exact" not in args.skip:
+        child("exact", ["exact", "--n", str(args.exact_n), "--faiss-s", str(args.faiss_s)], 200, 30)
     calib_n = args.calib_n
     path = str(scratch / f"emb{calib_n}.npy")
     if child("gen-calib", ["gen", "--n", str(calib_n), "--path", path], 60, 10) == 0:
@@ -672,6 +679,8 @@ def main(argv=None) -> int:
     p.add_argument("--calib-n", type=int, default=1_000_000)
     p.add_argument("--scale-n", type=int, nargs="+", default=[10_000_000, 5_000_000, 3_000_000, 2_000_000])
     p.add_argument("--extra-exact-n", type=int, nargs="*", default=[2_000_000, 4_000_000])
+    p.add_argument("--skip", nargs="*", default=[], choices=["check", "exact"],
+                   help="phases already measured (check: identity with FAISS and the CPU path; exact: 1M)")
     args = ap.parse_args(argv)
     OUT_FILE = os.path.abspath(args.out)
     Path(OUT_FILE).parent.mkdir(parents=True, exist_ok=True)

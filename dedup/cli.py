@@ -110,7 +110,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cosine above which two images are duplicates (default 0.5, SD3 App. E.2; the SSCD "
                         "authors' 90 %% precision point is 0.75)")
     d.add_argument("--clusters", type=_clusters, metavar="auto|K",
-                   help="k-means cells: auto (exact search up to 20k items, else about 4 sqrt(N)) or K")
+                   help="k-means cells: auto (exact search up to 20k items, or 4M on a GPU, else about "
+                        "4 sqrt(N)) or K")
     d.add_argument("--assign", type=_positive, metavar="A",
                    help="recall: nearest cells each item is searched in (default 8)")
     d.add_argument("--assign-margin", type=float, metavar="M",
@@ -120,6 +121,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="search all pairs (100 %% recall, no k-means)")
     d.add_argument("--kmeans-sample", type=_positive, metavar="N",
                    help="items (chosen by key hash) that train the k-means (default 100000)")
+    d.add_argument("--kmeans", choices=("auto", "faiss", "torch"),
+                   help="k-means implementation: auto (torch on the GPU when --device is one, else FAISS; "
+                        "default), faiss or torch")
     d.add_argument("--seed", type=int, help="k-means seed (default 0)")
     d.add_argument("--priority", choices=("pixels", "key"),
                    help="who is kept in a group: the most pixels, then smallest key (default) or the "
@@ -454,11 +458,13 @@ def _config(args):
     cfg = load_config(args.config)
     cfg = override(cfg, "dedup", threshold=args.threshold, clusters=args.clusters, assign=args.assign,
                    assign_margin=args.assign_margin, exact=args.exact, kmeans_sample=args.kmeans_sample,
-                   seed=args.seed, priority=args.priority)
+                   kmeans=args.kmeans, seed=args.seed, priority=args.priority)
     cfg = override(cfg, "models", sscd=args.sscd)
     clusters = cfg.dedup.clusters
     if clusters != "auto" and not (clusters.isdigit() and int(clusters) >= 1):
         raise UsageError(f"[dedup] clusters must be 'auto' or a positive integer, got {clusters!r}")
+    if cfg.dedup.kmeans not in ("auto", "faiss", "torch"):
+        raise UsageError(f"[dedup] kmeans must be 'auto', 'faiss' or 'torch', got {cfg.dedup.kmeans!r}")
     if args.workers is not None and args.workers < 0:
         raise UsageError("--workers must be >= 0")
     if args.reference_keys and not args.reference:
@@ -505,7 +511,7 @@ def dedup(args: argparse.Namespace) -> dict:
         dcfg.threshold, pixels=np.where((w > 0) & (h > 0), w * h, 0)[idx], priority=dcfg.priority,
         exact=dcfg.exact, clusters=dcfg.clusters if dcfg.clusters == "auto" else int(dcfg.clusters),
         assign=dcfg.assign, assign_margin=dcfg.assign_margin, kmeans_iters=dcfg.kmeans_iters,
-        kmeans_sample=dcfg.kmeans_sample, seed=dcfg.seed, block_rows=dcfg.block_rows, device=ctx.device,
+        kmeans_sample=dcfg.kmeans_sample, kmeans=dcfg.kmeans, seed=dcfg.seed, block_rows=dcfg.block_rows, device=ctx.device,
         progress=bars)
     bars.close()
     ctx.timings["dedup"] = result.stats.get("t_total", 0.0)

@@ -130,6 +130,7 @@ def find_duplicates(
     assign_margin: float | None = 0.1,
     kmeans_iters: int = 10,
     kmeans_sample: int = 100_000,
+    kmeans: str = "auto",
     seed: int = 0,
     block_rows: int = BLOCK_ROWS,
     backend: str = "auto",
@@ -144,11 +145,12 @@ def find_duplicates(
     never copied whole to float32). keys: (N,) unique strings. pixels: (N,) width*height, or None.
     threshold: pairs need cosine > threshold. priority: "pixels" (more pixels first, then key) or
     "key". exact: search all pairs (no k-means). clusters: k, or "auto" (one cluster, i.e. exact,
-    up to 20k items, else ~4 sqrt(N); `dedup.search.auto_clusters`). assign: nearest clusters
+    up to 20k items, or 4M when the search runs on a GPU, else ~4 sqrt(N); `dedup.search.auto_clusters`). assign: nearest clusters
     searched per item; assign_margin: a 2nd.. cluster only when its cosine to the item is within this
     of the best (None: always). The defaults (8, 0.1) with k = 4 sqrt(N) recalled ~99 % of planted
-    pairs above cosine 0.8 at 1M (BENCHMARKS.md). kmeans_iters, kmeans_sample, seed: FAISS k-means on about
-    kmeans_sample items (at least 40 per centroid) chosen by key hash. block_rows: rows per matrix
+    pairs above cosine 0.8 at 1M (BENCHMARKS.md). kmeans_iters, kmeans_sample, seed: spherical k-means on about
+    kmeans_sample items (at least 40 per centroid) chosen by key hash; kmeans: "faiss" (CPU), "torch"
+    (on the device), or "auto" (torch on a GPU, else FAISS; `dedup.search.find_pairs`). block_rows: rows per matrix
     product block (memory ~ threads * block_rows^2 * 4 bytes). backend/device/precision: where
     candidate products run (`dedup.search.make_engine`; auto: numpy fp32 on the CPU, torch fp16 on
     a GPU; "torch"/"int8" for CPUs with VNNI/AMX); the pair set is the same for all.
@@ -174,6 +176,7 @@ def find_duplicates(
         assign_margin=assign_margin,
         kmeans_iters=kmeans_iters,
         kmeans_sample=kmeans_sample,
+        kmeans=kmeans,
         seed=seed,
         block_rows=block_rows,
         engine=make_engine(backend, device, precision),

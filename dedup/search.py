@@ -146,10 +146,14 @@ def kmeans_sample_fraction(n_items: int, n_clusters: int, kmeans_sample: int) ->
 
 
 EXACT_BELOW = 20_000  # "auto" searches all pairs up to this many items (2e8 pairs: seconds)
+# ... and on a GPU up to this many: exact 1M took 3.7 s and 2M 13 s on an H200 (BENCHMARKS.md), so
+# 4M is about a minute, at 100 % recall, where clustered mode recalls ~98 % above cosine 0.8
+EXACT_BELOW_DEVICE = 4_000_000
 
 
-def auto_clusters(n_items: int) -> int:
-    """Default k: one cluster (exact search) up to EXACT_BELOW items, else about 4 sqrt(N).
+def auto_clusters(n_items: int, device: bool = False) -> int:
+    """Default k: one cluster (exact search) up to EXACT_BELOW items (EXACT_BELOW_DEVICE when the
+    search runs on a GPU, `device`), else about 4 sqrt(N).
 
     Measured at 1M x 512 (clustered generator of benchmarks/dedup_bench.py, planted pairs): at equal
     search work, more and smaller clusters with more assignments recall more than fewer, larger ones:
@@ -157,21 +161,27 @@ def auto_clusters(n_items: int) -> int:
     k = 2000, top-8 m.1: .91 / .98 / 1.0 at 30e9; k = 4000, top-8 m.1: .92 / .98 / 1.0 at 13.7e9,
     top-10 m.1: .95 / .99 / 1.0 at 20e9. k-means and assignment cost grow with k (~95 s and ~45 s on
     2 cores at k = 4000), which is where 4 sqrt(N) stops paying (BENCHMARKS.md)."""
-    return 1 if n_items <= EXACT_BELOW else int(round(4 * math.sqrt(n_items)))
+    return 1 if n_items <= (EXACT_BELOW_DEVICE if device else EXACT_BELOW) else int(round(4 * math.sqrt(n_items)))
 
 
 def train_centroids(
-    vectors: np.ndarray, keys: Sequence[str], n_clusters: int, *, iters: int = 10, seed: int = 0
+    vectors: np.ndarray,
+    keys: Sequence[str],
+    n_clusters: int,
+    *,
+    iters: int = 10,
+    seed: int = 0,
+    device: str | None = None,
 ) -> np.ndarray:
-    """Spherical FAISS k-means on a sample. vectors: (S, D) raw; keys: (S,) -> (k, D) float32 centroids.
+    """Spherical k-means on a sample. vectors: (S, D) raw; keys: (S,) -> (k, D) float32 centroids.
 
     The sample is sorted by key first, so the result depends on the sample's contents, never on the
-    order it arrived in; FAISS k-means is then deterministic for a fixed seed (its centroid update
-    loops over points in order per centroid range; we checked 1 vs 2 threads bit for bit).
-    k is capped at the sample size. k = 1 skips FAISS: the centroid is the normalised mean.
+    order it arrived in. device None (default): FAISS on the CPU, deterministic for a fixed seed (its
+    centroid update loops over points in order per centroid range; we checked 1 vs 2 threads bit for
+    bit). device "cuda" (or any torch device): `torch_kmeans` there, deterministic for a fixed seed on
+    one device, but not the same centroids as FAISS. k is capped at the sample size. k = 1 skips both:
+    the centroid is the normalised mean.
     """
-    import faiss  # imported here: the keep rule and the report need no FAISS
-
     order = np.asarray(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
     # normalised in blocks (unit_rows is per row, so bit-identical): a whole-sample float64 copy made
     # k-means the peak of anonymous memory (1.75 GB at 100k, BENCHMARKS.md)
@@ -184,6 +194,10 @@ def train_centroids(
         if not np.any(mean):
             mean = np.ones(vectors.shape[1])
         return unit_rows(mean[None])
+    if device is not None:
+        return torch_kmeans(u, k, iters=iters, seed=seed, device=device)
+    import faiss  # imported here: the keep rule and the report need no FAISS
+
     km = faiss.Kmeans(
         u.shape[1],
         k,
@@ -197,6 +211,52 @@ def train_centroids(
     )
     km.train(u)
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+def torch_kmeans(
+    u: np.ndarray, k: int, *, iters: int = 10, seed: int = 0, device: str = "cuda", chunk: int = 16384
+) -> np.ndarray:
+    """Spherical Lloyd k-means in torch. u: (S, D) float32 unit rows -> (k, D) float32 unit centroids.
+
+    For a GPU, where FAISS's CPU k-means was 80 % of a 3M-row dedup (BENCHMARKS.md): the sample and
+    the centroids stay on the device and every step is deterministic, so a seed gives the same
+    centroids on the same device, run after run. Start: k distinct rows drawn by a seeded numpy
+    generator (not FAISS's draw: the centroids differ from `train_centroids`' FAISS path). Each
+    iteration: nearest centroid by float32 products (ties to the lower id), then each centroid = the
+    normalised float64 sum of its members, summed slice by slice in row order (no atomics); a centroid
+    left empty takes the row its own centroid represents worst (lowest cosine, ties to the lower
+    row), each such row once.
+    """
+    import torch
+
+    dev = torch.device(device)
+    s, _ = u.shape
+    k = max(1, min(int(k), s))
+    x = torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32)).to(dev)
+    start = np.sort(np.random.default_rng(seed).choice(s, size=k, replace=False))
+    c = x[torch.from_numpy(start).to(dev)].clone()
+    for _ in range(max(0, int(iters))):
+        labels = torch.empty(s, dtype=torch.int64, device=dev)
+        best = torch.empty(s, dtype=torch.float32, device=dev)
+        for a in range(0, s, chunk):
+            best[a : a + chunk], labels[a : a + chunk] = (x[a : a + chunk] @ c.T).max(dim=1)
+        order = torch.sort(labels, stable=True).indices
+        counts = torch.bincount(labels, minlength=k).cpu().numpy()
+        bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        xs = x[order]
+        full = np.flatnonzero(counts)
+        sums = torch.zeros((k, x.shape[1]), dtype=torch.float64, device=dev)
+        sums[torch.from_numpy(full).to(dev)] = torch.stack(
+            [xs[bounds[j] : bounds[j + 1]].sum(dim=0, dtype=torch.float64) for j in full.tolist()]
+        )
+        del xs
+        empty = np.flatnonzero(counts == 0)
+        norms = sums.norm(dim=1, keepdim=True)
+        c = (sums / norms.clamp_min(1e-300)).float()
+        if len(empty):
+            worst = torch.sort(best, stable=True).indices[: len(empty)]
+            c[torch.from_numpy(empty).to(dev)] = x[worst]
+    return np.ascontiguousarray(c.cpu().numpy(), dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------- assignment
@@ -889,6 +949,7 @@ def find_pairs(
     assign_margin: float | None = 0.1,
     kmeans_iters: int = 10,
     kmeans_sample: int = 100_000,
+    kmeans: str = "auto",
     seed: int = 0,
     block_rows: int = BLOCK_ROWS,
     engine: Engine | None = None,
@@ -901,11 +962,21 @@ def find_pairs(
     -> pairs (P, 2) int64 row indices (i < j, sorted), cos (P,) float32, assignment (N, a) int32
     cluster ids (-1: none; invalid rows all -1), stats (timings in seconds, sizes).
     exact=True, or one cluster, searches all valid rows against each other: 100 % recall.
+    kmeans: "faiss" (CPU), "torch" (`torch_kmeans` on the engine's torch device, or the CPU), or
+    "auto": torch when the engine runs on a GPU, else FAISS. clusters "auto": `auto_clusters`, with
+    the GPU's larger exact range when the engine runs on one.
     """
     n = len(embeddings)
     valid = np.ones(n, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
     rows = np.flatnonzero(valid)
-    k = auto_clusters(len(rows)) if clusters == "auto" else max(1, int(clusters))
+    gpu = engine is not None and engine.backend == "torch" and not engine.device.startswith("cpu")
+    if kmeans not in ("auto", "faiss", "torch"):
+        raise ValueError(f"kmeans must be 'auto', 'faiss' or 'torch', got {kmeans!r}")
+    if kmeans == "torch" or (kmeans == "auto" and gpu):
+        kmeans_device = engine.device if engine is not None and engine.backend == "torch" else "cpu"
+    else:
+        kmeans_device = None
+    k = auto_clusters(len(rows), device=gpu) if clusters == "auto" else max(1, int(clusters))
     if exact:
         k = 1
     stats: dict = {"n_valid": int(len(rows)), "threshold": float(threshold)}
@@ -921,12 +992,22 @@ def find_pairs(
         if progress:
             progress("kmeans", 0, 1)
         centroids = train_centroids(
-            embeddings[sample], [keys[r] for r in sample], k, iters=kmeans_iters, seed=seed
+            embeddings[sample],
+            [keys[r] for r in sample],
+            k,
+            iters=kmeans_iters,
+            seed=seed,
+            device=kmeans_device,
         )
         k = len(centroids)
         if progress:
             progress("kmeans", 1, 1)
-        stats.update(n_clusters=k, sample=int(len(sample)), t_kmeans=time.perf_counter() - t0)
+        stats.update(
+            n_clusters=k,
+            sample=int(len(sample)),
+            kmeans="faiss" if kmeans_device is None else f"torch:{kmeans_device}",
+            t_kmeans=time.perf_counter() - t0,
+        )
         t1 = time.perf_counter()
         ids, _ = assign_clusters(
             _Rows(embeddings, rows),

@@ -89,7 +89,7 @@ class PipelineConfig:
 class DedupConfig:
     # cosine similarity above which two SSCD descriptors are near-duplicates (SD3 App. E.2: 0.5)
     threshold: float = 0.5
-    # k-means clusters: "auto" (exact search up to 20k items, else about 4 sqrt(N)) or a number
+    # k-means clusters: "auto" (exact search up to 20k items, 4M on a GPU, else about 4 sqrt(N)) or a number
     clusters: str = "auto"
     # nearest centroids each item may join (more: higher recall, more search time); measured at 1M with
     # k = 4 sqrt(N): top-8 with margin 0.1 recalls ~99 % of planted pairs above cosine 0.8 (BENCHMARKS.md)
@@ -103,6 +103,9 @@ class DedupConfig:
     # k-means iterations and training sample size (items chosen by key hash)
     kmeans_iters: int = 10
     kmeans_sample: int = 100_000
+    # k-means implementation for `flowcurate dedup`: "auto" (torch on the GPU when the search runs there,
+    # else FAISS), "faiss", "torch"; the Beam pipeline's near-dup stage always trains with FAISS
+    kmeans: str = "auto"
     # SSCD preprocessing: square resize, ImageNet mean/std (SSCD README)
     sscd_size: int = 320
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)

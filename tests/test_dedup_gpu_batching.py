@@ -108,9 +108,83 @@ def test_floor_in_and_on_device():
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
 def test_cuda_equals_numpy(precision):
     x, keys = data(n=3000, d=64, seed=3)
-    kw = dict(clusters=30, assign=8, kmeans_sample=2000)
+    kw = dict(clusters=30, assign=8, kmeans_sample=2000, kmeans="faiss")  # the same centroids
     for exact in (False, True):
         ref = find_duplicates(x, keys, T, exact=exact, **kw)
         got = find_duplicates(x, keys, T, exact=exact, device="cuda", precision=precision, **kw)
         for f in ("assignment", "pairs", "pair_cos", "status", "duplicate_of"):
             assert np.array_equal(getattr(ref, f), getattr(got, f)), f
+
+
+# ----------------------------------------------------------------------------- torch k-means
+
+
+def blobs(n=4000, d=32, centres=40, seed=4):
+    rng = np.random.default_rng(seed)
+    c = unit_rows(rng.standard_normal((centres, d)))
+    x = c[rng.integers(0, centres, n)] + 0.25 * rng.standard_normal((n, d)) / np.sqrt(d)
+    return unit_rows(x), [f"b{i:05d}" for i in rng.permutation(n)]
+
+
+def objective(u, c):
+    return float((u @ c.T).max(axis=1).mean())
+
+
+def test_torch_kmeans_is_deterministic_order_free_and_as_good_as_faiss():
+    u, keys = blobs()
+    ours = search.train_centroids(u, keys, 40, seed=1, device="cpu")
+    again = search.train_centroids(u, keys, 40, seed=1, device="cpu")
+    perm = np.random.default_rng(9).permutation(len(u))
+    shuffled = search.train_centroids(u[perm], [keys[i] for i in perm], 40, seed=1, device="cpu")
+    assert np.array_equal(ours, again) and np.array_equal(ours, shuffled)
+    assert ours.shape == (40, 32) and np.allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)
+    faiss_c = search.train_centroids(u, keys, 40, seed=1)
+    # Lloyd from a random start finds the blobs as well as FAISS does (mean cosine to the nearest centroid)
+    assert objective(u, ours) >= objective(u, faiss_c) - 0.01
+    assert objective(u, ours) > 0.9
+    assert not np.array_equal(ours, search.train_centroids(u, keys, 40, seed=2, device="cpu"))
+
+
+def test_torch_kmeans_refills_empty_clusters():
+    rng = np.random.default_rng(0)
+    base = unit_rows(rng.standard_normal((3, 16)))
+    u = np.concatenate([np.repeat(base, 30, axis=0), unit_rows(rng.standard_normal((4, 16)))]).astype(np.float32)
+    c = search.torch_kmeans(u, 10, iters=5, device="cpu")
+    assert c.shape == (10, 16) and np.isfinite(c).all()
+    # the three repeated points and the four loners each end up with a centroid on them
+    assert np.allclose((u @ c.T).max(axis=1), 1, atol=1e-5)
+
+
+def test_find_pairs_kmeans_choice():
+    x, keys = data(n=900, seed=5)
+    exact_pairs, exact_cos, _, _ = search.find_pairs(x, keys, T, exact=True)
+    exact = {tuple(p): c for p, c in zip(exact_pairs.tolist(), exact_cos.tolist())}
+    for kmeans, label in (("auto", "faiss"), ("faiss", "faiss"), ("torch", "torch:cpu")):
+        pairs, cos, assignment, stats = search.find_pairs(x, keys, T, clusters=10, assign=3, kmeans=kmeans)
+        assert stats["kmeans"] == label
+        assert all(exact[tuple(p)] == c for p, c in zip(pairs.tolist(), cos.tolist()))
+        assert len(pairs) > 0.5 * len(exact_pairs)
+    with pytest.raises(ValueError, match="kmeans"):
+        search.find_pairs(x, keys, T, clusters=10, kmeans="sklearn")
+    # the resident CPU engine keeps FAISS under "auto"; only a GPU switches it (and the exact range)
+    stats = search.find_pairs(x, keys, T, clusters=10, engine=resident("fp32"))[3]
+    assert stats["kmeans"] == "faiss"
+    assert search.auto_clusters(100_000) > 1 and search.auto_clusters(100_000, device=True) == 1
+    assert search.auto_clusters(4_000_001, device=True) == round(4 * np.sqrt(4_000_001))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_torch_kmeans_is_deterministic_and_as_good_as_faiss():
+    u, keys = blobs(n=20000, d=64, centres=100)
+    a = search.train_centroids(u, keys, 100, device="cuda")
+    b = search.train_centroids(u, keys, 100, device="cuda")
+    assert np.array_equal(a, b)
+    assert objective(u, a) >= objective(u, search.train_centroids(u, keys, 100)) - 0.01
+    x, keys = data(n=3000, d=64, seed=3)
+    kw = dict(clusters=30, assign=8, kmeans_sample=2000)
+    r1 = find_duplicates(x, keys, T, device="cuda", **kw)
+    r2 = find_duplicates(x, keys, T, device="cuda", **kw)
+    assert r1.stats["kmeans"] == "torch:cuda"
+    for f in ("assignment", "pairs", "pair_cos", "status", "duplicate_of"):
+        assert np.array_equal(getattr(r1, f), getattr(r2, f)), f
