@@ -352,22 +352,27 @@ def assign_clusters(
 
 def group_members(ids: np.ndarray, rows: np.ndarray, n_clusters: int) -> list[np.ndarray]:
     """ids: (B, a) from `assign_clusters` for the items `rows` (B,) -> per cluster, its member rows,
-    ascending (so memory-mapped reads are sequential)."""
+    ascending (so memory-mapped reads are sequential); views into one int64 array.
+
+    One int64 code per (item, cluster) entry, cluster * M + row, sorted in place: the codes are unique
+    (an item's clusters are distinct), so the order is cluster, then row. Unused entries (-1) get a
+    code past the last cluster and sort to the end. Peak memory is that one array (10M items x 8:
+    0.6 GB); the earlier repeat/filter/argsort/gather chain held ~2.9 GB at 10M (BENCHMARKS.md).
+    """
     rows = np.asarray(rows, dtype=np.int64)
-    ascending = bool(np.all(rows[1:] >= rows[:-1]))
-    flat_rows = np.repeat(rows, ids.shape[1])
-    flat_ids = ids.reshape(-1).astype(np.int64)
-    ok = flat_ids >= 0
-    flat_rows, flat_ids = flat_rows[ok], flat_ids[ok]
-    if ascending and n_clusters < (1 << 15):
-        # flat_rows ascending already: a stable sort by id alone gives the same order (lexsort is
-        # stable too), and numpy sorts int16 by radix (10M items x 5 ids: seconds instead of ~15 s)
-        order = np.argsort(flat_ids.astype(np.int16), kind="stable")
-    else:
-        order = np.lexsort((flat_rows, flat_ids))
-    flat_rows, flat_ids = flat_rows[order], flat_ids[order]
-    bounds = np.searchsorted(flat_ids, np.arange(n_clusters + 1))
-    return [flat_rows[bounds[c] : bounds[c + 1]] for c in range(n_clusters)]
+    m = int(rows.max()) + 1 if len(rows) else 1
+    if n_clusters * m >= 2**62:
+        raise ValueError(f"{n_clusters} clusters x {m} rows do not fit int64 codes")
+    codes = np.empty(ids.shape, dtype=np.int64)
+    codes[:] = ids
+    np.copyto(codes, n_clusters, where=ids < 0)
+    codes *= m
+    codes += rows[:, None]
+    codes = codes.reshape(-1)
+    codes.sort()
+    bounds = np.searchsorted(codes, np.arange(n_clusters + 1, dtype=np.int64) * m).tolist()
+    codes %= m  # codes -> rows, in place
+    return [codes[bounds[c] : bounds[c + 1]] for c in range(n_clusters)]
 
 
 # ----------------------------------------------------------------------------- block search

@@ -378,3 +378,22 @@ def test_int8_margin_band_falls_back_to_fp32():
     exact = u.astype(np.float64) @ u.T.astype(np.float64)
     iu = np.triu_indices(600, 1)
     assert len(pairs) == int((exact[iu].astype(np.float32) > T).sum())
+
+
+def test_group_members_is_each_clusters_rows_ascending():
+    rng = np.random.default_rng(11)
+    for trial in range(60):
+        n, a, k = int(rng.integers(0, 200)), int(rng.integers(1, 5)), int(rng.integers(1, 30))
+        ids = np.full((n, a), -1, np.int32)
+        for i in range(n):  # an item's clusters are distinct; some entries unused (-1)
+            pick = rng.permutation(k)[: min(a, k)]
+            ids[i, : len(pick)] = pick
+        ids[rng.random(ids.shape) < 0.2] = -1
+        rows = rng.choice(5000, n, replace=False)
+        if trial % 2:
+            rows = np.sort(rows)
+        got = group_members(ids, rows, k)
+        assert len(got) == k
+        for c in range(k):
+            want = np.sort(rows[(ids == c).any(axis=1)])
+            assert got[c].dtype == np.int64 and np.array_equal(got[c], want), (trial, c)
