@@ -12,6 +12,8 @@ check   at --n: find_duplicates(exact=True, device) against FAISS IndexFlatIP.ra
         (16 CPU threads): the pair sets must be identical. At --cluster-n: the default clustered mode
         (k = 4 sqrt(N), top-8, margin 0.1) on the device and on the CPU (numpy): assignments, pairs,
         cosines and decisions must be identical.
+cpu-exact exact mode on the host CPU with each CPU engine (numpy fp32, torch bf16, torch int8) against
+        FAISS range_search, on --threads threads: for CPUs with AMX / AVX512-VNNI (the 2-core dev box has neither).
 exact   exact mode on the device at --n (float16, in memory), time per phase; FAISS range_search of a
         query sample of the same rows against all of them, for as long as --faiss-s allows: its time x
         N / queries is an extrapolation (labelled), and its pairs must equal ours on those rows.
@@ -411,6 +413,64 @@ def cmd_exact(args) -> None:
     )
 
 
+def cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next(line for line in fh if line.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        return []
+    return sorted(f for f in flags if f.startswith(("amx", "avx512_vnni", "avx512_bf16", "avx_vnni", "avx512f")))
+
+
+def cmd_cpu_exact(args) -> None:
+    """Exact mode on the host CPU (not the GPU) against FAISS IndexFlatIP.range_search, both on
+    --threads threads, for each CPU engine: numpy fp32, torch bf16 and torch int8 (where fbgemm and
+    the CPU allow). Same clustered data, every pair set compared with FAISS's."""
+    import faiss
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from dedup.search import int8_available
+
+    t = args.threshold
+    x = np.empty((args.n, 512), np.float32)
+    clustered(x, seed=4)
+    keys = [f"{i:09d}" for i in range(len(x))]
+    faiss.omp_set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    xf = canonical(x)
+    with threadpool_limits(args.threads):
+        t0 = time.perf_counter()
+        index = faiss.IndexFlatIP(xf.shape[1])
+        index.add(xf)
+        theirs = faiss_pairs(index, xf, np.arange(len(xf)), t)
+        t_faiss = time.perf_counter() - t0
+    rec = {
+        "phase": "cpu-exact",
+        "n": args.n,
+        "threads": args.threads,
+        "cpu_flags": cpu_flags(),
+        "faiss_s": round(t_faiss, 2),
+        "faiss_pairs": len(theirs),
+        "engines": {},
+    }
+    engines = [("numpy", "fp32"), ("torch", "bf16")] + ([("torch", "int8")] if int8_available() else [])
+    for backend, precision in engines:
+        kw = dict(exact=True, backend=backend, device="cpu", precision=precision, threads=args.threads)
+        find_duplicates(x[:2048], keys[:2048], t, **kw)  # warm-up (oneDNN kernels)
+        t0 = time.perf_counter()
+        res = find_duplicates(x, keys, t, **kw)
+        dt = time.perf_counter() - t0
+        ours = set(map(tuple, res.pairs.tolist()))
+        rec["engines"][f"{backend}-{precision}"] = {
+            "s": round(dt, 2),
+            "speedup_vs_faiss": round(t_faiss / dt, 2),
+            "identical": ours == theirs,
+            "candidates": res.stats.get("candidates"),
+        }
+    emit(rec)
+
+
 def cmd_gen(args) -> None:
     t0 = time.perf_counter()
     Path(args.path).parent.mkdir(parents=True, exist_ok=True)
@@ -662,6 +722,9 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--block-rows", type=int, default=8192)
     p.add_argument("--faiss-s", type=float, default=20.0, help="seconds for the FAISS query sample (0: none)")
+    p = sub.add_parser("cpu-exact", parents=[common])
+    p.add_argument("--n", type=int, default=50_000)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
     p = sub.add_parser("gen", parents=[common])
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--path", required=True)
@@ -688,6 +751,7 @@ def main(argv=None) -> int:
         "env": cmd_env,
         "check": cmd_check,
         "exact": cmd_exact,
+        "cpu-exact": cmd_cpu_exact,
         "gen": cmd_gen,
         "cluster": cmd_cluster,
         "run": cmd_run,
