@@ -386,9 +386,10 @@ class Engine:
     x86 CPU (fbgemm), run in the calling thread with torch's own threads. Blocks with fewer than
     `min_rows` rows use numpy fp32 (conversion overheads dominate).
 
-    Measured on the 2-core AMD EPYC (AVX2, no AMX/VNNI) dev box: the int8 product alone is ~1.7x an
-    fp32 one at 2048 rows, but with quantising and packing it only breaks even, so int8 is opt-in
-    (for CPUs with VNNI/AMX), and torch bf16/fp16 on this CPU are emulated (6-8x slower than fp32).
+    Measured on the 2-core AMD EPYC (AVX2, no AMX/VNNI) dev box: the int8 product is ~1.26x an fp32
+    one at 2048 rows, but with quantising and re-checks whole exact runs break even (40k: 1.17x, 100k:
+    0.96x; BENCHMARKS.md), and torch bf16/fp16 on this CPU are emulated (6-8x slower than fp32). On an
+    AMX Xeon, numpy fp32 was as fast as bf16 and 2.3x int8. So int8 and bf16 stay opt-in.
 
     `resident` (torch, not int8): `find_pairs_in_groups` normalises every row once onto the device and
     multiplies tiles of any group there, collecting candidate indices on the device (one host sync per
