@@ -272,3 +272,17 @@ def test_umbrella_command_and_python_m(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         flowcurate(["dedup", "--input", "x", "--output", "y", "--threshold", "1.5"])
     assert exit_.value.code == 2
+
+
+def test_kmeans_choice_reaches_the_search_and_the_summary(image_run, tmp_path):
+    _, _, out, rows, _ = image_run
+    for kmeans, label in (("torch", "torch:cpu"), ("faiss", "faiss")):
+        dest = tmp_path / kmeans
+        assert _run("--input", out / "embeddings.parquet", "--output", dest, "--config", "tiny",
+                    "--clusters", "4", "--kmeans", kmeans) == 0
+        summary = json.loads((dest / "summary.json").read_text())
+        assert summary["search"]["kmeans"] == label and summary["parameters"]["kmeans"] == kmeans
+        got = _rows(dest)
+        assert {k for k, r in got.items() if r["status"] == "kept"} <= set(rows)
+    with pytest.raises(SystemExit):
+        _run("--input", out / "embeddings.parquet", "--output", tmp_path / "x", "--kmeans", "sklearn")
