@@ -18,6 +18,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 from PIL import Image
 
 from models.procedural import random_scene, render
@@ -116,3 +117,24 @@ def write_odd_inputs(root: Path) -> dict:
     rejected["cut#truncated"] = "unreadable_archive_tail"
     return {"kept": kept, "rejected": rejected, "pixels": {k: px for k, (_, _, _, px) in odd.items()},
             "escape": "escaped_evil.jpg"}
+
+
+def read_manifest(out: Path) -> dict[str, dict]:
+    """A pipeline run's manifest (OUT/manifest Parquet), by key; asserts no key repeats."""
+    rows = pq.read_table(out / "manifest").to_pylist()
+    by_key = {r["key"]: r for r in rows}
+    assert len(by_key) == len(rows), "manifest keys repeat"
+    return by_key
+
+
+def read_shards(out: Path) -> dict[str, dict[str, dict[str, bytes]]]:
+    """A pipeline run's OUT/shards/*.tar: shard name -> key -> member name -> bytes."""
+    shards = {}
+    for path in sorted((out / "shards").glob("*.tar")):
+        samples: dict = {}
+        with tarfile.open(path) as tf:
+            for m in tf.getmembers():
+                key, _, name = m.name.partition(".")
+                samples.setdefault(key, {})[name] = tf.extractfile(m).read()
+        shards[path.name] = samples
+    return shards

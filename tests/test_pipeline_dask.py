@@ -15,7 +15,6 @@ stock runner on the whole graph and update the page.
 from __future__ import annotations
 
 import collections
-import tarfile
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin  # noqa: E402
 from models.sample_data import write_sample_data  # noqa: E402
 from models.shards import load_npy  # noqa: E402
 from pipeline.run import run  # noqa: E402
+from tests.pipeline_inputs import read_manifest, read_shards  # noqa: E402
 
 STOCK = "apache_beam.runners.dask.dask_runner.DaskRunner"
 PARTITIONS = 2
@@ -134,26 +134,6 @@ def test_stock_dask_runner_still_has_its_defects(cluster, tmp_path):
 # ---- the whole graph ----------------------------------------------------------------------------------
 
 
-def _manifest(out: Path) -> dict[str, dict]:
-    rows = pq.read_table(out / "manifest").to_pylist()
-    by_key = {r["key"]: r for r in rows}
-    assert len(by_key) == len(rows), "manifest keys repeat"
-    return by_key
-
-
-def _tars(out: Path) -> dict[str, dict[str, dict[str, bytes]]]:
-    """shard name -> key -> member name -> bytes."""
-    shards = {}
-    for path in sorted((out / "shards").glob("*.tar")):
-        samples: dict = {}
-        with tarfile.open(path) as tf:
-            for m in tf.getmembers():
-                key, _, name = m.name.partition(".")
-                samples.setdefault(key, {})[name] = tf.extractfile(m).read()
-        shards[path.name] = samples
-    return shards
-
-
 @pytest.mark.slow
 def test_whole_graph_on_two_dask_workers_equals_the_in_process_run(cluster, tmp_path, tiny_models):
     write_sample_data(tmp_path / "data", n=32, seed=5)
@@ -173,9 +153,9 @@ def test_whole_graph_on_two_dask_workers_equals_the_in_process_run(cluster, tmp_
     assert stats is not None and stats["status"] == ref["status"] and stats["reasons"] == ref["reasons"]
     assert stats["status"]["kept"] > 0 and stats["status"]["duplicate"] > 0, stats["status"]
     assert len(where.bundles) == 2 and min(where.bundles.values()) > 0, (where.bundles, wall)
-    a, b = _manifest(tmp_path / "ref"), _manifest(tmp_path / "dask")
+    a, b = read_manifest(tmp_path / "ref"), read_manifest(tmp_path / "dask")
     assert a == b
-    ta, tb = _tars(tmp_path / "ref"), _tars(tmp_path / "dask")
+    ta, tb = read_shards(tmp_path / "ref"), read_shards(tmp_path / "dask")
     assert ta.keys() == tb.keys() and ta
     for shard in ta:
         assert ta[shard].keys() == tb[shard].keys()

@@ -15,7 +15,7 @@ import pytest
 from models.sample_data import write_sample_data
 from models.shards import RECORD_JSON, load_npy, read_index, read_record
 from pipeline.run import run
-from tests.pipeline_inputs import write_odd_inputs
+from tests.pipeline_inputs import read_manifest, read_shards, write_odd_inputs
 
 N = 64
 
@@ -34,29 +34,9 @@ def curated(tmp_path_factory):
     return root, truth, odd, stats
 
 
-def _manifest(out: Path) -> dict[str, dict]:
-    rows = pq.read_table(out / "manifest").to_pylist()
-    by_key = {r["key"]: r for r in rows}
-    assert len(by_key) == len(rows), "manifest keys repeat"
-    return by_key
-
-
-def _tars(out: Path) -> dict[str, dict[str, dict[str, bytes]]]:
-    """shard name -> key -> member name -> bytes."""
-    shards = {}
-    for path in sorted((out / "shards").glob("*.tar")):
-        samples: dict = {}
-        with tarfile.open(path) as tf:
-            for m in tf.getmembers():
-                key, _, name = m.name.partition(".")
-                samples.setdefault(key, {})[name] = tf.extractfile(m).read()
-        shards[path.name] = samples
-    return shards
-
-
 def test_every_input_is_accounted_for(curated):
     root, truth, odd, stats = curated
-    rows = _manifest(root / "out")
+    rows = read_manifest(root / "out")
     expected = set(truth["keys"]) | set(odd["kept"]) | set(odd["rejected"]) if "keys" in truth else None
     n_inputs = truth["n"] + len(odd["kept"]) + len(odd["rejected"])
     assert len(rows) == n_inputs == stats["inputs"]
@@ -75,7 +55,7 @@ def test_every_input_is_accounted_for(curated):
 
 def test_broken_and_hostile_inputs_get_their_reasons(curated):
     root, truth, odd, _ = curated
-    rows = _manifest(root / "out")
+    rows = read_manifest(root / "out")
     for key, b in truth["broken"].items():
         assert (rows[key]["status"], rows[key]["reason"]) == ("rejected", b["reason"]), key
     for key, reason in odd["rejected"].items():
@@ -87,7 +67,7 @@ def test_broken_and_hostile_inputs_get_their_reasons(curated):
 
 def test_odd_images_are_kept_with_sizes_after_exif(curated):
     root, _, odd, _ = curated
-    rows = _manifest(root / "out")
+    rows = read_manifest(root / "out")
     for key, (w, h) in odd["kept"].items():
         assert rows[key]["status"] == "kept", (key, rows[key])
         assert (rows[key]["width"], rows[key]["height"]) == (w, h), key
@@ -95,7 +75,7 @@ def test_odd_images_are_kept_with_sizes_after_exif(curated):
 
 def test_planted_duplicates_removed_and_unrelated_images_kept(curated):
     root, truth, _, _ = curated
-    rows = _manifest(root / "out")
+    rows = read_manifest(root / "out")
     planted = set()
     for g in truth["duplicate_groups"]:
         members = [g["original"], *g["copies"]]
@@ -115,8 +95,8 @@ def test_planted_duplicates_removed_and_unrelated_images_kept(curated):
 def test_every_kept_key_is_in_exactly_one_shard(curated):
     root, _, _, _ = curated
     out = root / "out"
-    rows = _manifest(out)
-    tars = _tars(out)
+    rows = read_manifest(out)
+    tars = read_shards(out)
     where: dict[str, list[str]] = {}
     for shard, samples in tars.items():
         assert samples, f"{shard} is empty"
@@ -142,7 +122,7 @@ def test_shard_encodings_equal_diffusers(curated):
 
     root, _, _, _ = curated
     out = root / "out"
-    tars = _tars(out)
+    tars = read_shards(out)
     shard = sorted(tars)[0]
     key = sorted(tars[shard])[0]
     s = tars[shard][key]
@@ -192,7 +172,7 @@ def test_stats_and_embeddings(curated):
     root, _, _, stats = curated
     out = root / "out"
     emb = pq.read_table(out / "embeddings")
-    rows = _manifest(out)
+    rows = read_manifest(out)
     embedded = {k for k, r in rows.items() if r["status"] in ("kept", "duplicate") and r["similarity"] != 1.0}
     assert set(emb.column("key").to_pylist()) >= {k for k, r in rows.items() if r["status"] == "kept"}
     assert set(emb.column("key").to_pylist()) <= set(rows) and embedded <= set(emb.column("key").to_pylist())
@@ -220,9 +200,9 @@ def test_two_worker_processes_give_the_same_result(curated, tmp_path):
     out2 = tmp_path / "mp"
     run(_args(root, out2, "--direct_running_mode", "multi_processing", "--direct_num_workers", "2"),
         log=lambda *a, **k: None)
-    a, b = _manifest(root / "out"), _manifest(out2)
+    a, b = read_manifest(root / "out"), read_manifest(out2)
     assert a == b
-    ta, tb = _tars(root / "out"), _tars(out2)
+    ta, tb = read_shards(root / "out"), read_shards(out2)
     assert ta.keys() == tb.keys()
     for shard in ta:
         assert ta[shard].keys() == tb[shard].keys()
@@ -261,7 +241,7 @@ def test_near_dup_decisions_equal_flowcurate_dedup_on_the_same_embeddings(curate
     (part,) = sorted((out / "embeddings").glob("*.parquet"))
     assert dedup_main(["--input", str(part), "--output", str(tmp_path / "dd"), "--config", "tiny", "--quiet"]) == 0
     dd = {r["key"]: r for r in pq.read_table(tmp_path / "dd" / "dedup.parquet").to_pylist()}
-    rows = _manifest(out)
+    rows = read_manifest(out)
     assert set(dd) <= set(rows)
     for key, r in dd.items():
         assert (rows[key]["status"], rows[key]["duplicate_of"]) == (r["status"], r["duplicate_of"]), key
