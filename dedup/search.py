@@ -109,30 +109,31 @@ def above(cos: np.ndarray, threshold: float) -> np.ndarray:
 # ----------------------------------------------------------------------------- k-means sample
 
 
+# hashlib, never Python's salted hash(); the person string keeps this sample independent of other
+# key hashes in the project (e.g. the train/val split)
+_KMEANS_HASH = {"digest_size": 8, "person": b"fc-kmeans"}
+
+
 def _key_hash(key: str) -> int:
-    # hashlib, never Python's salted hash(); the person string keeps this sample independent of
-    # other key hashes in the project (e.g. the train/val split).
-    return int.from_bytes(
-        hashlib.blake2b(key.encode("utf-8"), digest_size=8, person=b"fc-kmeans").digest(), "big"
-    )
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), **_KMEANS_HASH).digest(), "big")
+
+
+def _sample_cut(fraction: float) -> int:
+    """Hashes below this are in the sample."""
+    return int(min(max(fraction, 0.0), 1.0) * 2**64)
 
 
 def in_kmeans_sample(key: str, fraction: float) -> bool:
     """Whether `key` belongs to the k-means training sample: a pure function of (key, fraction)."""
-    return _key_hash(key) < int(min(max(fraction, 0.0), 1.0) * 2**64)
+    return _key_hash(key) < _sample_cut(fraction)
 
 
 def _sample_rows(rows: np.ndarray, keys: Sequence[str], fraction: float) -> np.ndarray:
-    """The rows whose key `in_kmeans_sample`: the same test, inlined (10M keys: ~1.6x faster)."""
-    cut = int(min(max(fraction, 0.0), 1.0) * 2**64)
-    blake, from_bytes = hashlib.blake2b, int.from_bytes
+    """The rows whose key `in_kmeans_sample`: the same hash and cut, the call inlined (10M keys: ~1.6x
+    faster)."""
+    cut, blake, from_bytes = _sample_cut(fraction), hashlib.blake2b, int.from_bytes
     return np.array(
-        [
-            r
-            for r in rows.tolist()
-            if from_bytes(blake(keys[r].encode("utf-8"), digest_size=8, person=b"fc-kmeans").digest(), "big")
-            < cut
-        ],
+        [r for r in rows.tolist() if from_bytes(blake(keys[r].encode("utf-8"), **_KMEANS_HASH).digest(), "big") < cut],
         dtype=np.int64,
     )
 
