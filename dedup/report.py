@@ -57,7 +57,9 @@ def report_similarity(cos: float) -> float:
     return round(float(cos), SIMILARITY_DECIMALS)
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
+def write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """write(tmp) to a temporary name beside `path`, then rename it onto `path`; the temporary file
+    is removed if writing fails."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
@@ -74,7 +76,7 @@ def write_rows(path: Path, rows: Iterable[Row]) -> pa.Table:
     rows = sorted(rows, key=lambda r: r.key)
     cols = {name: [getattr(r, name) for r in rows] for name in DEDUP_SCHEMA.names}
     table = pa.Table.from_pydict(cols, schema=DEDUP_SCHEMA)
-    _atomic(path, lambda tmp: pq.write_table(table, tmp))
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
     return table
 
 
@@ -89,7 +91,7 @@ def write_summary(path: Path, summary: dict) -> None:
         raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
     text = json.dumps(summary, indent=2, default=default, allow_nan=False) + "\n"
-    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def groups_of(rows: Sequence[Row]) -> dict[str, list[Row]]:
@@ -124,7 +126,7 @@ MAX_BORDERLINE = 8  # pairs (two cells each)
 MAX_REFERENCE = 8
 
 
-def _font(size: int):
+def sheet_font(size: int):
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType: the fixed bitmap font
@@ -191,13 +193,13 @@ def contact_sheet(
     if not sections:
         sheet = Image.new("RGB", (width, 60), "white")
         ImageDraw.Draw(sheet).text((10, 20), f"No duplicates at cosine > {threshold:g}.", fill="black",
-                                   font=_font(16))
+                                   font=sheet_font(16))
         sheet.save(path, format="PNG")
         return {"groups": 0, "borderline_pairs": 0, "reference": 0}
     height = sum(TITLE_H + len(lines) * (CELL + LABEL_H) for _, lines in sections) + 8
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
-    title_font, label_font = _font(15), _font(11)
+    title_font, label_font = sheet_font(15), sheet_font(11)
     cache: dict[str, Image.Image] = {}
     y = 4
     for title, lines in sections:
@@ -216,7 +218,7 @@ def contact_sheet(
                 draw.text((x0 + 4, y + CELL + 14), line2, fill=(0, 100, 0) if kept else (160, 0, 0),
                           font=label_font)
             y += CELL + LABEL_H
-    _atomic(path, lambda tmp: sheet.save(tmp, format="PNG"))
+    write_atomic(path, lambda tmp: sheet.save(tmp, format="PNG"))
     return {"groups": len(largest), "borderline_pairs": len(borderline), "reference": len(refs)}
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tarfile
 import time
@@ -41,10 +40,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from dedup.inputs import read_embeddings
-from dedup.report import report_similarity
+from dedup.report import report_similarity, sheet_font, write_atomic
 from dedup.search import above, exact_dots, in_kmeans_sample, unit_rows
 from models import shards as S
 from models.autoencoder import Autoencoder, to_model_space
@@ -201,7 +200,7 @@ class Nearest:
         return np.where(cos == best, cand, len(self.train)).min(axis=1), best[:, 0].astype(np.float32)
 
 
-def background(curated: Curated, max_queries: int = 10_000) -> np.ndarray:
+def background(curated: Curated, search: Nearest, max_queries: int = 10_000) -> np.ndarray:
     """Top-1 cosine of training images to the *other* training images: what unrelated-but-similar
     looks like in this data. At most ~`max_queries` queries, chosen by key hash (input-order free)."""
     n = len(curated.keys)
@@ -210,7 +209,7 @@ def background(curated: Curated, max_queries: int = 10_000) -> np.ndarray:
     rows = np.arange(n)
     if n > max_queries:
         rows = np.array([i for i, k in enumerate(curated.keys) if in_kmeans_sample(k, max_queries / n)], int)
-    return Nearest(curated.embeddings)(curated.embeddings[rows], exclude=rows)[1]
+    return search(curated.embeddings[rows], exclude=rows)[1]
 
 
 def percentiles(x: np.ndarray) -> dict[str, float | None]:
@@ -320,13 +319,6 @@ def training_image(curated: Curated, key: str, ae: Autoencoder) -> tuple[Image.I
         return None, "missing"
 
 
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType
-        return ImageFont.load_default()
-
-
 def pairs_sheet(path: Path, pairs: list[tuple[Image.Image, Image.Image | None, str, str]], note: str,
                 thumb: int = 128, cols: int = 3) -> None:
     """pairs: (generation, training image or None, label under the generation, label under the
@@ -336,8 +328,8 @@ def pairs_sheet(path: Path, pairs: list[tuple[Image.Image, Image.Image | None, s
     rows = -(-len(pairs) // cols)
     sheet = Image.new("RGB", (cols * cell_w + 8, title_h + rows * (thumb + label_h) + 4), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((6, 5), note, fill="black", font=_font(14))
-    small = _font(11)
+    draw.text((6, 5), note, fill="black", font=sheet_font(14))
+    small = sheet_font(11)
     for i, (gen, train, gen_label, train_label) in enumerate(pairs):
         x0, y0 = 4 + (i % cols) * cell_w, title_h + (i // cols) * (thumb + label_h)
         for j, (img, label) in enumerate(((gen, gen_label), (train, train_label))):
@@ -447,7 +439,7 @@ def run(checkpoint: str | Path, curated: Curated, prompts: list[Prompt], output:
     output.mkdir(parents=True, exist_ok=True)
     table = pa.table({n: pa.array(columns[n], REPORT_SCHEMA.field(n).type) for n in REPORT_SCHEMA.names},
                      schema=REPORT_SCHEMA)
-    _atomic(output / "report.parquet", lambda tmp: pq.write_table(table, tmp))
+    write_atomic(output / "report.parquet", lambda tmp: pq.write_table(table, tmp))
 
     origins: dict[str, str] = {}
     pairs = []
@@ -458,9 +450,9 @@ def run(checkpoint: str | Path, curated: Curated, prompts: list[Prompt], output:
                       key + {"latent": "\n(decoded latent)", "missing": "\n(unreadable)"}.get(origins[key], "")))
     note = f"{int(flagged.sum())} of {len(sim)} generations above SSCD {st.threshold:g}" + (
         f"; the {len(shown)} most similar: generation | nearest training image" if shown else "")
-    _atomic(output / "pairs.png", lambda tmp: pairs_sheet(tmp, pairs, note))
+    write_atomic(output / "pairs.png", lambda tmp: pairs_sheet(tmp, pairs, note))
 
-    bg = background(curated, st.background_queries)
+    bg = background(curated, search, st.background_queries)
     summary = {
         "checkpoint": str(step), "step": state["step"], "weights": st.weights, "curated": str(curated.root),
         "settings": {**asdict(st), "size": list(size), "steps": steps, "cfg": cfg, "shift": shift,
@@ -484,18 +476,12 @@ def run(checkpoint: str | Path, curated: Curated, prompts: list[Prompt], output:
             for i, p in enumerate(prompts)],
         "seconds": round(time.time() - t0, 1),
     }
-    _atomic(output / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+    write_atomic(output / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
     r, c = summary["retrieval"], summary["clique"]
     log(f"retrieval: {r['flagged']}/{len(sim)} generations above {st.threshold:g} (top-1 similarity "
         f"{r['similarity']}; training background {r['background']}); clique: {c['memorized_prompts']}/"
         f"{len(prompts)} prompts memorized (cliques >= {st.min_clique} at eps {st.eps:g}); wrote {output}")
     return summary
-
-
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------------
