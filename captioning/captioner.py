@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from captioning.cleanup import clean_caption
+from models.config import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,7 @@ class Captioner:
         kwargs = {"trust_remote_code": trust_remote_code}
         if revision is not None:
             kwargs["revision"] = revision
-        if device == "auto":  # resolved where the model loads (a worker's own GPU, if it has one)
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
+        device = torch.device(resolve_device(device))  # "auto": where the model loads (a worker's own GPU)
         if dtype is None:
             dtype = torch.float32 if device.type == "cpu" else "auto"
         elif isinstance(dtype, str) and dtype != "auto":

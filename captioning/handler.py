@@ -30,8 +30,8 @@ class CaptionModelHandler(ModelHandler[Chunk, list[Caption], Captioner]):
         share_model: one copy of the model per machine, shared by the SDK worker processes (Beam's
         multi_process_shared), instead of one per process: for VLMs too big to hold several times.
         """
-        super().__init__(large_model=share_model)
-        self._location, self._share_model = location, share_model
+        super().__init__(large_model=share_model)  # Beam's share_model_across_processes() follows it
+        self._location = location
         self._options = dict(revision=revision, prompt=prompt, max_new_tokens=max_new_tokens,
                              batch_size=batch_size, trust_remote_code=trust_remote_code, device=device,
                              dtype=dtype)
@@ -56,9 +56,6 @@ class CaptionModelHandler(ModelHandler[Chunk, list[Caption], Captioner]):
         # a generate() call (and so float results). run_inference captions each element on its own
         # anyway, so this only keeps chunks from waiting on each other.
         return {"max_batch_size": 1}
-
-    def share_model_across_processes(self) -> bool:
-        return self._share_model
 
     def get_num_bytes(self, batch: Sequence[Chunk]) -> int:
         return sum(np.asarray(image).nbytes + len((original or "").encode()) for chunk in batch

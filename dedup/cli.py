@@ -206,8 +206,10 @@ class _Context:
     """What both sides share: config, log, device, and the SSCD model, loaded at most once."""
 
     def __init__(self, args, cfg, log):
+        from models.config import resolve_device
+
         self.args, self.cfg, self.log = args, cfg, log
-        self.device = _device(args.device)
+        self.device = resolve_device(args.device)
         self.model = None
         self.sscd: dict | None = None
         self.timings: dict[str, float] = {}
@@ -244,14 +246,6 @@ class _Context:
 
         d = self.cfg.dedup
         return SSCDPreprocess(size=d.sscd_size, mean=tuple(d.mean), std=tuple(d.std))
-
-
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _sha256(path: Path) -> str:

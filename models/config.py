@@ -169,6 +169,16 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+def resolve_device(device: str) -> str:
+    """A config's or a flag's device: "auto" -> "cuda" when torch sees a GPU, else "cpu"; any other
+    name as given. Resolve where the model loads (on a Beam worker: that worker's own GPU, if any)."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def preset_names() -> list[str]:
     return sorted(p.name[: -len(".toml")] for p in resources.files("models.presets").iterdir()
                   if p.name.endswith(".toml"))

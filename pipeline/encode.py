@@ -49,14 +49,6 @@ class Models:
         self.ae, self.te = ae, te
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 class EncodeModelHandler(ModelHandler):
     """Elements: Chunks of `Captioned`; each yields a list of `Encoded`, in chunk order.
 
@@ -66,13 +58,13 @@ class EncodeModelHandler(ModelHandler):
     def __init__(self, location: str, *, revision: str | None = None, t5_length: int = 77,
                  ae_dtype: str = "float32", te_dtype: str = "float32", device: str = "auto",
                  share_model: bool = False):
-        super().__init__(large_model=share_model)
-        self.share_model = share_model
+        super().__init__(large_model=share_model)  # Beam then shares one copy per machine
         self.location, self.revision, self.t5_length = str(location), revision, t5_length
         self.ae_dtype, self.te_dtype, self.device = ae_dtype, te_dtype, device
 
     def load_model(self):
         from models.autoencoder import Autoencoder
+        from models.config import resolve_device
         from models.text_encoders import TextEncoders, quiet_hf_logging
 
         quiet_hf_logging()
@@ -94,9 +86,6 @@ class EncodeModelHandler(ModelHandler):
 
     def batch_elements_kwargs(self):
         return {"max_batch_size": 1}  # a chunk is already the batch (pipeline.chunks)
-
-    def share_model_across_processes(self) -> bool:
-        return self.share_model
 
     def get_metrics_namespace(self) -> str:
         return "flowcurate_encode"

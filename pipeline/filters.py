@@ -106,7 +106,7 @@ class ScoreModelHandler(ModelHandler):
         self.clip_location, self.head_path, self.device = str(clip_location), str(head_path), device
 
     def load_model(self):
-        from pipeline.encode import resolve_device
+        from models.config import resolve_device
 
         self.device = resolve_device(self.device)  # on the worker: "auto" means its own GPU, if any
         try:

@@ -28,6 +28,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
 
+from dedup.core import valid_rows
 from dedup.keep import resolve_component
 from dedup.report import report_similarity
 from dedup.search import (
@@ -61,8 +62,8 @@ class SSCDModelHandler(ModelHandler):
         self.location, self.preprocess, self.device = str(location), preprocess, device
 
     def load_model(self):
+        from models.config import resolve_device
         from models.sscd import load_sscd
-        from pipeline.encode import resolve_device
 
         self.device = resolve_device(self.device)  # on the worker: "auto" means its own GPU, if any
         return load_sscd(self.location, self.device)
@@ -88,30 +89,25 @@ class SSCDModelHandler(ModelHandler):
 
 
 def is_valid(vector: np.ndarray) -> bool:
-    v = np.asarray(vector, dtype=np.float64)
-    n = float(np.sqrt((v * v).sum()))
-    return bool(np.isfinite(n) and n > 0)
+    """The one-process rule (`dedup.core.valid_rows`) for one descriptor."""
+    return bool(valid_rows(np.asarray(vector)[None])[0])
 
 
 class Plan(NamedTuple):
-    n: int  # valid descriptors
     k: int  # clusters (1: exact search)
     fraction: float  # k-means sample fraction
 
 
 def _plan(n: int, clusters, exact: bool, kmeans_sample: int) -> Plan:
     k = 1 if exact else (auto_clusters(n) if clusters in ("auto", None) else max(1, int(clusters)))
-    return Plan(int(n), int(k), kmeans_sample_fraction(n, k, kmeans_sample) if k > 1 else 0.0)
+    return Plan(int(k), kmeans_sample_fraction(n, k, kmeans_sample) if k > 1 else 0.0)
 
 
 def _train(sample: list[tuple[str, np.ndarray]], plan: Plan, iters: int, seed: int):
-    if plan.k == 1:
+    if plan.k == 1 or not sample:
         return None
     keys = [k for k, _ in sample]
-    vectors = np.stack([v for _, v in sample]) if sample else np.zeros((0, 1), np.float32)
-    if len(keys) == 0:
-        return None
-    return train_centroids(vectors, keys, plan.k, iters=iters, seed=seed)
+    return train_centroids(np.stack([v for _, v in sample]), keys, plan.k, iters=iters, seed=seed)
 
 
 class _Assign(beam.DoFn):

@@ -26,6 +26,7 @@ from captioning.handler import CaptionModelHandler
 from models.config import to_dict
 from models.images import FAILED_PREFIX
 from models.shards import (
+    INDEX_JSON,
     RECORD_JSON,
     encode_sample,
     index_doc,
@@ -51,7 +52,6 @@ from pipeline.write import (
     concat_parts,
     delete_tree,
     join,
-    manifest_record,
     read_file,
     write_file,
     write_json,
@@ -158,7 +158,7 @@ def _write_shard(kv, out: str):
 
 def _write_index(counts: list, out: str, conditioning: str) -> dict:
     doc = index_doc(dict(counts), conditioning)
-    write_file(join(out, "shards", "index.json"), record_bytes(doc))
+    write_file(join(out, "shards", INDEX_JSON), record_bytes(doc))
     delete_tree(join(out, "shards", PARTS_DIR))
     return doc
 
@@ -271,7 +271,7 @@ def build(p: beam.Pipeline, launch: Launch, label: str | None = None) -> dict[st
              near[NearDupDedup.REJECTED], written.rows, *failed)
             | "AllRows" >> beam.Flatten()
             | "Count" >> beam.Map(_count_row))
-    rows | "ManifestRecords" >> beam.Map(manifest_record) | "WriteManifest" >> beam.io.WriteToParquet(
+    rows | "WriteManifest" >> beam.io.WriteToParquet(
         join(out, "manifest", "part"), MANIFEST_SCHEMA, file_name_suffix=".parquet")
     embedded | "EmbeddingRecords" >> beam.Map(_embedding_record) | "WriteEmbeddings" >> beam.io.WriteToParquet(
         join(out, "embeddings", "part"), EMBEDDINGS_SCHEMA, file_name_suffix=".parquet")

@@ -97,12 +97,3 @@ def concat_parts(out: str, shard: str, parts: list[str]) -> str:
 
 def write_json(path: str, doc: dict) -> str:
     return write_file(path, (json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
-def manifest_record(row: dict) -> dict:
-    """A manifest row with the schema's types (similarity to float, notes to a list)."""
-    out = dict(row)
-    out["notes"] = list(out.get("notes") or [])
-    if out.get("similarity") is not None:
-        out["similarity"] = float(out["similarity"])
-    return out
