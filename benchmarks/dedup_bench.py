@@ -35,49 +35,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import threading
 import time
 
 import faiss
 import numpy as np
-from common import machine  # benchmarks/ is on sys.path when run as a script
+from common import PLANT_BINS, AnonPeak, machine, status_kb  # benchmarks/ is on sys.path as a script
 
 from dedup.core import DUPLICATE, find_duplicates
 from dedup.keep import keep_greedy, priority_rank
 from dedup.search import above, pair_cosines, unit_rows
 
-PLANT_BINS = ((0.5, 0.7), (0.7, 0.9), (0.9, 1.0))
 REPORT_BINS = ((0.5, 0.7), (0.7, 0.8), (0.8, 0.9), (0.9, 1.0))
 PLANTED = 0.06
 METHODS = ("faiss", "sd3", "semdedup", "ours", "ours-exact")
-
-
-# ----------------------------------------------------------------------------- memory
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
-
-
-class AnonPeak:
-    """Peak RssAnon since the last reset(), sampled by a daemon thread (MB)."""
-
-    def __init__(self, every: float = 0.02):
-        self.peak = 0
-        threading.Thread(target=self._run, args=(every,), daemon=True).start()
-
-    def _run(self, every):
-        while True:
-            self.peak = max(self.peak, _status_kb("RssAnon"))
-            time.sleep(every)
-
-    def reset(self) -> None:
-        self.peak = _status_kb("RssAnon")
-
-    def mb(self) -> float:
-        self.peak = max(self.peak, _status_kb("RssAnon"))
-        return self.peak / 1024
 
 
 # ----------------------------------------------------------------------------- data
@@ -384,7 +354,7 @@ def main() -> None:
             if r.get("pairs") is not None:
                 r["recall"] = recall(r["pairs"], truth[0], truth[1], n, queries)
     base = sum(results["faiss"]["t"].values()) if "faiss" in results else None
-    vmhwm = _status_kb("VmHWM") / 1024
+    vmhwm = status_kb("VmHWM") / 1024
     print(f"\nN={n}, dim={args.dim}, {args.dtype}, {args.generator}, threshold {t}, k={k}, seed {args.seed}; "
           + (f"exact pairs {len(truth[0])}" + (f" touching {len(queries)} query rows" if queries is not None else "")
              if truth else "no exact search") + f"; process VmHWM {vmhwm:.0f} MB")

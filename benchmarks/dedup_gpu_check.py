@@ -23,7 +23,7 @@ cluster find_duplicates on np.load(mmap_mode="r") of that file, clustered mode (
         size; k-means "auto": torch on the GPU, FAISS on the CPU): time per phase,
         planted-pair recall, and peak anonymous memory = peak RssAnon of the process (heap, arrays,
         torch and CUDA host memory; not the file-backed pages of the memory map), read from
-        /proc/self/status every 20 ms by a thread (benchmarks/dedup_bench.py AnonPeak, as for the 1M CPU
+        /proc/self/status every 20 ms by a thread (benchmarks/common.py AnonPeak, as for the 1M CPU
         run in BENCHMARKS.md); VmHWM (which counts the mapped file's resident pages) beside it.
 run     all of the above in child processes, each with a timeout from what is left of --budget-s; the
         size of the memmap run is the largest of --scale-n whose time, extrapolated from the 1M run,
@@ -54,12 +54,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import PLANT_BINS, AnonPeak, machine, status_kb  # noqa: E402
 from dedup.core import DUPLICATE, find_duplicates  # noqa: E402
 from dedup.search import auto_clusters, pair_cosines, unit_rows  # noqa: E402
 
 OUT_FILE = None
-PLANT_BINS = ((0.5, 0.7), (0.7, 0.9), (0.9, 1.0))
 
 
 def emit(record: dict) -> None:
@@ -71,11 +70,6 @@ def emit(record: dict) -> None:
             fh.write(line + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-
-
-def status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
 
 
 def run_dedup(x, keys, threshold, device: str, **kw):
@@ -204,6 +198,17 @@ def faiss_pairs(index, xq: np.ndarray, rows: np.ndarray, threshold: float) -> se
     return set(zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist()))
 
 
+def faiss_all_pairs(xf: np.ndarray, threshold: float) -> tuple[set, float]:
+    """FAISS exact search of every row against all (IndexFlatIP + range_search) -> pairs, seconds."""
+    import faiss
+
+    t0 = time.perf_counter()
+    index = faiss.IndexFlatIP(xf.shape[1])
+    index.add(xf)
+    pairs = faiss_pairs(index, xf, np.arange(len(xf)), threshold)
+    return pairs, time.perf_counter() - t0
+
+
 def canonical(x: np.ndarray) -> np.ndarray:
     """FAISS's input: the canonical float32 unit rows (`unit_rows`, in blocks). Raw float16 rows are
     off unit length by ~1e-4, which moves FAISS's inner products by as much; FAISS then differs from
@@ -268,7 +273,6 @@ def cmd_env(args) -> None:
 
 
 def cmd_check(args) -> None:
-    import faiss
 
     t = args.threshold
     if args.n:
@@ -280,11 +284,7 @@ def cmd_check(args) -> None:
         t_dev = time.perf_counter() - t0
         ours = set(map(tuple, res.pairs.tolist()))
         xf = canonical(x)
-        t0 = time.perf_counter()
-        index = faiss.IndexFlatIP(xf.shape[1])
-        index.add(xf)
-        theirs = faiss_pairs(index, xf, np.arange(len(xf)), t)
-        t_faiss = time.perf_counter() - t0
+        theirs, t_faiss = faiss_all_pairs(xf, t)
         emit(
             {
                 "phase": "check-exact",
@@ -440,11 +440,7 @@ def cmd_cpu_exact(args) -> None:
     torch.set_num_threads(args.threads)
     xf = canonical(x)
     with threadpool_limits(args.threads):
-        t0 = time.perf_counter()
-        index = faiss.IndexFlatIP(xf.shape[1])
-        index.add(xf)
-        theirs = faiss_pairs(index, xf, np.arange(len(xf)), t)
-        t_faiss = time.perf_counter() - t0
+        theirs, t_faiss = faiss_all_pairs(xf, t)
     rec = {
         "phase": "cpu-exact",
         "n": args.n,
@@ -492,8 +488,6 @@ def cmd_gen(args) -> None:
 
 
 def cmd_cluster(args) -> None:
-    from dedup_bench import AnonPeak
-
     mem = AnonPeak()
     x = np.load(args.path, mmap_mode="r")
     planted = dict(np.load(args.path + ".planted.npz"))

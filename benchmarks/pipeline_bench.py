@@ -606,13 +606,12 @@ def _tree_cpu(root: int, seen: dict) -> None:
 
 def run_measured(cmd: list[str], env: dict, log_path: Path) -> dict:
     """Run cmd; wall seconds, CPU seconds of the process tree (sampled from /proc every 0.2 s, and
-    RUSAGE_CHILDREN: descendants that were waited for), peak process count, load before/after."""
+    RUSAGE_CHILDREN: descendants that were waited for), processes seen, load before/after."""
     import resource
 
     load0 = load_now()
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     seen: dict[int, int] = {}
-    peak = [0]
     t0 = time.perf_counter()
     with open(log_path, "w") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
@@ -620,9 +619,7 @@ def run_measured(cmd: list[str], env: dict, log_path: Path) -> dict:
 
         def sample():
             while not stop.is_set():
-                before = len(seen)
                 _tree_cpu(proc.pid, seen)
-                peak[0] = max(peak[0], len(seen) - before + 1)
                 stop.wait(0.2)
 
         th = threading.Thread(target=sample, daemon=True)
