@@ -25,9 +25,9 @@ from typing import NamedTuple
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
-from models.images import FAILED_PREFIX, FILTERED_PREFIX
+from models.images import FILTERED_PREFIX
 from pipeline.chunks import Chunk, Chunks
-from pipeline.stages import Accepted, manifest_row
+from pipeline.stages import Accepted, failed_rows, manifest_row
 
 METRICS_NAMESPACE = "flowcurate_filters"
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -171,17 +171,6 @@ class _Decide(beam.DoFn):
                 yield a
 
 
-def _failed_rows(name: str):
-    """A dead letter (failed batch of chunks, error) -> a `failed:filter:<name>` row per item in it."""
-    def rows(dead):
-        batch, _error = dead
-        for chunk in (batch if isinstance(batch, list) else [batch]):
-            for a in chunk.items:
-                yield manifest_row(a.key, a.source, "rejected", reason=f"{FAILED_PREFIX}filter:{name}",
-                                   width=a.width, height=a.height)
-    return rows
-
-
 class ApplyFilters(beam.PTransform):
     """PCollection[Accepted] -> {'kept': Accepted, 'rejected': manifest rows}.
 
@@ -216,6 +205,6 @@ class ApplyFilters(beam.PTransform):
             decided = (scored | f"{f.name}Decide" >> beam.ParDo(_Decide(f))
                        .with_outputs(self.REJECTED, main=self.KEPT))
             rejected += [decided[self.REJECTED],
-                         failed.failed_inferences | f"{f.name}Failed" >> beam.FlatMap(_failed_rows(f.name))]
+                         failed.failed_inferences | f"{f.name}Failed" >> beam.FlatMap(failed_rows(f"filter:{f.name}", sizes=True))]
             kept = decided[self.KEPT]
         return {self.KEPT: kept, self.REJECTED: rejected | "FilterRejected" >> beam.Flatten()}

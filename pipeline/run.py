@@ -43,7 +43,7 @@ from pipeline.filters import ApplyFilters
 from pipeline.neardup import NearDupDedup, SSCDModelHandler
 from pipeline.options import Launch, OptionsError, launch_options
 from pipeline.read import ReadRaw
-from pipeline.stages import ExactDedup, Validate, manifest_row
+from pipeline.stages import ExactDedup, Validate, failed_rows, manifest_row
 from pipeline.validate import aspect_buckets
 from pipeline.write import (
     EMBEDDINGS_SCHEMA,
@@ -59,37 +59,6 @@ from pipeline.write import (
 )
 
 STATS_JSON = "stats.json"
-
-
-def _failed(stage: str, key_source):
-    """A dead letter (element, error) -> manifest rows for the items it held."""
-    def rows(dead):
-        element, _error = dead
-        for key, source in key_source(element):
-            yield manifest_row(key, source, "rejected", reason=f"{FAILED_PREFIX}{stage}")
-    return rows
-
-
-def _chunk_items(element) -> list:
-    if not isinstance(element, Chunk) and isinstance(element, tuple):
-        element = element[0]  # keyed handlers get (chunk, payload)
-    return element.items if isinstance(element, Chunk) else [element]
-
-
-def _item_of(x):
-    """The `Accepted` inside any stage's element."""
-    for attr in ("captioned", "kept", "item"):
-        while hasattr(x, attr):
-            x = getattr(x, attr)
-    return x
-
-
-def _keys(batch):
-    """A failed RunInference batch (a list of elements) -> (key, source) of every item in it."""
-    for element in (batch if isinstance(batch, list) else [batch]):
-        for it in _chunk_items(element):
-            a = _item_of(it)
-            yield a.key, a.source
 
 
 def make_conditioning(_, sd3: str, *, revision, t5_length, store_dtype, ae_dtype, te_dtype, prompts, label,
@@ -217,7 +186,7 @@ def build(p: beam.Pipeline, launch: Launch, label: str | None = None) -> dict[st
     sscd_chunks = filtered["kept"] | "SSCDChunks" >> Chunks(lambda a: a.key, pc.batch_size)
     embedded, sscd_failed = (sscd_chunks | "SSCD" >> on_accelerator(RunInference(
         SSCDModelHandler(m.sscd, pre, device)).with_exception_handling()))
-    failed.append(sscd_failed.failed_inferences | "SSCDFailed" >> beam.FlatMap(_failed("sscd", _keys)))
+    failed.append(sscd_failed.failed_inferences | "SSCDFailed" >> beam.FlatMap(failed_rows("sscd")))
     embedded = embedded | "Embedded" >> beam.FlatMap(lambda xs: xs)
     near = embedded | "NearDup" >> NearDupDedup(
         dd.threshold, clusters=dd.clusters, assign=dd.assign, assign_margin=dd.assign_margin,
@@ -244,7 +213,7 @@ def build(p: beam.Pipeline, launch: Launch, label: str | None = None) -> dict[st
         trust_remote_code=m.trust_remote_code, device=device, share_model=pc.share_models))
     captioned, cap_failed = (chunks | "CaptionInputs" >> beam.Map(_caption_pairs)
                              | "Caption" >> on_accelerator(RunInference(captioner).with_exception_handling()))
-    failed.append(cap_failed.failed_inferences | "CaptionFailed" >> beam.FlatMap(_failed("caption", _keys)))
+    failed.append(cap_failed.failed_inferences | "CaptionFailed" >> beam.FlatMap(failed_rows("caption")))
     captioned = captioned | "Captioned" >> beam.Map(_captioned)
 
     encoder = KeyedModelHandler(EncodeModelHandler(
@@ -252,7 +221,7 @@ def build(p: beam.Pipeline, launch: Launch, label: str | None = None) -> dict[st
         te_dtype=pc.text_encoder_dtype, device=device, share_model=pc.share_models))
     encoded, enc_failed = (captioned | "EncodeInputs" >> beam.Map(lambda c: (c, c))
                            | "Encode" >> on_accelerator(RunInference(encoder).with_exception_handling()))
-    failed.append(enc_failed.failed_inferences | "EncodeFailed" >> beam.FlatMap(_failed("encode", _keys)))
+    failed.append(enc_failed.failed_inferences | "EncodeFailed" >> beam.FlatMap(failed_rows("encode")))
 
     conditioning = (p | "RecordSeed" >> beam.Create([None])
                     | "Conditioning" >> beam.Map(

@@ -16,7 +16,8 @@ from typing import NamedTuple
 import apache_beam as beam
 import numpy as np
 
-from models.images import ImageRejected
+from models.images import FAILED_PREFIX, ImageRejected
+from pipeline.chunks import Chunk
 from pipeline.read import RawItem
 from pipeline.validate import validate
 
@@ -31,6 +32,33 @@ def manifest_row(key: str, source: str, status: str, **fields) -> dict:
     if unknown:
         raise ValueError(f"unknown manifest fields {sorted(unknown)}")
     return row
+
+
+def failed_rows(stage: str, sizes: bool = False):
+    """A RunInference dead letter (failed batch, error) -> a `failed:<stage>` rejected row for every
+    item the batch held (with width and height when `sizes`)."""
+    def rows(dead):
+        batch, _error = dead
+        for element in (batch if isinstance(batch, list) else [batch]):
+            for it in _chunk_items(element):
+                a = _accepted(it)
+                extra = {"width": a.width, "height": a.height} if sizes else {}
+                yield manifest_row(a.key, a.source, "rejected", reason=f"{FAILED_PREFIX}{stage}", **extra)
+    return rows
+
+
+def _chunk_items(element) -> list:
+    if not isinstance(element, Chunk) and isinstance(element, tuple):
+        element = element[0]  # keyed handlers get (chunk, payload)
+    return element.items if isinstance(element, Chunk) else [element]
+
+
+def _accepted(x):
+    """The `Accepted` inside any stage's element."""
+    for attr in ("captioned", "kept", "item"):
+        while hasattr(x, attr):
+            x = getattr(x, attr)
+    return x
 
 
 class Accepted(NamedTuple):

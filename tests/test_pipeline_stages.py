@@ -13,7 +13,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from models.sample_data import write_sample_data
 from pipeline.read import ReadRaw
-from pipeline.stages import ExactDedup, Validate, manifest_row
+from pipeline.stages import Accepted, ExactDedup, Validate, failed_rows, manifest_row
 
 
 def _dump(pcoll, label, path):
@@ -68,3 +68,26 @@ def test_manifest_row_rejects_unknown_fields():
     assert manifest_row("k", "s", "kept")["notes"] == []
     with pytest.raises(ValueError, match="unknown"):
         manifest_row("k", "s", "kept", colour="red")
+
+
+def test_failed_rows_name_every_item_of_a_dead_batch_whatever_its_stage():
+    import numpy as np
+
+    from pipeline.chunks import Chunk
+    from pipeline.encode import Captioned, Kept
+
+    def acc(i):
+        return Accepted(f"k{i}", f"s{i}", None, np.zeros((2, 2, 3), np.uint8), 10 + i, 20 + i, (0, 0, 2, 2),
+                        (2, 2), "h")
+
+    a = [acc(i) for i in range(5)]
+    sscd = [Chunk("g", 0, a[:2]), Chunk("g", 1, a[2:3])]  # a batch of chunks of Accepted
+    caption = [(Chunk("g", 2, [Kept(a[3], 0, "train-000000.tar")]), "payload")]  # keyed: (chunk, payload)
+    encode = Chunk("g", 3, [Captioned(Kept(a[4], 1, "train-000000.tar"), "o", "s", ())])  # one element
+    rows = [r for batch in (sscd, caption, encode) for r in failed_rows("encode")((batch, RuntimeError("x")))]
+    assert [(r["key"], r["source"], r["status"], r["reason"]) for r in rows] == [
+        (f"k{i}", f"s{i}", "rejected", "failed:encode") for i in range(5)]
+    assert all(r["width"] is None for r in rows)
+    sized = list(failed_rows("filter:aesthetic", sizes=True)((sscd, RuntimeError("x"))))
+    assert [(r["reason"], r["width"], r["height"]) for r in sized] == [
+        ("failed:filter:aesthetic", 10 + i, 20 + i) for i in range(3)]
