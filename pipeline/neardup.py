@@ -40,6 +40,7 @@ from dedup.search import (
     make_engine,
     search_cluster,
     train_centroids,
+    unique_pairs,
 )
 from models.images import BAD_EMBEDDING
 from pipeline.stages import Accepted, manifest_row
@@ -151,15 +152,13 @@ def _resolve(found: list, priority: str):
     if not found:
         return
     pixels: dict[str, float] = {}
-    best: dict[tuple[str, str], float] = {}
-    for a, b, c, pa, pb in found:
+    for a, b, _, pa, pb in found:
         pixels[a], pixels[b] = pa, pb
-        best[(a, b) if a < b else (b, a)] = c  # a pair found in several clusters has one cosine
     keys = sorted(pixels)
     index = {k: i for i, k in enumerate(keys)}
-    ordered = sorted(best.items())
-    pairs = np.array([[index[a], index[b]] for (a, b), _ in ordered], dtype=np.int64)
-    cos = np.array([c for _, c in ordered], dtype=np.float32)
+    # a pair found in several clusters has one cosine: `unique_pairs` keeps it once, in (i, j) order
+    pairs, cos = unique_pairs(np.array([[index[a], index[b]] for a, b, *_ in found], dtype=np.int64),
+                              np.array([c for _, _, c, _, _ in found], dtype=np.float32))
     px = np.array([pixels[k] for k in keys], dtype=np.float64) if priority == "pixels" else None
     dup_of, sim = resolve_component(keys, pairs, cos, pixels=px)
     for k, d, s in zip(keys, dup_of, sim.tolist()):
