@@ -52,6 +52,7 @@ class Launch:
     ours: FlowcurateOptions
     config: Config  # model locations resolved to absolute paths
     runner: str
+    sd3_label: str | None = None  # the SD3 location as written when it is a tiny:// one (the record names it)
 
 
 class OptionsError(ValueError):
@@ -74,9 +75,10 @@ def launch_options(argv: list[str] | None = None, *, resolve_models: bool = True
     cfg = load_config(ours.config)
     cfg = override(cfg, "pipeline", resolution=ours.resolution, val_fraction=ours.val_fraction)
     cfg = override(cfg, "dedup", threshold=ours.dedup_threshold)
+    sd3 = cfg.models.sd3
     if resolve_models:
         from models.tiny import resolve_models as resolve
 
         cfg = resolve(cfg, log=log)
     runner = beam.view_as(StandardOptions).runner
-    return Launch(beam, ours, cfg, runner)
+    return Launch(beam, ours, cfg, runner, sd3 if sd3.startswith("tiny://") else None)

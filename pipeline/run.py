@@ -157,7 +157,7 @@ def _embedding_record(e) -> dict:
     return {"key": a.key, "embedding": [float(v) for v in e.vector], "width": a.width, "height": a.height}
 
 
-def build(p: beam.Pipeline, launch: Launch, label: str | None = None) -> dict[str, Any]:
+def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
     """Add the whole curation graph to `p`; returns the main PCollections (for tests)."""
     cfg, o = launch.config, launch.ours
     pc, dd, m = cfg.pipeline, cfg.dedup, cfg.models
@@ -227,7 +227,7 @@ def build(p: beam.Pipeline, launch: Launch, label: str | None = None) -> dict[st
                     | "Conditioning" >> beam.Map(
                         make_conditioning, m.sd3, revision=m.sd3_revision, t5_length=pc.t5_max_length,
                         store_dtype=pc.store_dtype, ae_dtype=pc.ae_dtype, te_dtype=pc.text_encoder_dtype,
-                        prompts=list(pc.validation_prompts), label=label, out=out))
+                        prompts=list(pc.validation_prompts), label=launch.sd3_label, out=out))
     written = (encoded | "WriteParts" >> beam.FlatMap(_write_chunk, out, AsSingleton(conditioning), pc.store_dtype)
                .with_output_types(Any).with_outputs("parts", main="rows"))
     shards = (written.parts | "PartsByShard" >> beam.GroupByKey()
@@ -275,13 +275,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     launch = launch_options(argv, log=lambda msg: log(msg, file=sys.stderr) if log is print else log(msg))
     out = launch.ours.output.rstrip("/")
     prepare_output(out, launch.ours.overwrite)
-    from models.config import load_config
-
-    original = load_config(launch.ours.config).models.sd3
-    label = original if original.startswith("tiny://") else None
     t0 = time.perf_counter()
     p = test_pipeline or beam.Pipeline(options=launch.beam)
-    build(p, launch, label)
+    build(p, launch)
     result = p.run()
     result.wait_until_finish()
     try:

@@ -39,6 +39,7 @@ def test_config_overrides_and_defaults():
 def test_models_resolve_to_absolute_paths_before_submitting(tiny_models):
     launch = launch_options(BASE, log=lambda *a: None)
     assert launch.config.models.sd3 == str(tiny_models / "sd3")
+    assert launch.sd3_label == "tiny://sd3"  # what the conditioning record names, not this machine's path
     assert launch.config.models.sscd.endswith("sscd.torchscript.pt") and "://" not in launch.config.models.sscd
 
 

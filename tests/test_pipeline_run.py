@@ -108,6 +108,7 @@ def test_every_kept_key_is_in_exactly_one_shard(curated):
     assert {s["name"]: s["samples"] for s in index["shards"]} == {s: len(v) for s, v in tars.items()}
     record = read_record(out / RECORD_JSON)
     assert index["conditioning"] == record.hash
+    assert record.json["autoencoder"]["source"] == "tiny://sd3"  # the config's location, not a local path
     assert {"train", "val"} == {s.split("-")[0] for s in tars}
 
 
