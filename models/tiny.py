@@ -8,7 +8,8 @@
 
 They are loaded through the same code that loads real checkpoints (`from_pretrained`, `torch.jit.load`).
 Building is deterministic for a seed (fixed step counts, never time budgets) and happens once per
-seed into `$FLOWCURATE_CACHE/tiny/v{VERSION}-seed{S}/` (default cache `~/.cache/flowcurate`): under a
+seed and builder source into `$FLOWCURATE_CACHE/tiny/v{VERSION}-seed{S}-{source hash}/` (default cache
+`~/.cache/flowcurate`): under a
 file lock, into a temporary folder that is renamed into place, so concurrent test workers and
 launchers never see half a model.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -28,14 +30,15 @@ from pathlib import Path
 
 from models.config import TINY_SCHEME
 
-# Bump when the layout changes. Edits to the builders are caught by SOURCE_HASH: a cached build whose
-# report names another hash is rebuilt, so a stale cache never outlives the code that made it.
+# Bump when the layout changes. Edits to the builders change `source_hash`, which names the cache
+# folder, so a build never outlives the code that made it (the report records the hash too).
 VERSION = 1
 REPORT = "tiny_report.json"
 ROLES = ("sd3", "sscd.torchscript.pt", "captioner")
 _SOURCES = ("tiny.py", "tiny_sd3.py", "tiny_sscd.py", "tiny_captioner.py", "procedural.py", "sscd.py")
 
 
+@functools.cache
 def source_hash() -> str:
     """sha256 over the builder modules' source: what the built weights are a function of (with the seed)."""
     h = hashlib.sha256()
@@ -105,7 +108,7 @@ def ensure_tiny_models(seed: int = 0, log=print) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
             build(tmp / "m", seed=seed, log=log)
-            if final.exists():  # stale (older builder code) or incomplete: replace it
+            if final.exists():  # incomplete, or its report names other code: replace it
                 log(f"[tiny-models] replacing stale build {final}")
                 shutil.rmtree(final)
             os.replace(tmp / "m", final)
