@@ -49,8 +49,7 @@ from models import shards as S
 from models.autoencoder import Autoencoder, to_model_space
 from models.images import ImageRejected, decode_image
 from models.sscd import SSCDPreprocess, embed, load_sscd
-from trainer import checkpoint as C
-from trainer.sample import generate, load_autoencoder, load_model, load_text_encoders
+from trainer.sample import generate, load_autoencoder, load_run, load_text_encoders, sampling_settings
 
 THRESHOLD = 0.5  # SSCD cosine: SD3 App. E.3 and Somepalli et al.
 EPS = 0.15  # tiled l2 on [0, 1] pixels: SD3 Algorithm 2 / Carlini et al.
@@ -381,16 +380,11 @@ def run(checkpoint: str | Path, curated: Curated, prompts: list[Prompt], output:
                                 f"got {st.seeds}")
     if not prompts:
         raise MemorizationError("no prompts")
-    step = C.resolve(checkpoint)
-    record = S.read_record(step.parent.parent / S.RECORD_JSON)
-    model, state = load_model(step, st.weights, st.device)
-    train = state["config"]["train"]
+    step, record, model, state = load_run(checkpoint, st.weights, st.device)
     size = tuple(st.size or state.get("sample_size") or ())
     if len(size) != 2:
         raise MemorizationError(f"{step}: the run recorded no image size (it never trained a step); pass --size H W")
-    steps = st.steps or train["sample_steps"]
-    cfg = train["cfg_scale"] if st.cfg is None else st.cfg
-    shift = train["shift"] if st.shift is None else st.shift
+    steps, cfg, shift = sampling_settings(state["config"]["train"], st.steps, st.cfg, st.shift)
     ae = load_autoencoder(record, st.device, verify=st.verify)
     te = load_text_encoders(record, st.device, verify=st.verify)
     if sscd is None:

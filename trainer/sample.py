@@ -125,12 +125,24 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def load_run(checkpoint, weights: str, device: str):
+    """A run folder (its latest step) or a step folder -> (step folder, the run's conditioning
+    record, model with `weights`, checkpoint state)."""
+    step = C.resolve(checkpoint)
+    record = S.read_record(step.parent.parent / S.RECORD_JSON)
+    model, state = load_model(step, weights, device)
+    return step, record, model, state
+
+
+def sampling_settings(train: dict, steps: int | None, cfg: float | None, shift: float | None):
+    """(Euler steps, guidance scale, timestep shift): each as given, else the run's `train` config's."""
+    return (steps or train["sample_steps"], train["cfg_scale"] if cfg is None else cfg,
+            train["shift"] if shift is None else shift)
+
+
 def run_cli(args) -> int:
-    step = C.resolve(args.checkpoint)
-    run = step.parent.parent
-    record = S.read_record(run / S.RECORD_JSON)
-    model, state = load_model(step, args.weights, args.device)
-    train = state["config"]["train"]
+    step, record, model, state = load_run(args.checkpoint, args.weights, args.device)
+    steps, cfg, shift = sampling_settings(state["config"]["train"], args.steps, args.cfg, args.shift)
     ae = load_autoencoder(record, args.device, verify=not args.no_verify)
     if args.prompt:
         te = load_text_encoders(record, args.device, verify=not args.no_verify)
@@ -143,9 +155,7 @@ def run_cli(args) -> int:
     seeds = [s for _ in prompts for s in range(args.seeds)]
     cond = {p: np.asarray(cond[p])[rows] for p in S.PARTS}
     size = tuple(args.size) if args.size else tuple(state["sample_size"])
-    images = generate(model, ae, cond, empty, size, seeds, args.steps or train["sample_steps"],
-                      args.shift if args.shift is not None else train["shift"],
-                      args.cfg if args.cfg is not None else train["cfg_scale"])
+    images = generate(model, ae, cond, empty, size, seeds, steps, shift, cfg)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid(images, cols=args.seeds if args.seeds > 1 else None).save(out)
