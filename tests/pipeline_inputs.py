@@ -138,3 +138,22 @@ def read_shards(out: Path) -> dict[str, dict[str, dict[str, bytes]]]:
                 samples.setdefault(key, {})[name] = tf.extractfile(m).read()
         shards[path.name] = samples
     return shards
+
+
+def assert_same_shards(a: Path, b: Path) -> None:
+    """Two runs' shards hold the same samples, member for member: arrays within float16 rounding
+    (another process or thread count may reduce in another order), everything else byte-identical."""
+    from models.shards import load_npy
+
+    ta, tb = read_shards(a), read_shards(b)
+    assert ta.keys() == tb.keys() and ta
+    for shard in ta:
+        assert ta[shard].keys() == tb[shard].keys()
+        for key in ta[shard]:
+            for name, data in ta[shard][key].items():
+                if name.endswith(".npy"):
+                    np.testing.assert_allclose(load_npy(data).astype(np.float32),
+                                               load_npy(tb[shard][key][name]).astype(np.float32),
+                                               atol=1e-3, rtol=1e-3)
+                else:
+                    assert data == tb[shard][key][name]

@@ -33,9 +33,8 @@ from distributed import LocalCluster  # noqa: E402
 from distributed.diagnostics.plugin import SchedulerPlugin  # noqa: E402
 
 from models.sample_data import write_sample_data  # noqa: E402
-from models.shards import load_npy  # noqa: E402
 from pipeline.run import run  # noqa: E402
-from tests.pipeline_inputs import read_manifest, read_shards  # noqa: E402
+from tests.pipeline_inputs import assert_same_shards, read_manifest  # noqa: E402
 
 STOCK = "apache_beam.runners.dask.dask_runner.DaskRunner"
 PARTITIONS = 2
@@ -155,18 +154,7 @@ def test_whole_graph_on_two_dask_workers_equals_the_in_process_run(cluster, tmp_
     assert len(where.bundles) == 2 and min(where.bundles.values()) > 0, (where.bundles, wall)
     a, b = read_manifest(tmp_path / "ref"), read_manifest(tmp_path / "dask")
     assert a == b
-    ta, tb = read_shards(tmp_path / "ref"), read_shards(tmp_path / "dask")
-    assert ta.keys() == tb.keys() and ta
-    for shard in ta:
-        assert ta[shard].keys() == tb[shard].keys()
-        for key in ta[shard]:
-            for name, data in ta[shard][key].items():
-                if name.endswith(".npy"):
-                    np.testing.assert_allclose(load_npy(data).astype(np.float32),
-                                               load_npy(tb[shard][key][name]).astype(np.float32),
-                                               atol=1e-3, rtol=1e-3)
-                else:
-                    assert data == tb[shard][key][name]
+    assert_same_shards(tmp_path / "ref", tmp_path / "dask")
     for name in ("conditioning.json", "shards/index.json"):
         assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "dask" / name).read_bytes(), name
     # SSCD descriptors (float32) within summation-order noise: Dask's nanny starts workers with

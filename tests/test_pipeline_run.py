@@ -15,7 +15,7 @@ import pytest
 from models.sample_data import write_sample_data
 from models.shards import RECORD_JSON, load_npy, read_index, read_record
 from pipeline.run import run
-from tests.pipeline_inputs import read_manifest, read_shards, write_odd_inputs
+from tests.pipeline_inputs import assert_same_shards, read_manifest, read_shards, write_odd_inputs
 
 N = 64
 
@@ -203,18 +203,7 @@ def test_two_worker_processes_give_the_same_result(curated, tmp_path):
         log=lambda *a, **k: None)
     a, b = read_manifest(root / "out"), read_manifest(out2)
     assert a == b
-    ta, tb = read_shards(root / "out"), read_shards(out2)
-    assert ta.keys() == tb.keys()
-    for shard in ta:
-        assert ta[shard].keys() == tb[shard].keys()
-        for key in ta[shard]:
-            for name, data in ta[shard][key].items():
-                if name.endswith(".npy"):
-                    np.testing.assert_allclose(load_npy(data).astype(np.float32),
-                                               load_npy(tb[shard][key][name]).astype(np.float32),
-                                               atol=1e-3, rtol=1e-3)
-                else:
-                    assert data == tb[shard][key][name]
+    assert_same_shards(root / "out", out2)
 
 
 def test_help_lists_our_flags_and_examples(capsys):
