@@ -29,7 +29,7 @@ lint: $(STAMP)
 # Build the cached tiny models once before pytest, so both cores build them instead of one worker
 # building while the other waits on the lock.
 tiny-models: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -c "from models.tiny import ensure_tiny_models; print(ensure_tiny_models(0))"
+	HF_HUB_OFFLINE=1 $(PY) -c "from flowcurate.models.tiny import ensure_tiny_models; print(ensure_tiny_models(0))"
 
 test: lint tiny-models
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -n 2 --durations=15 -q

@@ -20,7 +20,7 @@ Methods (all at cosine > --threshold, k-means on ~100k sampled rows; SD3 and Sem
   semdedup   SemDeDup's rule on the same clusters (dedup_peers.md §1, semdedup.py): members sorted
              farthest-from-centroid first ("hard"), j removed iff max cos to any earlier member > t,
              even if that member was itself removed. Same pairs as sd3, so the same recall.
-  ours       dedup.core.find_duplicates, default config (assign 3, margin 0.1); --device passes through.
+  ours       flowcurate.dedup.core.find_duplicates, default config (assign 3, margin 0.1); --device passes through.
   ours-exact find_duplicates(exact=True); above --exact-full-max timed on a random 1/10 subset and
              extrapolated (search x r^2, the rest x r).
 Recall: found pairs / exact pairs by exact cosine bin (at large N only pairs with an end in the query
@@ -41,9 +41,9 @@ import faiss
 import numpy as np
 from common import PLANT_BINS, AnonPeak, machine, status_kb  # benchmarks/ is on sys.path as a script
 
-from dedup.core import DUPLICATE, find_duplicates
-from dedup.keep import keep_greedy, priority_rank
-from dedup.search import above, pair_cosines, unit_rows
+from flowcurate.dedup.core import DUPLICATE, find_duplicates
+from flowcurate.dedup.keep import keep_greedy, priority_rank
+from flowcurate.dedup.search import above, pair_cosines, unit_rows
 
 REPORT_BINS = ((0.5, 0.7), (0.7, 0.8), (0.8, 0.9), (0.9, 1.0))
 PLANTED = 0.06
@@ -270,7 +270,7 @@ def main() -> None:
     ap.add_argument("--generator", choices=("clustered", "isotropic"), default="clustered")
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
-    ap.add_argument("--device", default="cpu", help="ours only: cpu | cuda (dedup.search.make_engine)")
+    ap.add_argument("--device", default="cpu", help="ours only: cpu | cuda (flowcurate.dedup.search.make_engine)")
     ap.add_argument("--memmap", help="write the data to this .npy (in chunks) and run on the memmap")
     ap.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     ap.add_argument("--seed", type=int, default=0)
@@ -315,7 +315,7 @@ def main() -> None:
     results, truth = {}, None
     clusters = None
     # the SD3 recipe and SemDeDup get k = sqrt(N) (env_probe.md §4's baseline; SD3 used 16,000 clusters
-    # for its far larger set); ours picks its own k (dedup.search.auto_clusters: 4 sqrt(N))
+    # for its far larger set); ours picks its own k (flowcurate.dedup.search.auto_clusters: 4 sqrt(N))
     k = max(1, int(round(math.sqrt(n))))
     for name in methods:
         mem.reset()

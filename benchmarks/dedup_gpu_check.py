@@ -55,8 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from benchmarks.common import PLANT_BINS, AnonPeak, machine, status_kb  # noqa: E402
-from dedup.core import DUPLICATE, find_duplicates  # noqa: E402
-from dedup.search import auto_clusters, pair_cosines, unit_rows  # noqa: E402
+from flowcurate.dedup.core import DUPLICATE, find_duplicates  # noqa: E402
+from flowcurate.dedup.search import auto_clusters, pair_cosines, unit_rows  # noqa: E402
 
 OUT_FILE = None
 
@@ -77,15 +77,15 @@ def run_dedup(x, keys, threshold, device: str, **kw):
     path with torch float32 on the CPU."""
     if device != "cpu-resident":
         return find_duplicates(x, keys, threshold, device=device, **kw)
-    import dedup.core
-    from dedup.search import Engine
+    import flowcurate.dedup.core
+    from flowcurate.dedup.search import Engine
 
-    make = dedup.core.make_engine
-    dedup.core.make_engine = lambda *a, **k: Engine("torch", "cpu", "fp32", resident=True)
+    make = flowcurate.dedup.core.make_engine
+    flowcurate.dedup.core.make_engine = lambda *a, **k: Engine("torch", "cpu", "fp32", resident=True)
     try:
         return find_duplicates(x, keys, threshold, **kw)
     finally:
-        dedup.core.make_engine = make
+        flowcurate.dedup.core.make_engine = make
 
 
 def cuda_sync(device: str) -> None:
@@ -430,7 +430,7 @@ def cmd_cpu_exact(args) -> None:
     import torch
     from threadpoolctl import threadpool_limits
 
-    from dedup.search import int8_available
+    from flowcurate.dedup.search import int8_available
 
     t = args.threshold
     x = np.empty((args.n, 512), np.float32)

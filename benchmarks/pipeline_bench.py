@@ -8,7 +8,7 @@
 `stages` builds (once, into --models; nothing is downloaded) random-weight models in the real on-disk
 layouts: a diffusers-style SD3 folder (`vae/` with SD3's VAE config, `text_encoder/` CLIP-L,
 `text_encoder_2/` CLIP-G, `text_encoder_3/` T5 at T5-v1.1-XXL width with --t5-layers of its 24 layers,
-`tokenizer*/` built offline as `models.tiny_sd3` builds them), the SSCD ResNet-50 TorchScript of
+`tokenizer*/` built offline as `flowcurate.models.tiny.sd3` builds them), the SSCD ResNet-50 TorchScript of
 `benchmarks/sscd_throughput_bench.py`, and a LLaVA-style VLM in the tiny captioner's layout at a larger
 size (CLIP ViT-B/16 vision tower, a ~220M Llama, 32k vocabulary). Then, per stage, on the same inputs,
 interleaved (bare, ours, bare, ours, ...) and reported as medians:
@@ -24,7 +24,7 @@ interleaved (bare, ours, bare, ours, ...) and reported as medians:
            `CaptionModelHandler.run_inference` on a chunk of (image, caption) pairs.
 Each "ours" output is compared with the bare one (max |diff|, or equal captions).
 
-`demo` times `python -m pipeline --input DATA/raw/*.tar --config tiny` as subprocesses in the modes
+`demo` times `python -m flowcurate.pipeline --input DATA/raw/*.tar --config tiny` as subprocesses in the modes
 given (in process; `--direct_running_mode multi_processing --direct_num_workers 2`; each optionally with
 OMP_NUM_THREADS=1), CPU seconds of the whole process tree (sampled from /proc, and the kernel's
 RUSAGE_CHILDREN), interleaved with a `bare-tiny` subprocess: the tiny models' bare forwards over the
@@ -48,8 +48,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine  # noqa: E402
 
@@ -82,7 +80,13 @@ def build_models(out: Path, t5_layers: int, log=print) -> dict:
     """Write sd3/, sscd_r50.torchscript.pt and captioner/ into `out` (skipping parts already there)."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from models.tiny_sd3 import _write_clip_files, clip_bpe, clip_tokenizer, t5_tokenizer, vocabulary_words
+    from flowcurate.models.tiny.sd3 import (
+        _write_clip_files,
+        clip_bpe,
+        clip_tokenizer,
+        t5_tokenizer,
+        vocabulary_words,
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     info_path = out / "models.json"
@@ -158,7 +162,7 @@ def build_vlm(out: Path) -> dict:
         PreTrainedTokenizerFast,
     )
 
-    from models import tiny_captioner as tc
+    from flowcurate.models.tiny import captioner as tc
 
     small = tc.build_tokenizer(np.random.default_rng([0, 2]))
     js = json.loads(small.backend_tokenizer.to_str())
@@ -210,7 +214,7 @@ def images(n: int, side: int, seed: int) -> list[np.ndarray]:
     """Procedural RGB images of random size (256-768 px sides), centre-cropped and resized to side x side."""
     from PIL import Image
 
-    from models import procedural
+    from flowcurate.models.tiny import procedural
 
     rng = np.random.default_rng(seed)
     out = []
@@ -229,7 +233,7 @@ EXTRA = ("with soft shadows and a slightly blurred background, photographed from
 
 def prompts(n: int, seed: int) -> list[str]:
     """Caption-like prompts of 10-90 words (some beyond CLIP's 77 tokens)."""
-    from models.procedural import caption, random_scene
+    from flowcurate.models.tiny.procedural import caption, random_scene
 
     rng = np.random.default_rng(seed)
     out = []
@@ -242,7 +246,7 @@ def prompts(n: int, seed: int) -> list[str]:
 
 
 def accepted(key: str, image: np.ndarray, sscd: np.ndarray | None = None, caption: str | None = None):
-    from pipeline.stages import Accepted
+    from flowcurate.pipeline.stages import Accepted
 
     h, w = image.shape[:2]
     return Accepted(key, f"bench#{key}", caption, image, w, h, (0, 0, w, h), (h, w), "sha256:" + key, sscd)
@@ -305,9 +309,9 @@ def summarise(stage: str, items: int, unit: str, res: dict, extra: dict) -> dict
 
 
 def stage_sscd(models: Path, batch: int, reps: int, log) -> dict:
-    from models.sscd import SSCDPreprocess
-    from pipeline.chunks import Chunk
-    from pipeline.neardup import SSCDModelHandler
+    from flowcurate.models.sscd import SSCDPreprocess
+    from flowcurate.pipeline.chunks import Chunk
+    from flowcurate.pipeline.neardup import SSCDModelHandler
 
     pre = SSCDPreprocess()
     handler = SSCDModelHandler(str(models / "sscd_r50.torchscript.pt"), pre, "cpu")
@@ -330,7 +334,7 @@ def stage_sscd(models: Path, batch: int, reps: int, log) -> dict:
     got = np.stack([e.vector for e in ours()[0]])
     out = bare()
 
-    def host():  # SSCDModelHandler.run_inference and models.sscd.embed around the forward
+    def host():  # SSCDModelHandler.run_inference and flowcurate.models.sscd.embed around the forward
         torch.stack([pre.normalize(a.sscd) for a in chunk.items])
         v = torch.nn.functional.normalize(out.float(), dim=-1).cpu().numpy()
         [a._replace(sscd=None) for a in chunk.items], [v[i] for i in range(len(v))]
@@ -341,7 +345,7 @@ def stage_sscd(models: Path, batch: int, reps: int, log) -> dict:
 
 
 def load_encoders(models: Path):
-    from pipeline.encode import EncodeModelHandler
+    from flowcurate.pipeline.encode import EncodeModelHandler
 
     handler = EncodeModelHandler(str(models / "sd3"), t5_length=77, device="cpu")
     return handler, handler.load_model()
@@ -374,7 +378,7 @@ def stage_vae(m, batch: int, side: int, reps: int, log) -> dict:
 
 def _bare_text(te, texts: list[str]):
     """Token ids made beforehand, exactly as TextEncoders._ids pads and truncates."""
-    from models.text_encoders import CLIP_LENGTH
+    from flowcurate.models.text_encoders import CLIP_LENGTH
 
     ids = {}
     for role in ("clip_l", "clip_g", "t5"):
@@ -436,8 +440,8 @@ def stage_text(m, batch: int, reps: int, log) -> dict:
 
 
 def stage_encode(m, handler, batch: int, side: int, reps: int, log) -> dict:
-    from pipeline.chunks import Chunk
-    from pipeline.encode import Captioned, Kept
+    from flowcurate.pipeline.chunks import Chunk
+    from flowcurate.pipeline.encode import Captioned, Kept
 
     ims = images(batch, side, seed=5)
     orig, syn = prompts(batch, seed=6), prompts(batch, seed=7)
@@ -476,9 +480,9 @@ def stage_encode(m, handler, batch: int, side: int, reps: int, log) -> dict:
 
 
 def stage_caption(models: Path, batch: int, max_new_tokens: int, side: int, reps: int, log) -> dict:
-    from captioning.captioner import _to_pil
-    from captioning.cleanup import clean_caption
-    from captioning.handler import CaptionModelHandler
+    from flowcurate.captioning.captioner import _to_pil
+    from flowcurate.captioning.cleanup import clean_caption
+    from flowcurate.captioning.handler import CaptionModelHandler
 
     handler = CaptionModelHandler(str(models / "captioner"), max_new_tokens=max_new_tokens, batch_size=batch,
                                   device="cpu")
@@ -669,7 +673,7 @@ def cmd_demo(args) -> int:
                 print(f"rep {rep} {mode}: {json.dumps(m)}", flush=True)
                 continue
             out = work / f"out-{mode}"
-            cmd = [sys.executable, "-m", "pipeline", "--input", pattern, "--output", str(out), "--config", "tiny",
+            cmd = [sys.executable, "-m", "flowcurate.pipeline", "--input", pattern, "--output", str(out), "--config", "tiny",
                    "--overwrite", *flags]
             m = run_measured(cmd, dict(base_env, **extra_env), work / f"{mode}-{rep}.log")
             stats = json.loads((out / "stats.json").read_text()) if m["rc"] == 0 else {}
@@ -709,14 +713,14 @@ def cmd_bare_tiny(args) -> int:
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from captioning.captioner import _to_pil
-    from models.config import load_config
-    from models.images import ImageRejected
-    from models.sscd import SSCDPreprocess
-    from models.text_encoders import CLIP_LENGTH
-    from models.tiny import cache_dir, ensure_tiny_models
-    from pipeline.read import read_tar
-    from pipeline.validate import validate
+    from flowcurate.captioning.captioner import _to_pil
+    from flowcurate.formats.config import load_config
+    from flowcurate.formats.images import ImageRejected
+    from flowcurate.models.sscd import SSCDPreprocess
+    from flowcurate.models.text_encoders import CLIP_LENGTH
+    from flowcurate.models.tiny import cache_dir, ensure_tiny_models
+    from flowcurate.pipeline.read import read_tar
+    from flowcurate.pipeline.validate import validate
 
     if not (cache_dir(0) / "tiny_report.json").is_file():
         raise SystemExit(f"tiny models not built for this code ({cache_dir(0)}); refusing to build them here")
@@ -749,7 +753,7 @@ def cmd_bare_tiny(args) -> int:
 
     stages = {}
     # SSCD
-    from models.sscd import load_sscd
+    from flowcurate.models.sscd import load_sscd
 
     sscd = load_sscd(tiny / "sscd.torchscript.pt")
     xs = [torch.stack([pre.normalize(valid[k].sscd) for k in b]) for b in batches(sscd_keys, pc.batch_size)]
@@ -761,7 +765,7 @@ def cmd_bare_tiny(args) -> int:
     stages["sscd"] = {"items": len(sscd_keys), "calls": len(xs), "wall_s": time.perf_counter() - t0,
                       "cpu_s": time.process_time() - c0}
     # captioner
-    from captioning.captioner import Captioner
+    from flowcurate.captioning.captioner import Captioner
 
     cap = Captioner.load(str(tiny / "captioner"), max_new_tokens=pc.caption_max_new_tokens,
                          batch_size=pc.caption_batch_size)
@@ -774,8 +778,8 @@ def cmd_bare_tiny(args) -> int:
     stages["caption"] = {"items": len(kept_keys), "calls": len(ins), "wall_s": time.perf_counter() - t0,
                          "cpu_s": time.process_time() - c0}
     # AE + text encoders (both caption variants)
-    from models.autoencoder import Autoencoder
-    from models.text_encoders import TextEncoders
+    from flowcurate.models.autoencoder import Autoencoder
+    from flowcurate.models.text_encoders import TextEncoders
 
     ae = Autoencoder.load(str(tiny / "sd3"))
     te = TextEncoders.load(str(tiny / "sd3"), t5_length=pc.t5_max_length)

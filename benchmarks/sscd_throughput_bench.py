@@ -5,11 +5,11 @@
 
 The model is the real SSCD architecture at real size with random weights (ResNet-50 trunk, GeM
 pooling p=3, 2048 -> 512 projection, L2 normalisation; `sscd_disc_mixup` has this shape), saved as
-TorchScript and loaded with `models.sscd.load_sscd`, like the released file. Tiny models would measure
+TorchScript and loaded with `flowcurate.models.sscd.load_sscd`, like the released file. Tiny models would measure
 only overhead.
 
-- bare: the same images, decoded and preprocessed beforehand, fed batch by batch to `models.sscd.embed`;
-- ours: `dedup.inputs.embed_images` over JPEG files listed by `dedup.inputs.list_images`, with
+- bare: the same images, decoded and preprocessed beforehand, fed batch by batch to `flowcurate.models.sscd.embed`;
+- ours: `flowcurate.dedup.inputs.embed_images` over JPEG files listed by `flowcurate.dedup.inputs.list_images`, with
   DataLoader workers decoding (EXIF transpose, RGB) and resizing to 320x320 in parallel.
 Prints images/s of each and ours / bare (target >= 0.85).
 """
@@ -26,8 +26,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine  # noqa: E402
 
@@ -72,7 +70,7 @@ class SSCDResNet50(nn.Module):
 
 
 def write_images(folder: Path, n: int, seed: int = 0) -> None:
-    from models import procedural
+    from flowcurate.models.tiny import procedural
 
     rng = np.random.default_rng(seed)
     for i in range(n):
@@ -90,9 +88,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     args = ap.parse_args(argv)
-    from dedup.inputs import embed_images, expand, list_images
-    from models.images import decode_image
-    from models.sscd import SSCDPreprocess, embed, load_sscd
+    from flowcurate.dedup.inputs import embed_images, expand, list_images
+    from flowcurate.formats.images import decode_image
+    from flowcurate.models.sscd import SSCDPreprocess, embed, load_sscd
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     print(f"machine: {machine()}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common import machine, peak_rss_mb  # benchmarks/ is on sys.path when run as a script
 
-from models.tiny import build
+from flowcurate.models.tiny import build
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

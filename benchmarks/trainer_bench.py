@@ -8,7 +8,7 @@
    same weights (converted with `to_diffusers_state_dict`), the same config and the same inputs, timed
    alternately in one process (depth d, hidden 64 d, heads d, 32x32 latents, batch 8, SD3 text widths
    4096 / 2048, 77 or 154 text tokens). Prints ms per step and ours / diffusers (target <= 0.8 on CPU).
-2. Loader: samples/s of `trainer.data` over synthetic shards with SD3's real widths (CLIP-L 768, CLIP-G
+2. Loader: samples/s of `flowcurate.trainer.data` over synthetic shards with SD3's real widths (CLIP-L 768, CLIP-G
    1280, T5 4096 x 77, 16x32x32 latents, float16) against the samples/s one training step consumes
    (batch / step time of the benchmarked depths). Target: >= 10x.
 3. `--mfu` (GPU): model FLOP utilisation of a training step in bf16 autocast, FLOPs counted by
@@ -28,10 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from benchmarks.common import machine, peak_rss_mb  # noqa: E402
-from models.mmdit import MMDiT, MMDiTConfig  # noqa: E402
+from flowcurate.models.mmdit import MMDiT, MMDiTConfig  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0}
 
@@ -77,7 +75,7 @@ def step_ratio(depth: int, tokens: int, batch: int, latent: int, repeats: int, d
                compile: bool = False) -> dict:
     from diffusers import SD3Transformer2DModel
 
-    from models.mmdit import diffusers_config, to_diffusers_state_dict
+    from flowcurate.models.mmdit import diffusers_config, to_diffusers_state_dict
 
     cfg = config(depth, latent)
     torch.manual_seed(0)
@@ -110,8 +108,8 @@ def step_ratio(depth: int, tokens: int, batch: int, latent: int, repeats: int, d
 
 
 def synthetic_shards(folder: Path, n: int, shard_size: int = 32) -> tuple[list[str], object]:
-    """Shards with SD3's real widths through models.shards, exactly as the pipeline writes them."""
-    from models import shards as S
+    """Shards with SD3's real widths through flowcurate.formats.shards, exactly as the pipeline writes them."""
+    from flowcurate.formats import shards as S
 
     w = {"clip_l": 768, "clip_l_pooled": 768, "clip_g": 1280, "clip_g_pooled": 1280, "t5": 4096}
     te = {r: {"width": w[r], "max_length": 77, "source": "synthetic", "content_hash": "-"} for r in ("clip_l", "clip_g", "t5")}
@@ -141,7 +139,7 @@ def synthetic_shards(folder: Path, n: int, shard_size: int = 32) -> tuple[list[s
 
 
 def loader_rate(n: int, batch: int, workers: int, batches: int) -> dict:
-    from trainer.data import CuratedShards, loader
+    from flowcurate.trainer.data import CuratedShards, loader
 
     with tempfile.TemporaryDirectory() as tmp:
         urls, record = synthetic_shards(Path(tmp), n)

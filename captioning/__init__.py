@@ -1,10 +1,10 @@
 """Synthetic captions from an image-text-to-text VLM (SD3 §5.2.2), see README.md.
 
 Beam-free: `Captioner`, `Caption`, `clean_caption`. The Beam `ModelHandler` lives in
-`captioning.handler` (imported on its own so that using the captioner never imports Beam).
+`flowcurate.captioning.handler` (imported on its own so that using the captioner never imports Beam).
 """
 
-from captioning.captioner import CAPTION_FALLBACK, DEFAULT_PROMPT, Caption, Captioner
-from captioning.cleanup import clean_caption
+from flowcurate.captioning.captioner import CAPTION_FALLBACK, DEFAULT_PROMPT, Caption, Captioner
+from flowcurate.captioning.cleanup import clean_caption
 
 __all__ = ["CAPTION_FALLBACK", "DEFAULT_PROMPT", "Caption", "Captioner", "clean_caption"]

@@ -1,8 +1,8 @@
-"""`python -m captioning IMAGE ...`: caption image files with the configured VLM (the stage `flowcurate
+"""`python -m flowcurate.captioning IMAGE ...`: caption image files with the configured VLM (the stage `flowcurate
 run` runs on every kept image), to try a model or a prompt before a pipeline run.
 
-    python -m captioning photo.jpg --config tiny
-    python -m captioning a.jpg b.png --model llava-hf/llava-1.5-7b-hf --prompt "Describe this image." --device cuda
+    python -m flowcurate.captioning photo.jpg --config tiny
+    python -m flowcurate.captioning a.jpg b.png --model llava-hf/llava-1.5-7b-hf --prompt "Describe this image." --device cuda
 """
 
 import argparse
@@ -10,7 +10,7 @@ import sys
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m captioning", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m flowcurate.captioning", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--config", default="tiny", help="preset (tiny, sd3) or TOML: [models] captioner, [pipeline] caption_*")
@@ -21,11 +21,11 @@ def main(argv=None) -> int:
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (only if you trust it)")
     args = p.parse_args(argv)
 
-    from captioning.captioner import Captioner
-    from models.config import load_config
-    from models.images import ImageRejected, decode_image
-    from models.text_encoders import quiet_hf_logging
-    from models.tiny import resolve_tiny
+    from flowcurate.captioning.captioner import Captioner
+    from flowcurate.formats.config import load_config
+    from flowcurate.formats.images import ImageRejected, decode_image
+    from flowcurate.models.text_encoders import quiet_hf_logging
+    from flowcurate.models.tiny import resolve_tiny
 
     cfg = load_config(args.config)
     location = resolve_tiny(args.model or cfg.models.captioner, log=lambda m: print(m, file=sys.stderr))

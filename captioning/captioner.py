@@ -4,7 +4,7 @@
     captioner.caption(images, originals) -> [Caption(text, notes), ...]   # one per image, in order
 
 A hub id and a local folder load through the same `AutoProcessor` + `AutoModelForImageTextToText`
-calls (offline in tests). No Beam here: `captioning.handler` wraps this for `RunInference`.
+calls (offline in tests). No Beam here: `flowcurate.captioning.handler` wraps this for `RunInference`.
 
 Fallback (SD3 §5.2.2 trains on 50 % original captions anyway, so a missing synthetic one costs
 little): when a mini-batch raises, its items are retried one by one; an item that still raises, or
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from captioning.cleanup import clean_caption
-from models.config import resolve_device
+from flowcurate.captioning.cleanup import clean_caption
+from flowcurate.formats.config import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
-from captioning.captioner import CAPTION_FALLBACK, DEFAULT_PROMPT, Caption, Captioner
+from flowcurate.captioning.captioner import CAPTION_FALLBACK, DEFAULT_PROMPT, Caption, Captioner
 
 Chunk = Sequence[tuple[np.ndarray, str | None]]
 NAMESPACE = "flowcurate_captioning"
@@ -37,7 +37,7 @@ class CaptionModelHandler(ModelHandler[Chunk, list[Caption], Captioner]):
                              dtype=dtype)
 
     def load_model(self) -> Captioner:
-        from models.text_encoders import quiet_hf_logging
+        from flowcurate.models.text_encoders import quiet_hf_logging
 
         quiet_hf_logging()
         return Captioner.load(self._location, **self._options)

@@ -12,9 +12,9 @@ import json
 import time
 from pathlib import Path
 
-from models.config import load_config
-from models.sample_data import write_sample_data
-from models.tiny import write_tiny_models
+from flowcurate.formats.config import load_config
+from flowcurate.models.tiny import write_tiny_models
+from flowcurate.models.tiny.sample_data import write_sample_data
 
 TRAIN_STEPS = 300
 STEPS = 6
@@ -27,8 +27,10 @@ def _step(i: int, text: str) -> float:
 
 def run_demo(output: Path, n: int = 512, seed: int = 0, train_steps: int = TRAIN_STEPS) -> dict[str, Path]:
     """Run the journey into `output`; returns the paths it printed (each exists)."""
-    from pipeline.run import run as curate
-    from trainer.train import main as trainer_main  # python -m trainer train|sample|memorization
+    from flowcurate.pipeline.run import run as curate
+    from flowcurate.trainer.train import (
+        main as trainer_main,  # python -m flowcurate.trainer train|sample|memorization
+    )
 
     output = Path(output).resolve()
     t0 = time.perf_counter()

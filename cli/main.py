@@ -1,7 +1,7 @@
 """The `flowcurate` umbrella command: parses, resolves config, dispatches.
 
-Each subcommand also lives in its package (`python -m pipeline`, `python -m dedup`, `python -m trainer`,
-`python -m models`); this module only wires them under one name.
+Each subcommand also lives in its package (`python -m flowcurate.pipeline`, `python -m flowcurate.dedup`, `python -m flowcurate.trainer`,
+`python -m flowcurate.models`); this module only wires them under one name.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-from dedup.cli import add_parser as add_dedup_parser
-from models.cli import add_parsers as add_model_parsers
-from trainer.memorization import add_parser as add_memorization_parser
-from trainer.sample import add_parser as add_sample_parser
-from trainer.train import add_parser as add_train_parser
+from flowcurate.dedup.cli import add_parser as add_dedup_parser
+from flowcurate.models.cli import add_parsers as add_model_parsers
+from flowcurate.trainer.memorization import add_parser as add_memorization_parser
+from flowcurate.trainer.sample import add_parser as add_sample_parser
+from flowcurate.trainer.train import add_parser as add_train_parser
 
 EPILOG = """\
 examples:
@@ -31,11 +31,11 @@ examples:
 """
 
 def _config(args) -> int:
-    from models.config import load_config, to_dict
+    from flowcurate.formats.config import load_config, to_dict
 
     cfg = load_config(args.config)
     if args.resolve:
-        from models.tiny import resolve_models
+        from flowcurate.models.tiny import resolve_models
 
         cfg = resolve_models(cfg, log=lambda msg: print(msg, file=sys.stderr))
     print(json.dumps(to_dict(cfg), indent=2))
@@ -43,7 +43,7 @@ def _config(args) -> int:
 
 
 def _demo(args) -> int:
-    from cli.demo import run_demo
+    from flowcurate.cli.demo import run_demo
 
     run_demo(Path(args.output), n=args.n, seed=args.seed, **({"train_steps": args.train_steps} if args.train_steps else {}))
     return 0
@@ -87,20 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "run":  # Beam's PipelineOptions parses run's flags (they pass through)
-        from pipeline.run import main as run_main
+        from flowcurate.pipeline.run import main as run_main
 
         return run_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    from models.config import ConfigError
-    from models.shards import ShardFormatError
+    from flowcurate.formats.config import ConfigError
+    from flowcurate.formats.shards import ShardFormatError
 
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"flowcurate: config error: {e}", file=sys.stderr)
         return 2
-    except ShardFormatError as e:  # includes trainer.data.DataError
+    except ShardFormatError as e:  # includes flowcurate.trainer.data.DataError
         print(f"flowcurate {args.command}: {e}", file=sys.stderr)
         return 2
 

@@ -1,7 +1,7 @@
-"""`python -m dedup`: the standalone SSCD dedup command (the same as `flowcurate dedup`)."""
+"""`python -m flowcurate.dedup`: the standalone SSCD dedup command (the same as `flowcurate dedup`)."""
 
 import sys
 
-from dedup.cli import main
+from flowcurate.dedup.cli import main
 
 sys.exit(main())

@@ -1,11 +1,11 @@
-"""`flowcurate dedup` / `python -m dedup`: SSCD near-duplicate removal without Beam.
+"""`flowcurate dedup` / `python -m flowcurate.dedup`: SSCD near-duplicate removal without Beam.
 
     inputs   -> images, folders, globs, WebDataset tars: listed, decoded, SSCD-embedded
                 or precomputed embeddings (DESIGN.md's Parquet schema, or .npy + --keys)
     --reference (optional): embeddings or images to decontaminate against; inputs above the threshold
                 to any of them are rejected as filtered:reference and take no part in the dedup
-    dedup    -> dedup.core.find_duplicates (k-means cells, exact in-cell search, SD3 Algorithm 1)
-    outputs  -> dedup.report: dedup.parquet, embeddings.parquet (from images), summary.json,
+    dedup    -> flowcurate.dedup.core.find_duplicates (k-means cells, exact in-cell search, SD3 Algorithm 1)
+    outputs  -> flowcurate.dedup.report: dedup.parquet, embeddings.parquet (from images), summary.json,
                 duplicates.png
 
 Unusable input (nothing to read, mixed dimensions, NaN/zero embeddings in a file, a missing SSCD
@@ -160,7 +160,7 @@ _DESCRIPTION = ("SSCD near-duplicate removal as in SD3 App. E.2: embed images wi
                 "keep one image per group by SD3's Algorithm 1, and write one decision row per input.")
 
 
-def build_parser(prog: str = "python -m dedup") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m flowcurate.dedup") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=_DESCRIPTION, epilog=EXAMPLES, formatter_class=RAW)
     add_arguments(p)
     p.set_defaults(func=run, prog=prog)
@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run and report; unusable input -> exit 2 with one line on stderr."""
-    from dedup.inputs import InputError
-    from models.config import ConfigError
+    from flowcurate.dedup.inputs import InputError
+    from flowcurate.formats.config import ConfigError
 
     prog = getattr(args, "prog", "flowcurate dedup")
     try:
@@ -197,7 +197,7 @@ class Loaded:
     """One side (--input or --reference) after reading or embedding."""
 
     mode: str  # "images" | "embeddings"
-    embedded: object  # dedup.inputs.Embedded
+    embedded: object  # flowcurate.dedup.inputs.Embedded
     files: int
     items: dict = field(default_factory=dict)  # images: key -> ImageItem (to re-read for the sheet)
 
@@ -206,7 +206,7 @@ class _Context:
     """What both sides share: config, log, device, and the SSCD model, loaded at most once."""
 
     def __init__(self, args, cfg, log):
-        from models.config import resolve_device
+        from flowcurate.formats.config import resolve_device
 
         self.args, self.cfg, self.log = args, cfg, log
         self.device = resolve_device(args.device)
@@ -217,16 +217,16 @@ class _Context:
     def load_model(self):
         if self.model is not None:
             return self.model
-        from dedup.inputs import InputError
-        from models.config import TINY_SCHEME, override
-        from models.sscd import load_sscd, resolve_sscd
+        from flowcurate.dedup.inputs import InputError
+        from flowcurate.formats.config import TINY_SCHEME, override
+        from flowcurate.models.sscd import load_sscd, resolve_sscd
 
         t0 = time.perf_counter()
         location = self.cfg.models.sscd
         self.log(f"loading SSCD model {location}")
         try:
             if location.startswith(TINY_SCHEME):  # only the SSCD role is needed here
-                from models.tiny import resolve_tiny
+                from flowcurate.models.tiny import resolve_tiny
 
                 path = Path(resolve_tiny(location, log=self.log))
             else:
@@ -242,7 +242,7 @@ class _Context:
         return self.model
 
     def preprocess(self):
-        from models.sscd import SSCDPreprocess
+        from flowcurate.models.sscd import SSCDPreprocess
 
         d = self.cfg.dedup
         return SSCDPreprocess(size=d.sscd_size, mean=tuple(d.mean), std=tuple(d.std))
@@ -260,8 +260,8 @@ def _classify(specs: list[str], what: str, exclude: set[Path]) -> tuple[str, lis
     """-> ("images", image and tar files) or ("embeddings", .parquet/.npy files). Next to tars,
     img2dataset's .parquet/.json metadata found by a folder or glob is ignored; embedding files
     named directly together with images are an error."""
-    from dedup.inputs import InputError, expand
-    from models.tars import IMAGE_EXTS
+    from flowcurate.dedup.inputs import InputError, expand
+    from flowcurate.formats.tars import IMAGE_EXTS
 
     # never read our own decisions or contact sheet back (--output inside an --input folder)
     files = [f for f in expand(specs) if f.resolve() not in exclude]
@@ -285,7 +285,7 @@ def read_embedding_files(files: list[Path], keys_path: str | None, what: str):
     import numpy as np
     import pyarrow as pa
 
-    from dedup.inputs import Embedded, InputError, read_embeddings
+    from flowcurate.dedup.inputs import Embedded, InputError, read_embeddings
 
     npys = [f for f in files if f.suffix.lower() == ".npy"]
     if len(npys) > 1:
@@ -320,7 +320,7 @@ def _load(specs: list[str], keys_path: str | None, what: str, ctx: _Context, exc
     import numpy as np
     from tqdm import tqdm
 
-    from dedup.inputs import embed_images, list_images
+    from flowcurate.dedup.inputs import embed_images, list_images
 
     mode, files = _classify(specs, what, exclude)
     if mode == "embeddings":
@@ -358,8 +358,8 @@ def _load(specs: list[str], keys_path: str | None, what: str, ctx: _Context, exc
 
 def check_rows(embeddings, keys: list[str], what: str, skip: bool):
     """(N, D) -> (N,) bool valid rows. Zero/NaN/inf rows are an InputError unless `skip`."""
-    from dedup.core import valid_rows
-    from dedup.inputs import InputError
+    from flowcurate.dedup.core import valid_rows
+    from flowcurate.dedup.inputs import InputError
 
     valid = valid_rows(embeddings)
     bad = [keys[i] for i in range(len(keys)) if not valid[i]]
@@ -380,12 +380,12 @@ def match_reference(embeddings, rows, reference, ref_rows, ref_keys, threshold: 
     embeddings: (N, D) raw inputs, rows: input rows to check; reference: (R, D) raw, ref_rows: its
     valid rows; ref_keys: (R,) -> best (N,) int64 reference row (-1: none above), cos (N,) float32.
     Candidates come from matrix products, membership and the winner from the exact float32 cosine
-    (`dedup.search.search_block_pair`); ties go to the smaller reference key, so the answer does not
+    (`flowcurate.dedup.search.search_block_pair`); ties go to the smaller reference key, so the answer does not
     depend on block sizes or file order.
     """
     import numpy as np
 
-    from dedup.search import make_engine, search_block_pair, unit_rows
+    from flowcurate.dedup.search import make_engine, search_block_pair, unit_rows
 
     n = len(embeddings)
     best = np.full(n, -1, dtype=np.int64)
@@ -428,7 +428,7 @@ def match_reference(embeddings, rows, reference, ref_rows, ref_keys, threshold: 
 
 
 class _Bars:
-    """dedup.core's progress(stage, done, total) as one tqdm bar per stage."""
+    """flowcurate.dedup.core's progress(stage, done, total) as one tqdm bar per stage."""
 
     def __init__(self, quiet: bool):
         self.quiet, self.bars = quiet, {}
@@ -450,7 +450,7 @@ class _Bars:
 
 
 def _config(args):
-    from models.config import load_config, override
+    from flowcurate.formats.config import load_config, override
 
     cfg = load_config(args.config)
     cfg = override(cfg, "dedup", threshold=args.threshold, clusters=args.clusters, assign=args.assign,
@@ -473,9 +473,9 @@ def dedup(args: argparse.Namespace) -> dict:
     """The whole command: read or embed, decontaminate, dedup, write. Returns the summary it wrote."""
     import numpy as np
 
-    from dedup.core import find_duplicates
-    from dedup.inputs import InputError
-    from dedup.report import write_rows, write_summary
+    from flowcurate.dedup.core import find_duplicates
+    from flowcurate.dedup.inputs import InputError
+    from flowcurate.dedup.report import write_rows, write_summary
 
     t_start = time.perf_counter()
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
@@ -528,9 +528,9 @@ def _decontaminate(args, ctx: _Context, emb, valid, exclude: set[Path]) -> dict:
     """--reference: each valid input's most similar reference item above the threshold."""
     import numpy as np
 
-    from dedup.core import SD3_THRESHOLDS
-    from dedup.inputs import InputError
-    from dedup.report import removed_table
+    from flowcurate.dedup.core import SD3_THRESHOLDS
+    from flowcurate.dedup.inputs import InputError
+    from flowcurate.dedup.report import removed_table
 
     loaded = _load(args.reference, args.reference_keys, "--reference", ctx, exclude)
     ref = loaded.embedded
@@ -568,7 +568,7 @@ def _decontaminate(args, ctx: _Context, emb, valid, exclude: set[Path]) -> dict:
 
 def _decision_rows(emb, idx, result, ref: dict | None) -> list:
     """Listing/decoding rejections + reference rejections + the core's decisions for rows `idx`."""
-    from dedup.report import Row, report_similarity
+    from flowcurate.dedup.report import Row, report_similarity
 
     def size(i):
         w, h = int(emb.widths[i]), int(emb.heights[i])
@@ -592,10 +592,10 @@ def _write_extras(out: Path, ctx: _Context, inp: Loaded, valid, rows) -> dict:
     """embeddings.parquet and duplicates.png, when the inputs were images."""
     import numpy as np
 
-    from dedup.inputs import write_embeddings
-    from dedup.report import contact_sheet
-    from models.images import decode_image
-    from models.tars import Member, read_member
+    from flowcurate.dedup.inputs import write_embeddings
+    from flowcurate.dedup.report import contact_sheet
+    from flowcurate.formats.images import decode_image
+    from flowcurate.formats.tars import Member, read_member
 
     outputs: dict = {"decisions": "dedup.parquet", "embeddings": None, "contact_sheet": None}
     if inp.mode != "images":
@@ -627,10 +627,10 @@ def _write_extras(out: Path, ctx: _Context, inp: Loaded, valid, rows) -> dict:
 def _summary(args, ctx: _Context, inp: Loaded, rows, result, ref, outputs, t_start: float) -> dict:
     import numpy as np
 
-    from dedup.core import SD3_THRESHOLDS
-    from dedup.report import group_summary, removed_table
-    from models.config import to_dict
-    from models.images import BAD_EMBEDDING
+    from flowcurate.dedup.core import SD3_THRESHOLDS
+    from flowcurate.dedup.report import group_summary, removed_table
+    from flowcurate.formats.config import to_dict
+    from flowcurate.formats.images import BAD_EMBEDDING
 
     emb = inp.embedded
     counts = {"inputs": len(rows), "kept": 0, "duplicate": 0, "rejected": 0}

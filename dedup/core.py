@@ -3,11 +3,11 @@
 SD3 App. E.2, made measurable (DESIGN.md "Dedup"): L2-normalised descriptors; spherical FAISS k-means
 on a sample chosen by key hash; each item searched in its `assign` nearest clusters; exact search
 inside clusters at cosine > threshold (float32, strict); SD3 Algorithm 1 applied once over all found
-pairs in priority order (`dedup.keep`). `exact=True` searches all pairs (100 % recall). Zero, NaN or
+pairs in priority order (`flowcurate.dedup.keep`). `exact=True` searches all pairs (100 % recall). Zero, NaN or
 infinite descriptors are rejected as `bad_embedding`.
 
-The pieces the Beam graph runs distributed live in `dedup.search` (sample, centroids, assignment,
-cluster search) and `dedup.keep` (`resolve_component`); this module only chains them, so the
+The pieces the Beam graph runs distributed live in `flowcurate.dedup.search` (sample, centroids, assignment,
+cluster search) and `flowcurate.dedup.keep` (`resolve_component`); this module only chains them, so the
 distributed result equals this one.
 """
 
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dedup.keep import keep_greedy, priority_rank
-from dedup.search import BLOCK_ROWS, ProgressFn, above, find_pairs, make_engine, row_norms
+from flowcurate.dedup.keep import keep_greedy, priority_rank
+from flowcurate.dedup.search import BLOCK_ROWS, ProgressFn, above, find_pairs, make_engine, row_norms
 
 STATUS = ("kept", "duplicate", "rejected")
 KEPT, DUPLICATE, REJECTED = 0, 1, 2
@@ -145,14 +145,14 @@ def find_duplicates(
     never copied whole to float32). keys: (N,) unique strings. pixels: (N,) width*height, or None.
     threshold: pairs need cosine > threshold. priority: "pixels" (more pixels first, then key) or
     "key". exact: search all pairs (no k-means). clusters: k, or "auto" (one cluster, i.e. exact,
-    up to 20k items, or 4M when the search runs on a GPU, else ~4 sqrt(N); `dedup.search.auto_clusters`). assign: nearest clusters
+    up to 20k items, or 4M when the search runs on a GPU, else ~4 sqrt(N); `flowcurate.dedup.search.auto_clusters`). assign: nearest clusters
     searched per item; assign_margin: a 2nd.. cluster only when its cosine to the item is within this
     of the best (None: always). The defaults (8, 0.1) with k = 4 sqrt(N) recalled ~99 % of planted
     pairs above cosine 0.8 at 1M (BENCHMARKS.md). kmeans_iters, kmeans_sample, seed: spherical k-means on about
     kmeans_sample items (at least 40 per centroid) chosen by key hash; kmeans: "faiss" (CPU), "torch"
-    (on the device), or "auto" (torch on a GPU, else FAISS; `dedup.search.find_pairs`). block_rows: rows per matrix
+    (on the device), or "auto" (torch on a GPU, else FAISS; `flowcurate.dedup.search.find_pairs`). block_rows: rows per matrix
     product block (memory ~ threads * block_rows^2 * 4 bytes). backend/device/precision: where
-    candidate products run (`dedup.search.make_engine`; auto: numpy fp32 on the CPU, torch fp16 on
+    candidate products run (`flowcurate.dedup.search.make_engine`; auto: numpy fp32 on the CPU, torch fp16 on
     a GPU; "torch"/"int8" for CPUs with VNNI/AMX); the pair set is the same for all.
     threads: CPU threads (default: all available). progress(stage, done, total): optional.
     """

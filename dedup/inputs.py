@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from models.images import (
+from flowcurate.formats.images import (
     DUPLICATE_KEY,
     MISSING_IMAGE,
     UNDECODABLE,
@@ -28,8 +28,8 @@ from models.images import (
     ImageRejected,
     decode_image,
 )
-from models.sscd import SSCDPreprocess, embed
-from models.tars import IMAGE_EXTS, Member, TarTail, read_member, sanitize_key, scan_tar
+from flowcurate.formats.tars import IMAGE_EXTS, Member, TarTail, read_member, sanitize_key, scan_tar
+from flowcurate.models.sscd import SSCDPreprocess, embed
 
 EMBEDDING_SCHEMA = pa.schema([
     ("key", pa.string()),

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dedup.search import above
+from flowcurate.dedup.search import above
 
 
 def priority_rank(keys: Sequence[str], pixels: np.ndarray | None = None) -> np.ndarray:

@@ -35,8 +35,9 @@ COPY ${WEIGHTS_DIR}/ /opt/flowcurate/weights/
 # rather than letting workers fail at import time. The packages are copied one by one, not `COPY . .`,
 # which would copy docker/weights a second time.
 WORKDIR /opt/flowcurate/src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY cli/ cli/
+COPY formats/ formats/
 COPY pipeline/ pipeline/
 COPY captioning/ captioning/
 COPY dedup/ dedup/
@@ -44,7 +45,7 @@ COPY models/ models/
 COPY trainer/ trainer/
 RUN pip install --no-cache-dir "./[gcp]" \
     && pip check \
-    && python -c "import apache_beam, torch, torchvision, pipeline, captioning, dedup, models; \
+    && python -c "import apache_beam, torch, torchvision, flowcurate.pipeline, flowcurate.captioning, flowcurate.dedup; \
 print('beam', apache_beam.__version__, 'torch', torch.__version__, 'torchvision', torchvision.__version__)"
 
 # numpy's OpenBLAS threads: 1, as in the Makefile (Dataflow runs one SDK process per vCPU, so more

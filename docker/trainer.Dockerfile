@@ -5,7 +5,7 @@
 #   docker build -f docker/trainer.Dockerfile -t flowcurate-trainer:0.1.0 .
 # Run (8 GPUs, one node; docs/deploy.md has multi-node and the mounts):
 #   docker run --gpus all --ipc=host -v "$PWD/out:/data:ro" -v "$PWD/run:/workspace/run" \
-#     flowcurate-trainer:0.1.0 --standalone --nproc_per_node 8 -m trainer train \
+#     flowcurate-trainer:0.1.0 --standalone --nproc_per_node 8 -m flowcurate.trainer train \
 #     --shards /data --config sd3 --output /workspace/run
 
 # torch 2.13.0 (CUDA 12.6, cuDNN 9), the version `make test` installs; tests/test_docker.py checks
@@ -23,7 +23,7 @@ COPY . .
 # (Full paths: the shell may remember where `python` was before the venv existed.)
 RUN python -m venv --system-site-packages --without-pip /opt/flowcurate \
     && /opt/flowcurate/bin/python -m pip install --no-cache-dir ./ \
-    && /opt/flowcurate/bin/python -c "import sys, torch, trainer; \
+    && /opt/flowcurate/bin/python -c "import sys, torch, flowcurate.trainer; \
 assert not torch.__file__.startswith(sys.prefix), 'pip installed a second torch into the venv'; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
@@ -41,7 +41,7 @@ USER 10001:10001
 WORKDIR /workspace
 
 # torchrun, started by the venv's Python: the base's `torchrun` script starts the system Python,
-# which cannot import flowcurate. Arguments are torchrun's: [options] -m trainer train ...
+# which cannot import flowcurate. Arguments are torchrun's: [options] -m flowcurate.trainer train ...
 # No HEALTHCHECK: a batch training job, not a service; the job's exit status is its health.
 ENTRYPOINT ["python", "-m", "torch.distributed.run"]
 CMD ["--standalone", "--nproc_per_node", "1", "-m", "trainer", "train", "--help"]

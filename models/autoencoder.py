@@ -35,7 +35,7 @@ class Autoencoder:
              device: str = "cpu") -> Autoencoder:
         from diffusers import AutoencoderKL
 
-        from models.text_encoders import torch_dtype
+        from flowcurate.models.text_encoders import torch_dtype
 
         vae = AutoencoderKL.from_pretrained(source, subfolder=subfolder, revision=revision,
                                             torch_dtype=torch_dtype(dtype))

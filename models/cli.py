@@ -1,6 +1,6 @@
 """Subcommands owned by `models`: `tiny-models` and `sample-data`.
 
-`flowcurate` (cli/) mounts these parsers; `python -m models` runs them alone.
+`flowcurate` (cli/) mounts these parsers; `python -m flowcurate.models` runs them alone.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ RAW = argparse.RawDescriptionHelpFormatter
 
 
 def _tiny_models(args) -> int:
-    from models.tiny import ROLES, write_tiny_models
+    from flowcurate.models.tiny import ROLES, write_tiny_models
 
     out = write_tiny_models(Path(args.output), seed=args.seed).resolve()
     report = json.loads((out / "tiny_report.json").read_text())
@@ -25,7 +25,7 @@ def _tiny_models(args) -> int:
 
 
 def _sample_data(args) -> int:
-    from models.sample_data import write_sample_data
+    from flowcurate.models.tiny.sample_data import write_sample_data
 
     truth = write_sample_data(Path(args.output), n=args.n, seed=args.seed)
     out = Path(args.output).resolve()
@@ -64,9 +64,9 @@ def add_parsers(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models", description="Tiny models and sample data.",
-                                     epilog="examples:\n  python -m models tiny-models --output m/\n"
-                                            "  python -m models sample-data --output data/ --n 64",
+    parser = argparse.ArgumentParser(prog="python -m flowcurate.models", description="Tiny models and sample data.",
+                                     epilog="examples:\n  python -m flowcurate.models tiny-models --output m/\n"
+                                            "  python -m flowcurate.models sample-data --output data/ --n 64",
                                      formatter_class=RAW)
     add_parsers(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
     args = parser.parse_args(argv)

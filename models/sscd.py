@@ -50,7 +50,7 @@ class SSCDPreprocess:
         """RGB PIL image -> (size, size, 3) uint8: the first half of `__call__`, so a pipeline can resize
         where it decodes and ship the small array to the model (`normalize`) with identical results."""
         if img.mode != "RGB":
-            raise ValueError(f"expected an RGB image (decode with models.images.decode_image), got {img.mode}")
+            raise ValueError(f"expected an RGB image (decode with flowcurate.formats.images.decode_image), got {img.mode}")
         # BILINEAR with PIL's antialiasing, as torchvision's Resize does on PIL images
         return np.asarray(img.resize((self.size, self.size), Image.Resampling.BILINEAR), dtype=np.uint8)
 

@@ -6,7 +6,7 @@ the parts (tests compare the two): CLIP prompts padded to 77 tokens and truncate
 hidden state of each CLIP (no final layer norm), each CLIP's projected pooled output
 (`text_embeds`), and T5's last hidden state at `t5_length` tokens (77 in the SD3 paper, 256 in
 diffusers' pipeline). The parts are kept separate because the trainer drops each encoder
-independently; `models.shards.assemble` stacks them the way the reference does.
+independently; `flowcurate.formats.shards.assemble` stacks them the way the reference does.
 
 The real models: the SD3 repo's `text_encoder` (CLIP-L), `text_encoder_2` (CLIP-G), `text_encoder_3`
 (T5-XXL) with `tokenizer`, `tokenizer_2`, `tokenizer_3`. The tiny ones (`models/tiny.py`) use the same

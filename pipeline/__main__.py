@@ -1,7 +1,7 @@
-"""`python -m pipeline ...` = `flowcurate run ...`: the Beam curation pipeline."""
+"""`python -m flowcurate.pipeline ...` = `flowcurate run ...`: the Beam curation pipeline."""
 
 import sys
 
-from pipeline.run import main
+from flowcurate.pipeline.run import main
 
 sys.exit(main())

@@ -5,7 +5,7 @@ a DoFn emits in `finish_bundle` (where Beam's file sinks report what they wrote)
 output tags and `finish_bundle` outputs, computes every sink, computes side inputs once, and spreads
 GroupByKey over `--dask_npartitions` partitions.
 
-    flowcurate run ... --runner pipeline.dask_runner.CorrectedDaskRunner --dask_client_address tcp://HOST:8786
+    flowcurate run ... --runner flowcurate.pipeline.dask_runner.CorrectedDaskRunner --dask_client_address tcp://HOST:8786
 
 Experimental, like the runner it corrects; tested against the in-process run in
 tests/test_pipeline_dask.py (equal manifests and shards on 2 Dask worker processes).

@@ -1,7 +1,7 @@
 """Encoding stage: autoencoder posteriors and the three SD3 text encodings of both caption variants.
 
-`EncodeModelHandler` is a RunInference handler over `pipeline.chunks.Chunk`s of `Captioned` items:
-it loads `models.autoencoder.Autoencoder` and `models.text_encoders.TextEncoders` (the code that
+`EncodeModelHandler` is a RunInference handler over `flowcurate.pipeline.chunks.Chunk`s of `Captioned` items:
+it loads `flowcurate.models.autoencoder.Autoencoder` and `flowcurate.models.text_encoders.TextEncoders` (the code that
 equals `AutoencoderKL.encode(...).latent_dist` and `StableDiffusion3Pipeline.encode_prompt`) once per
 worker, and encodes each chunk on its own (images grouped by resolution inside it, in key order), so
 results depend only on the chunk, never on how Beam groups elements.
@@ -15,8 +15,8 @@ from typing import NamedTuple
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
 
-from models.shards import PARTS, VARIANTS
-from pipeline.stages import Accepted
+from flowcurate.formats.shards import PARTS, VARIANTS
+from flowcurate.pipeline.stages import Accepted
 
 
 class Kept(NamedTuple):
@@ -63,9 +63,9 @@ class EncodeModelHandler(ModelHandler):
         self.ae_dtype, self.te_dtype, self.device = ae_dtype, te_dtype, device
 
     def load_model(self):
-        from models.autoencoder import Autoencoder
-        from models.config import resolve_device
-        from models.text_encoders import TextEncoders, quiet_hf_logging
+        from flowcurate.formats.config import resolve_device
+        from flowcurate.models.autoencoder import Autoencoder
+        from flowcurate.models.text_encoders import TextEncoders, quiet_hf_logging
 
         quiet_hf_logging()
         device = resolve_device(self.device)
@@ -85,7 +85,7 @@ class EncodeModelHandler(ModelHandler):
         return out
 
     def batch_elements_kwargs(self):
-        return {"max_batch_size": 1}  # a chunk is already the batch (pipeline.chunks)
+        return {"max_batch_size": 1}  # a chunk is already the batch (flowcurate.pipeline.chunks)
 
     def get_metrics_namespace(self) -> str:
         return "flowcurate_encode"

@@ -6,7 +6,7 @@
     result["rejected"]   # manifest rows: filtered:<name> (out of range), failed:filter:<name> (dead letters)
 
 Size and aspect are not here: validation rejects them (`too_small`, `bad_aspect`). Each filter runs on
-deterministic chunks (`pipeline.chunks`) of the items the previous filters kept, so scores do not depend
+deterministic chunks (`flowcurate.pipeline.chunks`) of the items the previous filters kept, so scores do not depend
 on the runner. Scores go to Beam Metrics (distribution `flowcurate_filters/<name>`, score * 1000); the
 manifest keeps the DESIGN.md columns.
 
@@ -25,9 +25,9 @@ from typing import NamedTuple
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
-from models.images import FILTERED_PREFIX
-from pipeline.chunks import Chunk, Chunks
-from pipeline.stages import Accepted, failed_rows, manifest_row
+from flowcurate.formats.images import FILTERED_PREFIX
+from flowcurate.pipeline.chunks import Chunk, Chunks
+from flowcurate.pipeline.stages import Accepted, failed_rows, manifest_row
 
 METRICS_NAMESPACE = "flowcurate_filters"
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -106,7 +106,7 @@ class ScoreModelHandler(ModelHandler):
         self.clip_location, self.head_path, self.device = str(clip_location), str(head_path), device
 
     def load_model(self):
-        from models.config import resolve_device
+        from flowcurate.formats.config import resolve_device
 
         self.device = resolve_device(self.device)  # on the worker: "auto" means its own GPU, if any
         try:
@@ -144,7 +144,7 @@ class ScoreModelHandler(ModelHandler):
         return out
 
     def batch_elements_kwargs(self):
-        return {"max_batch_size": 1}  # a chunk is already the batch (pipeline.chunks)
+        return {"max_batch_size": 1}  # a chunk is already the batch (flowcurate.pipeline.chunks)
 
     def get_metrics_namespace(self) -> str:
         return METRICS_NAMESPACE

@@ -3,7 +3,7 @@
     embedded = chunks | RunInference(SSCDModelHandler(...))        # (Accepted, descriptor)
     result = embedded | NearDupDedup(threshold=0.5, ...)          # kept / duplicates / rejected
 
-The graph (each step a piece of `dedup.search` / `dedup.keep`, so decisions equal `flowcurate dedup`
+The graph (each step a piece of `flowcurate.dedup.search` / `flowcurate.dedup.keep`, so decisions equal `flowcurate dedup`
 on the same descriptors, whatever the runner, the worker count or the input order):
 
 1. count the valid descriptors -> k (`auto_clusters`: one cluster up to 20k items, else ~4 sqrt(N))
@@ -28,10 +28,10 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
 
-from dedup.core import valid_rows
-from dedup.keep import resolve_component
-from dedup.report import report_similarity
-from dedup.search import (
+from flowcurate.dedup.core import valid_rows
+from flowcurate.dedup.keep import resolve_component
+from flowcurate.dedup.report import report_similarity
+from flowcurate.dedup.search import (
     BLOCK_ROWS,
     assign_clusters,
     auto_clusters,
@@ -42,8 +42,8 @@ from dedup.search import (
     train_centroids,
     unique_pairs,
 )
-from models.images import BAD_EMBEDDING
-from pipeline.stages import Accepted, manifest_row
+from flowcurate.formats.images import BAD_EMBEDDING
+from flowcurate.pipeline.stages import Accepted, manifest_row
 
 
 class Embedded(NamedTuple):
@@ -52,7 +52,7 @@ class Embedded(NamedTuple):
 
 
 class SSCDModelHandler(ModelHandler):
-    """RunInference handler: each element is a `pipeline.chunks.Chunk` of `Accepted` items (their
+    """RunInference handler: each element is a `flowcurate.pipeline.chunks.Chunk` of `Accepted` items (their
     `sscd` pixels from `SSCDPreprocess.resize`); each yields a list of `Embedded`, in chunk order.
 
     Every chunk runs as one batch on its own (`max_batch_size` 1), so descriptors do not depend on
@@ -63,8 +63,8 @@ class SSCDModelHandler(ModelHandler):
         self.location, self.preprocess, self.device = str(location), preprocess, device
 
     def load_model(self):
-        from models.config import resolve_device
-        from models.sscd import load_sscd
+        from flowcurate.formats.config import resolve_device
+        from flowcurate.models.sscd import load_sscd
 
         self.device = resolve_device(self.device)  # on the worker: "auto" means its own GPU, if any
         return load_sscd(self.location, self.device)
@@ -72,7 +72,7 @@ class SSCDModelHandler(ModelHandler):
     def run_inference(self, batch, model, inference_args=None):
         import torch
 
-        from models.sscd import embed
+        from flowcurate.models.sscd import embed
 
         out = []
         for chunk in batch:
@@ -83,14 +83,14 @@ class SSCDModelHandler(ModelHandler):
         return out
 
     def batch_elements_kwargs(self):
-        return {"max_batch_size": 1}  # a chunk is already the batch (pipeline.chunks)
+        return {"max_batch_size": 1}  # a chunk is already the batch (flowcurate.pipeline.chunks)
 
     def get_metrics_namespace(self) -> str:
         return "flowcurate_sscd"
 
 
 def is_valid(vector: np.ndarray) -> bool:
-    """The one-process rule (`dedup.core.valid_rows`) for one descriptor."""
+    """The one-process rule (`flowcurate.dedup.core.valid_rows`) for one descriptor."""
     return bool(valid_rows(np.asarray(vector)[None])[0])
 
 
@@ -182,7 +182,7 @@ def _decide(kv):
 
 class NearDupDedup(beam.PTransform):
     """PCollection[Embedded] -> {'kept': (Embedded, cluster), 'duplicates': manifest rows,
-    'rejected': manifest rows (bad_embedding)}. Parameters as `dedup.core.find_duplicates`."""
+    'rejected': manifest rows (bad_embedding)}. Parameters as `flowcurate.dedup.core.find_duplicates`."""
 
     DUPLICATES, REJECTED = "duplicates", "rejected"
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from models.config import Config, load_config, override
+from flowcurate.formats.config import Config, load_config, override
 
 LOCAL_RUNNER = "FnApiRunner"
 
@@ -77,7 +77,7 @@ def launch_options(argv: list[str] | None = None, *, resolve_models: bool = True
     cfg = override(cfg, "dedup", threshold=ours.dedup_threshold)
     sd3 = cfg.models.sd3
     if resolve_models:
-        from models.tiny import resolve_models as resolve
+        from flowcurate.models.tiny import resolve_models as resolve
 
         cfg = resolve(cfg, log=log)
     runner = beam.view_as(StandardOptions).runner

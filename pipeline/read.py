@@ -8,7 +8,7 @@ remappable). Any path Beam's FileSystems read (local, gs://, s3://, hdfs://). Fi
 Accounting: a tar sample without an image -> `missing_image`; a damaged tar -> what is readable plus
 one `{shard}#truncated` row (`unreadable_archive_tail`); a key seen again -> `{key}~2`, `~3`, ...
 (`duplicate_key`; the first by source keeps the key, so the result does not depend on arrival order).
-Archive member names are sanitised (`models.tars.sanitize_key`) and never used as file paths.
+Archive member names are sanitised (`flowcurate.formats.tars.sanitize_key`) and never used as file paths.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
-from models.images import DUPLICATE_KEY, MISSING_IMAGE, UNREADABLE_ARCHIVE_TAIL
-from models.tars import IMAGE_EXTS, TarTail, iter_tar, sanitize_key
+from flowcurate.formats.images import DUPLICATE_KEY, MISSING_IMAGE, UNREADABLE_ARCHIVE_TAIL
+from flowcurate.formats.tars import IMAGE_EXTS, TarTail, iter_tar, sanitize_key
 
 PARQUET_EXTS = ("parquet",)
 SKIPPED_FILES = beam.metrics.Metrics.counter("flowcurate", "skipped_files")

@@ -4,7 +4,7 @@
 
 Stage order and contracts: DESIGN.md. Every input ends as exactly one manifest row (kept, duplicate
 or rejected with a reason); expensive stages run only on survivors; model stages see deterministic
-chunks (`pipeline.chunks`), so reruns in one mode give byte-identical shards. An unexpected error on
+chunks (`flowcurate.pipeline.chunks`), so reruns in one mode give byte-identical shards. An unexpected error on
 one element becomes a dead letter (`with_exception_handling`) and a `failed:<stage>` row: the bundle
 and the run go on.
 """
@@ -22,10 +22,10 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import DirectOptions
 
-from captioning.handler import CaptionModelHandler
-from models.config import to_dict
-from models.images import FAILED_PREFIX
-from models.shards import (
+from flowcurate.captioning.handler import CaptionModelHandler
+from flowcurate.formats.config import to_dict
+from flowcurate.formats.images import FAILED_PREFIX
+from flowcurate.formats.shards import (
     INDEX_JSON,
     RECORD_JSON,
     encode_sample,
@@ -36,16 +36,16 @@ from models.shards import (
     shard_of,
     split_of,
 )
-from models.sscd import SSCDPreprocess
-from pipeline.chunks import Chunk, Chunks
-from pipeline.encode import Captioned, EncodeModelHandler, Kept
-from pipeline.filters import ApplyFilters
-from pipeline.neardup import NearDupDedup, SSCDModelHandler
-from pipeline.options import Launch, OptionsError, launch_options
-from pipeline.read import ReadRaw
-from pipeline.stages import ExactDedup, Validate, failed_rows, manifest_row
-from pipeline.validate import aspect_buckets
-from pipeline.write import (
+from flowcurate.models.sscd import SSCDPreprocess
+from flowcurate.pipeline.chunks import Chunk, Chunks
+from flowcurate.pipeline.encode import Captioned, EncodeModelHandler, Kept
+from flowcurate.pipeline.filters import ApplyFilters
+from flowcurate.pipeline.neardup import NearDupDedup, SSCDModelHandler
+from flowcurate.pipeline.options import Launch, OptionsError, launch_options
+from flowcurate.pipeline.read import ReadRaw
+from flowcurate.pipeline.stages import ExactDedup, Validate, failed_rows, manifest_row
+from flowcurate.pipeline.validate import aspect_buckets
+from flowcurate.pipeline.write import (
     EMBEDDINGS_SCHEMA,
     MANIFEST_SCHEMA,
     PARTS_DIR,
@@ -64,9 +64,9 @@ STATS_JSON = "stats.json"
 def make_conditioning(_, sd3: str, *, revision, t5_length, store_dtype, ae_dtype, te_dtype, prompts, label,
                       out: str) -> str:
     """Encode the record (empty + validation prompts) once per run, write it, return its content hash."""
-    from models.autoencoder import Autoencoder
-    from models.shards import record_parts
-    from models.text_encoders import TextEncoders, quiet_hf_logging
+    from flowcurate.models.autoencoder import Autoencoder
+    from flowcurate.models.conditioning import record_parts
+    from flowcurate.models.text_encoders import TextEncoders, quiet_hf_logging
 
     quiet_hf_logging()
     ae = Autoencoder.load(sd3, revision=revision, dtype=ae_dtype)
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _flags_help() -> str:
-    from pipeline.options import FlowcurateOptions
+    from flowcurate.pipeline.options import FlowcurateOptions
 
     parser = argparse.ArgumentParser(prog="flowcurate run", add_help=False)
     FlowcurateOptions._add_argparse_args(parser)

@@ -1,7 +1,7 @@
 """Beam stages after reading: validation and exact-duplicate removal, with manifest rows for every
 input that stops here (DESIGN.md "Manifest": exactly one row per input).
 
-- `Validate`: `pipeline.validate.validate` per item; rejections become manifest rows with the
+- `Validate`: `flowcurate.pipeline.validate.validate` per item; rejections become manifest rows with the
   vocabulary reason; survivors carry the resized image, sizes, crop and pixel hash.
 - `ExactDedup`: groups survivors by the hash of their decoded pixels; in each group the item first in
   priority order (more pixels, then key; equal pixels make it the smallest key) is kept and the others
@@ -16,10 +16,10 @@ from typing import NamedTuple
 import apache_beam as beam
 import numpy as np
 
-from models.images import FAILED_PREFIX, ImageRejected
-from pipeline.chunks import Chunk
-from pipeline.read import RawItem
-from pipeline.validate import validate
+from flowcurate.formats.images import FAILED_PREFIX, ImageRejected
+from flowcurate.pipeline.chunks import Chunk
+from flowcurate.pipeline.read import RawItem
+from flowcurate.pipeline.validate import validate
 
 MANIFEST_FIELDS = ("key", "source", "status", "reason", "duplicate_of", "similarity", "cluster", "width", "height",
                    "caption_original", "caption_synthetic", "notes", "shard")

@@ -1,7 +1,7 @@
 """Validation of one raw image: bytes -> the training-resolution RGB array and what the manifest records,
 or `ImageRejected` with a reason from the vocabulary. A pure function (no Beam), tested alone.
 
-Order: decode with the pixel limit, EXIF transpose and mode conversion (`models.images.decode_image`:
+Order: decode with the pixel limit, EXIF transpose and mode conversion (`flowcurate.formats.images.decode_image`:
 CMYK, 16-bit (scaled), palette, alpha -> RGB); minimum size (shorter side); maximum aspect ratio; then
 the largest centred crop with the target's aspect ratio, resized to the target (SD3: square at the
 training resolution, or with `buckets` the aspect bucket nearest to the image's own aspect ratio). The
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from models.images import BAD_ASPECT, DEFAULT_MAX_PIXELS, TOO_SMALL, ImageRejected, decode_image
-from models.sscd import SSCDPreprocess
+from flowcurate.formats.images import BAD_ASPECT, DEFAULT_MAX_PIXELS, TOO_SMALL, ImageRejected, decode_image
+from flowcurate.models.sscd import SSCDPreprocess
 
 # sides of the resized image are multiples of this: the AE downsamples 8x, the MM-DiT patches 2x2
 SIDE_MULTIPLE = 16

@@ -1,15 +1,15 @@
 """Writing OUT through Beam's FileSystems (local paths, gs://, s3://, ...), each file under a temporary
 name and renamed, so a reader never sees half a file:
 
-    OUT/conditioning.json + .npz      the conditioning record (models.shards), written once per run
+    OUT/conditioning.json + .npz      the conditioning record (flowcurate.formats.shards), written once per run
     OUT/shards/{train,val}-NNNNNN.tar  curated samples; OUT/shards/index.json
     OUT/manifest/part-*.parquet       one row per input (MANIFEST_SCHEMA)
     OUT/embeddings/part-*.parquet     SSCD descriptors of every embedded image (dedup's schema)
     OUT/stats.json                    counts per status and reason, and what produced them
 
 Shards are assembled in two steps so no worker holds a whole shard in one element: each chunk of a
-shard (key-ordered, `pipeline.chunks`) is written as a part tar under OUT/shards/.parts/, then the
-parts are concatenated in chunk order into the shard. The result equals `models.shards.tar_bytes`
+shard (key-ordered, `flowcurate.pipeline.chunks`) is written as a part tar under OUT/shards/.parts/, then the
+parts are concatenated in chunk order into the shard. The result equals `flowcurate.formats.shards.tar_bytes`
 over all of the shard's samples (sorted by key, fixed headers), so reruns give byte-identical shards.
 """
 
@@ -24,7 +24,7 @@ import uuid
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from models.shards import tar_bytes
+from flowcurate.formats.shards import tar_bytes
 
 PARTS_DIR = ".parts"
 

@@ -44,7 +44,7 @@ def write_tar():
 @pytest.fixture(scope="session")
 def tiny_models():
     """The cached tiny models (seed 0): built once per machine under a lock, shared by xdist workers."""
-    from models.tiny import ensure_tiny_models
+    from flowcurate.models.tiny import ensure_tiny_models
 
     return ensure_tiny_models(seed=0)
 

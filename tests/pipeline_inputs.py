@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from models.procedural import random_scene, render
+from flowcurate.models.tiny.procedural import random_scene, render
 
 
 def _scene(seed: int, w: int = 96, h: int = 72) -> Image.Image:
@@ -143,7 +143,7 @@ def read_shards(out: Path) -> dict[str, dict[str, dict[str, bytes]]]:
 def assert_same_shards(a: Path, b: Path) -> None:
     """Two runs' shards hold the same samples, member for member: arrays within float16 rounding
     (another process or thread count may reduce in another order), everything else byte-identical."""
-    from models.shards import load_npy
+    from flowcurate.formats.shards import load_npy
 
     ta, tb = read_shards(a), read_shards(b)
     assert ta.keys() == tb.keys() and ta

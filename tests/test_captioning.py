@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from captioning import CAPTION_FALLBACK, Caption, Captioner, clean_caption
-from models.procedural import random_image
-from models.tiny_captioner import CAPTION_WORDS
+from flowcurate.captioning import CAPTION_FALLBACK, Caption, Captioner, clean_caption
+from flowcurate.models.tiny.captioner import CAPTION_WORDS
+from flowcurate.models.tiny.procedural import random_image
 
 OPTIONS = {"max_new_tokens": 16, "batch_size": 2}  # the tiny preset's length; 2 so chunks span batches
 
@@ -161,7 +161,7 @@ def test_gpu_placement(path, captioner):
 
 
 def test_handler_options_without_loading():
-    from captioning.handler import CaptionModelHandler
+    from flowcurate.captioning.handler import CaptionModelHandler
 
     handler = CaptionModelHandler("/nonexistent/vlm", device="cuda")  # stores options only
     assert handler.batch_elements_kwargs() == {"max_batch_size": 1}
@@ -179,7 +179,7 @@ def test_run_inference_in_beam_equals_direct_captions(captioner, path, keyed):
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
     from apache_beam.testing.util import assert_that, equal_to
 
-    from captioning.handler import CaptionModelHandler
+    from flowcurate.captioning.handler import CaptionModelHandler
 
     images = _images(3, 6)
     bad = np.zeros((3, 3), np.uint8)

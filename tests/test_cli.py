@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from cli.main import main
+from flowcurate.cli.main import main
 
 
 def test_help_lists_examples(capsys):
@@ -28,7 +28,7 @@ def test_config_command_prints_json(capsys, tmp_path):
 
 def test_sample_data_command_and_python_m(tmp_path):
     assert main(["sample-data", "--output", str(tmp_path / "a"), "--n", "32"]) == 0
-    r = subprocess.run([sys.executable, "-m", "models", "sample-data", "--output", str(tmp_path / "b"),
+    r = subprocess.run([sys.executable, "-m", "flowcurate.models", "sample-data", "--output", str(tmp_path / "b"),
                         "--n", "32"], capture_output=True, text=True, check=True)
     assert "truth.json" in r.stdout
     assert (tmp_path / "a" / "truth.json").read_bytes() == (tmp_path / "b" / "truth.json").read_bytes()
@@ -36,22 +36,22 @@ def test_sample_data_command_and_python_m(tmp_path):
 
 @pytest.mark.parametrize("pkg", ["pipeline", "dedup", "trainer", "captioning"])
 def test_package_entry_points_exist(pkg):
-    if pkg == "dedup":  # available: `python -m dedup` is `flowcurate dedup`
-        r = subprocess.run([sys.executable, "-m", pkg, "--help"], capture_output=True, text=True)
+    if pkg == "dedup":  # available: `python -m flowcurate.dedup` is `flowcurate dedup`
+        r = subprocess.run([sys.executable, "-m", f"flowcurate.{pkg}", "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "--input SPEC" in r.stdout and "summary.json" in r.stdout
         return
-    if pkg == "trainer":  # available: `python -m trainer train|sample` is `flowcurate train|sample`
-        r = subprocess.run([sys.executable, "-m", pkg, "train", "--help"], capture_output=True, text=True)
+    if pkg == "trainer":  # available: `python -m flowcurate.trainer train|sample` is `flowcurate train|sample`
+        r = subprocess.run([sys.executable, "-m", f"flowcurate.{pkg}", "train", "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "--shards" in r.stdout and "torchrun" in r.stdout
-        r = subprocess.run([sys.executable, "-m", pkg, "sample", "--help"], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", f"flowcurate.{pkg}", "sample", "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "--checkpoint" in r.stdout
         return
-    if pkg == "pipeline":  # `python -m pipeline` is `flowcurate run`
-        r = subprocess.run([sys.executable, "-m", pkg, "--help"], capture_output=True, text=True)
+    if pkg == "pipeline":  # `python -m flowcurate.pipeline` is `flowcurate run`
+        r = subprocess.run([sys.executable, "-m", f"flowcurate.{pkg}", "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "--input" in r.stdout and "DataflowRunner" in r.stdout
         assert "apitools" not in r.stderr
         return
-    r = subprocess.run([sys.executable, "-m", pkg, "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", f"flowcurate.{pkg}", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--model" in r.stdout and "--prompt" in r.stdout
 
 
@@ -60,7 +60,7 @@ def test_captioning_entry_point_captions_files(tmp_path):
 
     Image.new("RGB", (48, 40), (200, 30, 30)).save(tmp_path / "red.png")
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
-    r = subprocess.run([sys.executable, "-m", "captioning", str(tmp_path / "red.png"), str(tmp_path / "bad.jpg"),
+    r = subprocess.run([sys.executable, "-m", "flowcurate.captioning", str(tmp_path / "red.png"), str(tmp_path / "bad.jpg"),
                         "--config", "tiny", "--device", "cpu"], capture_output=True, text=True)
     assert r.returncode == 1, r.stderr
     line = r.stdout.strip().split("\t")

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from models.config import ConfigError, load_config, override, preset_names, to_dict
+from flowcurate.formats.config import ConfigError, load_config, override, preset_names, to_dict
 
 
 def test_presets_load_into_frozen_dataclasses():

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dedup.cli import main
-from dedup.inputs import read_embeddings, write_embeddings
-from models.procedural import jpeg_bytes, random_image
-from models.sample_data import write_sample_data
+from flowcurate.dedup.cli import main
+from flowcurate.dedup.inputs import read_embeddings, write_embeddings
+from flowcurate.models.tiny.procedural import jpeg_bytes, random_image
+from flowcurate.models.tiny.sample_data import write_sample_data
 
 N, SEED = 96, 11
 GOOD_KINDS = ("exact", "reencode")  # copies any SSCD model must catch at the tiny preset's 0.75
@@ -239,7 +239,7 @@ def test_bad_embedding_files_exit_2_with_one_line(case, message, tmp_path, capsy
     capsys.readouterr()
     assert main([str(a) for a in ("--input", path, "--output", tmp_path / "out", "--quiet", *extra)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("python -m dedup: error: ") and "\n" not in err and message in err, err
+    assert err.startswith("python -m flowcurate.dedup: error: ") and "\n" not in err and message in err, err
     assert not (tmp_path / "out" / "dedup.parquet").exists()
 
 
@@ -257,7 +257,7 @@ def test_skip_bad_embeddings_makes_rows(tmp_path):
 
 
 def test_umbrella_command_and_python_m(tmp_path, capsys):
-    from cli.main import main as flowcurate
+    from flowcurate.cli.main import main as flowcurate
 
     e = np.eye(3, 6, dtype=np.float32)
     write_embeddings(tmp_path / "e.parquet", ["a", "b", "c"], e)
@@ -267,7 +267,7 @@ def test_umbrella_command_and_python_m(tmp_path, capsys):
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["parameters"]["exact"] is True and summary["parameters"]["threshold"] == 0.9
     assert summary["removed_by_threshold"]["0.5"] is None and summary["removed_by_threshold"]["0.9"] == 0
-    r = subprocess.run([sys.executable, "-m", "dedup", "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "flowcurate.dedup", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "flowcurate dedup --input emb.npy --keys keys.txt" in r.stdout
     with pytest.raises(SystemExit) as exit_:
         flowcurate(["dedup", "--input", "x", "--output", "y", "--threshold", "1.5"])

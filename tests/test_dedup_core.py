@@ -7,9 +7,9 @@ import faiss
 import numpy as np
 import pytest
 
-from dedup.core import BAD_EMBEDDING, DUPLICATE, KEPT, REJECTED, find_duplicates
-from dedup.keep import connected_components, keep_greedy, priority_rank, resolve_component
-from dedup.search import (
+from flowcurate.dedup.core import BAD_EMBEDDING, DUPLICATE, KEPT, REJECTED, find_duplicates
+from flowcurate.dedup.keep import connected_components, keep_greedy, priority_rank, resolve_component
+from flowcurate.dedup.search import (
     Engine,
     assign_clusters,
     block_pairs,

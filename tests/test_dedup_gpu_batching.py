@@ -8,10 +8,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import dedup.core as core  # noqa: E402
-import dedup.search as search  # noqa: E402
-from dedup.core import find_duplicates  # noqa: E402
-from dedup.search import Engine, assign_clusters, find_pairs_in_groups, unit_rows  # noqa: E402
+import flowcurate.dedup.core as core  # noqa: E402
+import flowcurate.dedup.search as search  # noqa: E402
+from flowcurate.dedup.core import find_duplicates  # noqa: E402
+from flowcurate.dedup.search import Engine, assign_clusters, find_pairs_in_groups, unit_rows  # noqa: E402
 
 T = 0.5
 

@@ -1,4 +1,4 @@
-"""dedup.inputs: listing images and tars (hostile ones too), embedding, embedding files."""
+"""flowcurate.dedup.inputs: listing images and tars (hostile ones too), embedding, embedding files."""
 
 
 import numpy as np
@@ -7,11 +7,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dedup.inputs import InputError, embed_images, expand, list_images, read_embeddings, write_embeddings
-from models.procedural import jpeg_bytes, random_image
-from models.sample_data import write_sample_data
-from models.sscd import SSCDPreprocess, load_sscd
-from models.tars import sanitize_key
+from flowcurate.dedup.inputs import (
+    InputError,
+    embed_images,
+    expand,
+    list_images,
+    read_embeddings,
+    write_embeddings,
+)
+from flowcurate.formats.tars import sanitize_key
+from flowcurate.models.sscd import SSCDPreprocess, load_sscd
+from flowcurate.models.tiny.procedural import jpeg_bytes, random_image
+from flowcurate.models.tiny.sample_data import write_sample_data
 
 
 def test_sample_data_listing_accounts_for_every_key(tmp_path):

@@ -7,7 +7,7 @@ import json
 
 import pyarrow.parquet as pq
 
-from cli.main import main
+from flowcurate.cli.main import main
 
 
 def test_demo_runs_the_whole_journey(tmp_path, capsys):

@@ -192,7 +192,7 @@ def test_every_package_reaches_the_image_through_an_allowlist(dockerfile):
     allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
     sources = {src.rstrip("/") for i, a in instructions(dockerfile) if i == "COPY"
                for src in [t for t in a.split() if not t.startswith("--")][:-1]}
-    needed = {"pyproject.toml", PYPROJECT["project"]["readme"], *PYPROJECT["tool"]["setuptools"]["packages"]}
+    needed = {"pyproject.toml", PYPROJECT["project"]["readme"], *PYPROJECT["tool"]["setuptools"]["package-dir"].values()}
     missing = needed - allowed
     assert not missing, f"{ignore.name} leaves out {sorted(missing)}: `pip install` in the image would fail"
     if "." not in sources:
@@ -206,9 +206,9 @@ def test_every_package_reaches_the_image_through_an_allowlist(dockerfile):
 # ---- docs/deploy.md: every command line parses -----------------------------------------------------
 
 def trainer_parser() -> argparse.ArgumentParser:
-    from trainer.train import add_parser
+    from flowcurate.trainer.train import add_parser
 
-    parser = argparse.ArgumentParser(prog="python -m trainer")
+    parser = argparse.ArgumentParser(prog="python -m flowcurate.trainer")
     add_parser(parser.add_subparsers(dest="command", required=True))
     return parser
 
@@ -242,7 +242,7 @@ def doc_config(tmp_path: Path) -> Path:
 
 
 def test_deploy_doc_config_loads_and_points_into_the_image(tmp_path):
-    from models.config import load_config
+    from flowcurate.formats.config import load_config
 
     models = load_config(doc_config(tmp_path)).models
     dest = next(a.split()[-1] for i, a in instructions(PIPELINE) if i == "COPY" and "${WEIGHTS_DIR}" in a)
@@ -255,7 +255,7 @@ def test_deploy_doc_flowcurate_run_commands_parse_with_beam_and_our_options(tmp_
     from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.runners.runner import create_runner
 
-    from pipeline.options import launch_options
+    from flowcurate.pipeline.options import launch_options
 
     doc_config(tmp_path)
     monkeypatch.chdir(tmp_path)  # `--config my-sd3.toml` then names the page's example config
@@ -283,7 +283,7 @@ def test_deploy_doc_trainer_commands_parse_with_torchrun_and_the_trainer():
     for tokens in doc_commands():
         if (argv := after(tokens, "flowcurate", "train")) is not None:
             script_args = ["train", *argv]
-        elif "-m" in tokens and after(tokens, "-m", "trainer", "train") is not None:
+        elif "-m" in tokens and after(tokens, "-m", "flowcurate.trainer", "train") is not None:
             marks = [i + 1 for i, t in enumerate(tokens) if t == "torchrun" or "flowcurate-trainer" in t]
             start = marks[0] if marks else None
             assert start is not None, f"docs/deploy.md: no torchrun or trainer image in: {shlex.join(tokens)}"
@@ -291,7 +291,7 @@ def test_deploy_doc_trainer_commands_parse_with_torchrun_and_the_trainer():
                 launch = get_args_parser().parse_args(tokens[start:])
             except SystemExit:
                 pytest.fail(f"docs/deploy.md: torchrun rejects: {shlex.join(tokens[start:])}")
-            assert launch.module and launch.training_script == "trainer"
+            assert launch.module and launch.training_script == "flowcurate.trainer"
             script_args = launch.training_script_args
         else:
             continue

@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 from scipy.special import logit
 
-from trainer import flow
+from flowcurate.trainer import flow
 
 N = 20_000  # samples per KS test: a wrong m, s or formula is rejected at p << 1e-3
 
@@ -281,7 +281,7 @@ def test_validation_levels_and_determinism():
 
 
 def test_with_tiny_mmdit():
-    from models.mmdit import SIZES, MMDiT
+    from flowcurate.models.mmdit import SIZES, MMDiT
 
     cfg = SIZES["tiny"]
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.images import (
+from flowcurate.formats.images import (
     EMPTY_FILE,
     TOO_MANY_PIXELS,
     TRUNCATED,

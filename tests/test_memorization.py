@@ -1,7 +1,7 @@
 """trainer/memorization.py: SD3's memorization check (App. E.3) on a curated folder built here.
 
 `curated` stands in for `flowcurate run`'s OUT until the pipeline lands: procedural originals saved as
-PNG (one in a tar, one with a source that cannot be read here), shards and record via models.shards,
+PNG (one in a tar, one with a source that cannot be read here), shards and record via flowcurate.formats.shards,
 tiny-SSCD embeddings of training images and of near-duplicates, a manifest and stats.json.
 """
 
@@ -17,8 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from models import procedural
-from models import shards as S
+from flowcurate.formats import shards as S
+from flowcurate.models.conditioning import make_record
+from flowcurate.models.tiny import procedural
 
 N_TRAIN = 4
 SIZE = 32
@@ -29,15 +30,15 @@ UNREADABLE = "000000003"  # its source is a remote URI: pairs.png decodes its la
 def build_curated(out: Path, write_tar, n: int = N_TRAIN, size: int = SIZE, seed: int = 0) -> Path:
     """OUT as DESIGN.md "Data contracts" describes it, for `n` training images of `size` x `size`
     (`write_tar`: the conftest fixture)."""
-    from dedup.inputs import write_embeddings
-    from models.autoencoder import Autoencoder
-    from models.sscd import SSCDPreprocess, embed, load_sscd
-    from models.text_encoders import TextEncoders
-    from models.tiny import ensure_tiny_models
+    from flowcurate.dedup.inputs import write_embeddings
+    from flowcurate.models.autoencoder import Autoencoder
+    from flowcurate.models.sscd import SSCDPreprocess, embed, load_sscd
+    from flowcurate.models.text_encoders import TextEncoders
+    from flowcurate.models.tiny import ensure_tiny_models
 
     tiny = ensure_tiny_models()
     ae, te = Autoencoder.load(str(tiny / "sd3")), TextEncoders.load(str(tiny / "sd3"), t5_length=77)
-    record = S.make_record(out, str(tiny / "sd3"), ae, te, validation_prompts=["a red circle"], label="tiny://sd3")
+    record = make_record(out, str(tiny / "sd3"), ae, te, validation_prompts=["a red circle"], label="tiny://sd3")
     raw = out.parent / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -105,8 +106,8 @@ def untrained_like(run: Path, out: Path) -> Path:
     because `train --max-steps 0` on shards without a val split fails in plot_losses: no log.jsonl.)"""
     import shutil
 
-    from models.mmdit import MMDiT, MMDiTConfig
-    from trainer import checkpoint as C
+    from flowcurate.models.mmdit import MMDiT, MMDiTConfig
+    from flowcurate.trainer import checkpoint as C
 
     step = C.latest(run)
     state = C.read_state(step)
@@ -128,7 +129,7 @@ COMMON = ["--seeds", "8", "--min-clique", "4", "--steps", "16", "--cfg", "1", "-
 @pytest.fixture(scope="module")
 def runs(curated, tmp_path_factory):
     """(overfit run, untrained run): the same model config and record; the second never trained."""
-    from trainer.train import main as train
+    from flowcurate.trainer.train import main as train
 
     root = tmp_path_factory.mktemp("runs")
     cfg = root / "c.toml"
@@ -145,8 +146,8 @@ def runs(curated, tmp_path_factory):
 def reports(curated, runs, tmp_path_factory):
     """`flowcurate memorization` on both runs, same prompts (the four training captions) and seeds;
     the SSCD descriptors and images of the generations are captured on the way."""
-    from cli.main import main as flowcurate
-    from trainer import memorization as M
+    from flowcurate.cli.main import main as flowcurate
+    from flowcurate.trainer import memorization as M
 
     root = tmp_path_factory.mktemp("reports")
     captured = {}
@@ -209,8 +210,8 @@ def test_report_nearest_keys_equal_a_brute_force_search(curated, reports):
 
 
 def test_recorded_prompts_and_seeds_reproduce_the_generations(reports, runs):
-    from trainer import checkpoint as C
-    from trainer.sample import generate, load_autoencoder, load_model, load_text_encoders
+    from flowcurate.trainer import checkpoint as C
+    from flowcurate.trainer.sample import generate, load_autoencoder, load_model, load_text_encoders
 
     folder, captured = reports["overfit"]
     report = pq.read_table(folder / "report.parquet").to_pylist()
@@ -228,7 +229,7 @@ def test_recorded_prompts_and_seeds_reproduce_the_generations(reports, runs):
 def test_cli_writes_report_summary_and_pairs(curated, reports):
     from PIL import Image
 
-    from trainer import memorization as M
+    from flowcurate.trainer import memorization as M
 
     folder = reports["overfit"][0]
     table = pq.read_table(folder / "report.parquet")
@@ -254,8 +255,8 @@ def test_cli_writes_report_summary_and_pairs(curated, reports):
 def test_help_and_a_folder_without_an_sscd_record(curated, tmp_path, capsys):
     import shutil
 
-    from cli.main import main as flowcurate
-    from trainer.train import main as trainer_main
+    from flowcurate.cli.main import main as flowcurate
+    from flowcurate.trainer.train import main as trainer_main
 
     with pytest.raises(SystemExit) as e:
         trainer_main(["memorization", "--help"])
@@ -271,7 +272,7 @@ def test_help_and_a_folder_without_an_sscd_record(curated, tmp_path, capsys):
 # The pieces against their definitions
 
 def test_tiled_distance_is_the_largest_per_tile_rms_difference():
-    from trainer.memorization import tiled_distances
+    from flowcurate.trainer.memorization import tiled_distances
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 30, 34, 3), dtype=np.uint8)  # tiles of uneven size
@@ -292,7 +293,7 @@ def test_tiled_distance_is_the_largest_per_tile_rms_difference():
 def test_clique_sizes_match_a_brute_force_search():
     from itertools import combinations
 
-    from trainer.memorization import clique_sizes
+    from flowcurate.trainer.memorization import clique_sizes
 
     rng = np.random.default_rng(1)
     for trial in range(20):
@@ -309,7 +310,7 @@ def test_clique_sizes_match_a_brute_force_search():
 
 
 def test_nearest_rescores_breaks_ties_low_and_excludes_self():
-    from trainer.memorization import Nearest
+    from flowcurate.trainer.memorization import Nearest
 
     rng = np.random.default_rng(2)
     train = rng.standard_normal((60, 16)).astype(np.float32)
@@ -329,7 +330,7 @@ def test_nearest_rescores_breaks_ties_low_and_excludes_self():
 
 
 def test_prompt_file_and_the_default_selection(curated, tmp_path):
-    from trainer.memorization import default_prompts, read_curated, read_prompt_file
+    from flowcurate.trainer.memorization import default_prompts, read_curated, read_prompt_file
 
     cur = read_curated(curated)
     assert cur.keys == [f"{i:09d}" for i in range(1, N_TRAIN + 1)] and cur.duplicates["000000002"] == 3

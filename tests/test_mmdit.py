@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
-from models import mmdit
-from models.mmdit import MMDiT, MMDiTConfig
+from flowcurate.models import mmdit
+from flowcurate.models.mmdit import MMDiT, MMDiTConfig
 
 TINY = mmdit.SIZES["tiny"]
 # (config, why): every model's last block is pre-only; depth 1 is nothing but the pre-only block

@@ -32,14 +32,14 @@ from apache_beam.utils.windowed_value import WindowedValue  # noqa: E402
 from distributed import LocalCluster  # noqa: E402
 from distributed.diagnostics.plugin import SchedulerPlugin  # noqa: E402
 
-from models.sample_data import write_sample_data  # noqa: E402
-from pipeline.run import run  # noqa: E402
+from flowcurate.models.tiny.sample_data import write_sample_data  # noqa: E402
+from flowcurate.pipeline.run import run  # noqa: E402
 from tests.pipeline_inputs import assert_same_shards, read_manifest  # noqa: E402
 
 STOCK = "apache_beam.runners.dask.dask_runner.DaskRunner"
 PARTITIONS = 2
 
-CORRECTED = "pipeline.dask_runner.CorrectedDaskRunner"
+CORRECTED = "flowcurate.pipeline.dask_runner.CorrectedDaskRunner"
 
 # ---- fixtures -----------------------------------------------------------------------------------------
 

@@ -16,10 +16,10 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from safetensors.torch import save_file
 
-from models.images import is_reason
-from pipeline.chunks import Chunk
-from pipeline.filters import ApplyFilters, Filter, ScoreModelHandler, load_head
-from pipeline.stages import Accepted
+from flowcurate.formats.images import is_reason
+from flowcurate.pipeline.chunks import Chunk
+from flowcurate.pipeline.filters import ApplyFilters, Filter, ScoreModelHandler, load_head
+from flowcurate.pipeline.stages import Accepted
 
 transformers = pytest.importorskip("transformers")
 

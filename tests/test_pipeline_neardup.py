@@ -1,5 +1,5 @@
 """pipeline/neardup.py on the FnApiRunner: near-duplicate decisions equal `flowcurate dedup`'s core
-(`dedup.core.find_duplicates`) on the same descriptors, clustered and exact, and bad descriptors are
+(`flowcurate.dedup.core.find_duplicates`) on the same descriptors, clustered and exact, and bad descriptors are
 rejected rows."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from dedup.core import STATUS, find_duplicates
-from dedup.report import report_similarity
-from pipeline.neardup import Embedded, NearDupDedup
-from pipeline.stages import Accepted
+from flowcurate.dedup.core import STATUS, find_duplicates
+from flowcurate.dedup.report import report_similarity
+from flowcurate.pipeline.neardup import Embedded, NearDupDedup
+from flowcurate.pipeline.stages import Accepted
 
 
 def _data(n=400, d=32, seed=0):

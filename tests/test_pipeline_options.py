@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.options import FlowcurateOptions, OptionsError, launch_options
+from flowcurate.pipeline.options import FlowcurateOptions, OptionsError, launch_options
 
 BASE = ["--input", "raw/*.tar", "--output", "out/", "--config", "tiny"]
 

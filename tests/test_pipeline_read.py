@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from models.procedural import jpeg_bytes, random_image
-from models.sample_data import write_sample_data
-from pipeline.read import ReadRaw, input_patterns, read_tar
+from flowcurate.models.tiny.procedural import jpeg_bytes, random_image
+from flowcurate.models.tiny.sample_data import write_sample_data
+from flowcurate.pipeline.read import ReadRaw, input_patterns, read_tar
 
 
 def run(specs, **kw):

@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from models.sample_data import write_sample_data
-from models.shards import RECORD_JSON, load_npy, read_index, read_record
-from pipeline.run import run
+from flowcurate.formats.shards import RECORD_JSON, load_npy, read_index, read_record
+from flowcurate.models.tiny.sample_data import write_sample_data
+from flowcurate.pipeline.run import run
 from tests.pipeline_inputs import assert_same_shards, read_manifest, read_shards, write_odd_inputs
 
 N = 64
@@ -118,8 +118,8 @@ def test_shard_encodings_equal_diffusers(curated):
     import torch
     from diffusers import AutoencoderKL, StableDiffusion3Pipeline
 
-    from models.tiny import ensure_tiny_models
-    from pipeline.validate import validate
+    from flowcurate.models.tiny import ensure_tiny_models
+    from flowcurate.pipeline.validate import validate
 
     root, _, _, _ = curated
     out = root / "out"
@@ -159,7 +159,7 @@ def test_shard_encodings_equal_diffusers(curated):
 
 
 def test_the_trainers_reader_accepts_the_shards(curated):
-    from trainer.data import CuratedShards, open_record, resolve_shards
+    from flowcurate.trainer.data import CuratedShards, open_record, resolve_shards
 
     root, _, _, _ = curated
     urls, record_path = resolve_shards(str(root / "out"), "train")
@@ -185,7 +185,7 @@ def test_stats_and_embeddings(curated):
 
 def test_rerun_is_byte_identical_and_refuses_to_mix(curated, tmp_path):
     root, _, _, _ = curated
-    from pipeline.options import OptionsError
+    from flowcurate.pipeline.options import OptionsError
 
     with pytest.raises(OptionsError, match="--overwrite"):
         run(_args(root, root / "out"), log=lambda *a, **k: None)
@@ -207,7 +207,7 @@ def test_two_worker_processes_give_the_same_result(curated, tmp_path):
 
 
 def test_help_lists_our_flags_and_examples(capsys):
-    from pipeline.run import main
+    from flowcurate.pipeline.run import main
 
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
@@ -216,7 +216,7 @@ def test_help_lists_our_flags_and_examples(capsys):
 
 
 def test_missing_output_is_a_clear_error(capsys):
-    from pipeline.run import main
+    from flowcurate.pipeline.run import main
 
     assert main(["--input", "x/*.tar"]) == 2
     assert "--output is required" in capsys.readouterr().err
@@ -224,7 +224,7 @@ def test_missing_output_is_a_clear_error(capsys):
 
 def test_near_dup_decisions_equal_flowcurate_dedup_on_the_same_embeddings(curated, tmp_path):
     """OUT/embeddings is a valid `flowcurate dedup --input`, and dedup decides the same."""
-    from dedup.cli import main as dedup_main
+    from flowcurate.dedup.cli import main as dedup_main
 
     root, _, _, _ = curated
     out = root / "out"
@@ -240,7 +240,7 @@ def test_near_dup_decisions_equal_flowcurate_dedup_on_the_same_embeddings(curate
 def test_odd_images_convert_to_the_right_pixels():
     """What the pipeline decodes for each odd-but-valid input (CMYK, 16-bit, palette+alpha, EXIF,
     PNG named .jpg, WebP) is the picture, not a mis-converted one (JPEG/WebP loss allowed)."""
-    from models.images import decode_image
+    from flowcurate.formats.images import decode_image
     from tests.pipeline_inputs import odd_images
 
     for key, (_, data, (w, h), want) in odd_images().items():

@@ -11,9 +11,9 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from models.sample_data import write_sample_data
-from pipeline.read import ReadRaw
-from pipeline.stages import Accepted, ExactDedup, Validate, failed_rows, manifest_row
+from flowcurate.models.tiny.sample_data import write_sample_data
+from flowcurate.pipeline.read import ReadRaw
+from flowcurate.pipeline.stages import Accepted, ExactDedup, Validate, failed_rows, manifest_row
 
 
 def _dump(pcoll, label, path):
@@ -73,8 +73,8 @@ def test_manifest_row_rejects_unknown_fields():
 def test_failed_rows_name_every_item_of_a_dead_batch_whatever_its_stage():
     import numpy as np
 
-    from pipeline.chunks import Chunk
-    from pipeline.encode import Captioned, Kept
+    from flowcurate.pipeline.chunks import Chunk
+    from flowcurate.pipeline.encode import Captioned, Kept
 
     def acc(i):
         return Accepted(f"k{i}", f"s{i}", None, np.zeros((2, 2, 3), np.uint8), 10 + i, 20 + i, (0, 0, 2, 2),

@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from models.procedural import COPY_KINDS, caption, random_scene
-from models.sample_data import BROKEN_KINDS, write_sample_data
+from flowcurate.models.tiny.procedural import COPY_KINDS, caption, random_scene
+from flowcurate.models.tiny.sample_data import BROKEN_KINDS, write_sample_data
 
 
 def _read_tars(raw):

@@ -12,13 +12,13 @@ import pytest
 import torch
 import webdataset as wds
 
-from models import shards as S
+from flowcurate.formats import shards as S
 
 
 def test_text_encoders_match_diffusers_encode_prompt(tiny_models):
     from diffusers import StableDiffusion3Pipeline
 
-    from models.text_encoders import TextEncoders
+    from flowcurate.models.text_encoders import TextEncoders
 
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_models / "sd3")
     prompts = ["a red circle above a blue square", "", "a green triangle " * 40]

@@ -1,4 +1,4 @@
-"""models.sscd: loading by path / cached URL / release name, preprocessing, embedding."""
+"""flowcurate.models.sscd: loading by path / cached URL / release name, preprocessing, embedding."""
 
 import hashlib
 import shutil
@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models import sscd
-from models.procedural import copy_variant, random_image
+from flowcurate.models import sscd
+from flowcurate.models.tiny.procedural import copy_variant, random_image
 
 
 def test_preprocess_is_square_resize_and_imagenet_norm():

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from models import tiny
-from models.config import load_config
+from flowcurate.formats.config import load_config
+from flowcurate.models import tiny
 
 
 def _fake_build(out, seed=0, log=print):

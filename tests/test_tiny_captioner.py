@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from models.procedural import random_image
-from models.tiny_captioner import CAPTION_WORDS, build_captioner
+from flowcurate.models.tiny.captioner import CAPTION_WORDS, build_captioner
+from flowcurate.models.tiny.procedural import random_image
 
 MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
 

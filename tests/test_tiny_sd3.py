@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import procedural
-from models.tiny_sd3 import (
+from flowcurate.models.tiny import procedural
+from flowcurate.models.tiny.sd3 import (
     CLIP_G,
     CLIP_L,
     RESOLUTION,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.procedural import COPY_KINDS, copy_variant, random_image
-from models.tiny_sscd import EMBED_DIM, build_sscd, preprocess
+from flowcurate.models.tiny.procedural import COPY_KINDS, copy_variant, random_image
+from flowcurate.models.tiny.sscd import EMBED_DIM, build_sscd, preprocess
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models import shards as S
-from trainer import checkpoint as C
-from trainer.train import CRASH_ENV, main
+from flowcurate.formats import shards as S
+from flowcurate.trainer import checkpoint as C
+from flowcurate.trainer.train import CRASH_ENV, main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--sample-every", "0"]
@@ -29,7 +29,7 @@ def write_config(path: Path, **train) -> Path:
     return path
 
 
-def run_cli(*args: str, env: dict | None = None, module: tuple[str, ...] = ("-m", "trainer", "train")):
+def run_cli(*args: str, env: dict | None = None, module: tuple[str, ...] = ("-m", "flowcurate.trainer", "train")):
     return subprocess.run([sys.executable, *module, *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=600)
 
@@ -64,7 +64,7 @@ def test_two_process_ddp_matches_one_process(golden, tmp_path):
     assert one.returncode == 0, one.stderr[-2000:]
     two = run_cli(*common, "--output", str(tmp_path / "two"), env={"OMP_NUM_THREADS": "1"},
                   module=("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                          "-m", "trainer", "train"))
+                          "-m", "flowcurate.trainer", "train"))
     assert two.returncode == 0, two.stderr[-3000:]
     w1, w2 = weights(tmp_path / "one" / "checkpoints" / "step-000003"), weights(tmp_path / "two" / "checkpoints" / "step-000003")
     moved = 0
@@ -83,7 +83,7 @@ def test_foreign_shards_are_refused_with_a_clear_message(golden, tmp_path):
     doc = {k: v for k, v in rec.json.items() if k != "arrays"}
     doc["autoencoder"]["scaling_factor"] = 0.18215
     S.write_record(tmp_path / "out", doc, rec.arrays)
-    from cli.main import main as flowcurate
+    from flowcurate.cli.main import main as flowcurate
 
     code = flowcurate(["train", "--shards", str(tmp_path / "out"), "--config", str(write_config(tmp_path / "c.toml")),
                        "--output", str(tmp_path / "run")])
@@ -91,7 +91,7 @@ def test_foreign_shards_are_refused_with_a_clear_message(golden, tmp_path):
     # and a run folder made from other shards is not mixed with these
     assert main(["train", "--shards", str(golden), "--config", str(tmp_path / "c.toml"), "--output",
                  str(tmp_path / "run2"), "--max-steps", "1", *QUIET]) == 0
-    from trainer.data import DataError
+    from flowcurate.trainer.data import DataError
 
     with pytest.raises(DataError, match="another --output"):
         main(["train", "--shards", str(tmp_path / "out"), "--config", str(tmp_path / "c.toml"), "--output",
@@ -102,7 +102,7 @@ def test_foreign_shards_are_refused_with_a_clear_message(golden, tmp_path):
 def test_init_from_a_diffusers_transformer(golden, tmp_path):
     from diffusers import SD3Transformer2DModel
 
-    from models.mmdit import diffusers_config, mmdit_config
+    from flowcurate.models.mmdit import diffusers_config, mmdit_config
 
     torch.manual_seed(5)
     ref = SD3Transformer2DModel(**diffusers_config(mmdit_config("tiny")))
@@ -113,7 +113,7 @@ def test_init_from_a_diffusers_transformer(golden, tmp_path):
     cfg = write_config(tmp_path / "c.toml")
     assert main(["train", "--shards", str(golden), "--config", str(cfg), "--output", str(tmp_path / "run"),
                  "--max-steps", "0", "--init-from", str(tmp_path / "transformer"), *QUIET]) == 0
-    from models.mmdit import from_diffusers
+    from flowcurate.models.mmdit import from_diffusers
 
     expected = from_diffusers(ref).state_dict()
     got = load_file(tmp_path / "run" / "checkpoints" / "step-000000" / "model.safetensors")
@@ -150,7 +150,7 @@ def test_train_writes_logs_plots_samples_and_sample_cli_works(fresh_shards, tmp_
     assert '"val_loss"' in log and '"loss"' in log
     from PIL import Image
 
-    from cli.main import main as flowcurate
+    from flowcurate.cli.main import main as flowcurate
 
     out = tmp_path / "grid.png"
     assert flowcurate(["sample", "--checkpoint", str(run), "--prompt", "a red circle", "--prompt", "a blue square",
@@ -162,7 +162,7 @@ def test_train_writes_logs_plots_samples_and_sample_cli_works(fresh_shards, tmp_
     doc = {k: v for k, v in rec.json.items() if k != "arrays"}
     doc["autoencoder"]["content_hash"] = "sha256:0"
     S.write_record(run, doc, rec.arrays)
-    from trainer.sample import ModelMismatch
+    from flowcurate.trainer.sample import ModelMismatch
 
     with pytest.raises(ModelMismatch, match="not the weights"):
         flowcurate(["sample", "--checkpoint", str(run), "--output", str(tmp_path / "g2.png"), "--steps", "2"])
@@ -170,7 +170,7 @@ def test_train_writes_logs_plots_samples_and_sample_cli_works(fresh_shards, tmp_
 
 
 def test_training_goes_on_without_grids_when_the_ae_differs(fresh_shards, tmp_path, capsys, monkeypatch):
-    import trainer.sample as sample_mod
+    import flowcurate.trainer.sample as sample_mod
 
     def mismatch(*a, **k):
         raise sample_mod.ModelMismatch("autoencoder at X has content sha256:1, the record says sha256:0")

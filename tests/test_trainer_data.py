@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import shards as S
-from trainer.data import (
+from flowcurate.formats import shards as S
+from flowcurate.trainer.data import (
     Augment,
     CuratedShards,
     DataError,

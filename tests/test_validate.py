@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.images import ImageRejected
-from pipeline.validate import aspect_buckets, centre_crop_box, nearest_bucket, validate
+from flowcurate.formats.images import ImageRejected
+from flowcurate.pipeline.validate import aspect_buckets, centre_crop_box, nearest_bucket, validate
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

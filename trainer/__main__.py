@@ -1,7 +1,7 @@
-"""`python -m trainer train|sample|memorization ...`: the same commands as `flowcurate train|sample|memorization`."""
+"""`python -m flowcurate.trainer train|sample|memorization ...`: the same commands as `flowcurate train|sample|memorization`."""
 
 import sys
 
-from trainer.train import main
+from flowcurate.trainer.train import main
 
 sys.exit(main())

@@ -31,8 +31,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from models import shards as S
-from models.autoencoder import to_model_space
+from flowcurate.formats import shards as S
+from flowcurate.models.autoencoder import to_model_space
 
 
 class DataError(S.ShardFormatError):

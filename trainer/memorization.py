@@ -42,14 +42,20 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw
 
-from dedup.inputs import read_embeddings
-from dedup.report import report_similarity, sheet_font, write_atomic
-from dedup.search import above, exact_dots, in_kmeans_sample, unit_rows
-from models import shards as S
-from models.autoencoder import Autoencoder, to_model_space
-from models.images import ImageRejected, decode_image
-from models.sscd import SSCDPreprocess, embed, load_sscd
-from trainer.sample import generate, load_autoencoder, load_run, load_text_encoders, sampling_settings
+from flowcurate.dedup.inputs import read_embeddings
+from flowcurate.dedup.report import report_similarity, sheet_font, write_atomic
+from flowcurate.dedup.search import above, exact_dots, in_kmeans_sample, unit_rows
+from flowcurate.formats import shards as S
+from flowcurate.formats.images import ImageRejected, decode_image
+from flowcurate.models.autoencoder import Autoencoder, to_model_space
+from flowcurate.models.sscd import SSCDPreprocess, embed, load_sscd
+from flowcurate.trainer.sample import (
+    generate,
+    load_autoencoder,
+    load_run,
+    load_text_encoders,
+    sampling_settings,
+)
 
 THRESHOLD = 0.5  # SSCD cosine: SD3 App. E.3 and Somepalli et al.
 EPS = 0.15  # tiled l2 on [0, 1] pixels: SD3 Algorithm 2 / Carlini et al.
@@ -177,7 +183,7 @@ def read_prompt_file(path: Path) -> list[Prompt]:
 
 class Nearest:
     """Top-1 search among training descriptors `train` (N, D) unit rows. FAISS (exact inner product)
-    proposes the top k; `dedup.search.exact_dots` re-scores them, so near ties do not depend on BLAS
+    proposes the top k; `flowcurate.dedup.search.exact_dots` re-scores them, so near ties do not depend on BLAS
     order, and ties go to the lower index."""
 
     def __init__(self, train: np.ndarray, k: int = 8):
@@ -388,7 +394,7 @@ def run(checkpoint: str | Path, curated: Curated, prompts: list[Prompt], output:
     ae = load_autoencoder(record, st.device, verify=st.verify)
     te = load_text_encoders(record, st.device, verify=st.verify)
     if sscd is None:
-        from models.tiny import resolve_tiny  # a tiny:// location (tests, demo) -> the cached file
+        from flowcurate.models.tiny import resolve_tiny  # a tiny:// location (tests, demo) -> the cached file
 
         sscd = load_sscd(resolve_tiny(curated.sscd_location, log=lambda *a: None), st.device)
     search = Nearest(curated.embeddings)

@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import shards as S
-from models.autoencoder import Autoencoder
-from models.mmdit import MMDiT, MMDiTConfig
-from models.text_encoders import quiet_hf_logging
-from trainer import checkpoint as C
-from trainer.flow import euler_sample
+from flowcurate.formats import shards as S
+from flowcurate.models.autoencoder import Autoencoder
+from flowcurate.models.conditioning import folder_hash
+from flowcurate.models.mmdit import MMDiT, MMDiTConfig
+from flowcurate.models.text_encoders import quiet_hf_logging
+from flowcurate.trainer import checkpoint as C
+from flowcurate.trainer.flow import euler_sample
 
 
 class ModelMismatch(RuntimeError):
@@ -33,14 +34,14 @@ def model_source(record: S.Conditioning, role: str) -> tuple[str, dict]:
     entry = record.json["autoencoder"] if role == "autoencoder" else record.json["text_encoders"][role]
     source = entry["source"]
     if source.startswith("tiny://"):
-        from models.tiny import resolve_tiny
+        from flowcurate.models.tiny import resolve_tiny
 
         source = resolve_tiny(source, log=lambda *a: None)
     return source, entry
 
 
 def _verify(source: str, entry: dict, what: str) -> None:
-    found = S.folder_hash(source, entry["subfolder"], entry.get("revision"))
+    found = folder_hash(source, entry["subfolder"], entry.get("revision"))
     if found != entry["content_hash"]:
         raise ModelMismatch(f"{what} at {source}/{entry['subfolder']} has content {found}, but the conditioning "
                             f"record says {entry['content_hash']}: these are not the weights the shards were "
@@ -56,7 +57,7 @@ def load_autoencoder(record: S.Conditioning, device: str = "cpu", verify: bool =
 
 
 def load_text_encoders(record: S.Conditioning, device: str = "cpu", verify: bool = True):
-    from models.text_encoders import TextEncoders
+    from flowcurate.models.text_encoders import TextEncoders
 
     quiet_hf_logging()
     source, _ = model_source(record, "t5")

@@ -29,12 +29,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from models import shards as S
-from models.config import load_config, override, to_dict
-from models.mmdit import MMDiT, from_pretrained_diffusers, mmdit_config
-from trainer import checkpoint as C
-from trainer.data import Augment, CuratedShards, DataError, loader, open_record, resolve_shards
-from trainer.flow import flow_loss, sample_t, validation_loss
+from flowcurate.formats import shards as S
+from flowcurate.formats.config import load_config, override, to_dict
+from flowcurate.models.mmdit import MMDiT, from_pretrained_diffusers, mmdit_config
+from flowcurate.trainer import checkpoint as C
+from flowcurate.trainer.data import Augment, CuratedShards, DataError, loader, open_record, resolve_shards
+from flowcurate.trainer.flow import flow_loss, sample_t, validation_loss
 
 CRASH_ENV = "FLOWCURATE_CRASH_AFTER_STEP"  # tests: die abruptly after this step, as a killed job would
 
@@ -182,7 +182,7 @@ def train(args) -> Path:
     log_path, sample_size = run / "log.jsonl", None
     ae = None
     if rank == 0 and tc.sample_every > 0 and "validation.t5" in record.arrays:
-        from trainer.sample import ModelMismatch, load_autoencoder
+        from flowcurate.trainer.sample import ModelMismatch, load_autoencoder
 
         try:
             ae = load_autoencoder(record, device)
@@ -201,7 +201,7 @@ def train(args) -> Path:
             val, per_t = evaluate(ema, val_urls, record, max(1, tc.batch_size), device, autocast)
             log_line(log_path, {"step": step, "val_loss": val, "val_loss_by_t": per_t})
         if ae is not None and sample_size is not None:
-            from trainer.sample import generate, grid
+            from flowcurate.trainer.sample import generate, grid
 
             cond, empty = record.prompt_parts("validation"), record.prompt_parts("empty")
             seeds = list(range(len(record.json["prompts"]["validation"])))
@@ -278,7 +278,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  flowcurate train --shards out/ --config tiny --output run/ --max-steps 400\n"
                "  flowcurate train --shards 'out/shards/train-{000000..000031}.tar' --config sd3 --output run/\n"
-               "  torchrun --nproc_per_node 8 -m trainer train --shards out/ --config sd3 --output run/\n"
+               "  torchrun --nproc_per_node 8 -m flowcurate.trainer train --shards out/ --config sd3 --output run/\n"
                "  flowcurate train --shards out/ --config sd3 --output run/ \\\n"
                "      --init-from stabilityai/stable-diffusion-3-medium-diffusers/transformer   # fine-tune\n"
                "Rerun the same command on an existing run folder to resume from its latest checkpoint.")
@@ -306,11 +306,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer")
+    parser = argparse.ArgumentParser(prog="python -m flowcurate.trainer")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
-    from trainer.memorization import add_parser as add_memorization
-    from trainer.sample import add_parser as add_sample
+    from flowcurate.trainer.memorization import add_parser as add_memorization
+    from flowcurate.trainer.sample import add_parser as add_sample
 
     add_sample(sub)
     add_memorization(sub)

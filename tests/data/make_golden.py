@@ -4,7 +4,7 @@
 
 The fixture pins the shard format of DESIGN.md "Data contracts" for the trainer's reader and the
 pipeline's round-trip test: conditioning.json/.npz, shards/train-000000.tar, shards/val-000000.tar and
-shards/index.json, written through `models.shards` exactly as the pipeline writes them. Eight samples:
+shards/index.json, written through `flowcurate.formats.shards` exactly as the pipeline writes them. Eight samples:
 six 64x64 and two 48x64 (H x W), so aspect buckets are exercised. Regenerate it only when the format
 changes (the record's content hashes then change too), and commit the result.
 """
@@ -12,18 +12,17 @@ changes (the record's content hashes then change too), and commit the result.
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from flowcurate.formats import shards
+from flowcurate.models.autoencoder import Autoencoder
+from flowcurate.models.conditioning import make_record
+from flowcurate.models.text_encoders import TextEncoders
+from flowcurate.models.tiny import ensure_tiny_models, procedural
 
-from models import procedural, shards  # noqa: E402
-from models.autoencoder import Autoencoder  # noqa: E402
-from models.text_encoders import TextEncoders  # noqa: E402
-from models.tiny import ensure_tiny_models  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 VAL_FRACTION = 0.25
 VALIDATION_PROMPTS = ["a red circle above a blue square", "a yellow triangle on a green background"]
@@ -36,7 +35,7 @@ def main(out: Path = ROOT / "tests" / "data" / "golden", n: int = 8, odd: tuple[
     ae, te = Autoencoder.load(str(sd3)), TextEncoders.load(str(sd3), t5_length=77)
     if out.exists():
         shutil.rmtree(out)
-    record = shards.make_record(out, str(sd3), ae, te, validation_prompts=VALIDATION_PROMPTS, label="tiny://sd3")
+    record = make_record(out, str(sd3), ae, te, validation_prompts=VALIDATION_PROMPTS, label="tiny://sd3")
     rng = np.random.default_rng(0)
     samples: dict[str, list] = {"train": [], "val": []}
     keys = [f"{i:09d}" for i in range(1, n + 1)]

@@ -1,9 +1,9 @@
 """Tiny models in exactly the on-disk layouts of the real ones, for tests and the demo.
 
-    DIR/sd3/                   a complete diffusers StableDiffusion3Pipeline folder (models.tiny_sd3)
-    DIR/sscd.torchscript.pt    the released SSCD models' interface, briefly trained (models.tiny_sscd)
+    DIR/sd3/                   a complete diffusers StableDiffusion3Pipeline folder (flowcurate.models.tiny.sd3)
+    DIR/sscd.torchscript.pt    the released SSCD models' interface, briefly trained (flowcurate.models.tiny.sscd)
     DIR/captioner/             a LLaVA-style VLM for AutoProcessor + AutoModelForImageTextToText
-                               (models.tiny_captioner)
+                               (flowcurate.models.tiny.captioner)
     DIR/tiny_report.json       version, seed, build times and quality numbers (AE PSNR, SSCD separation)
 
 They are loaded through the same code that loads real checkpoints (`from_pretrained`, `torch.jit.load`).
@@ -28,14 +28,14 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from models.config import TINY_SCHEME
+from flowcurate.formats.config import TINY_SCHEME
 
 # Bump when the layout changes. Edits to the builders change `source_hash`, which names the cache
 # folder, so a build never outlives the code that made it (the report records the hash too).
 VERSION = 1
 REPORT = "tiny_report.json"
 ROLES = ("sd3", "sscd.torchscript.pt", "captioner")
-_SOURCES = ("tiny.py", "tiny_sd3.py", "tiny_sscd.py", "tiny_captioner.py", "procedural.py", "sscd.py")
+_SOURCES = ("__init__.py", "sd3.py", "sscd.py", "captioner.py", "procedural.py", "../sscd.py")
 
 
 @functools.cache
@@ -71,9 +71,9 @@ def _locked(path: Path):
 def build(out: Path, seed: int = 0, log=print) -> dict:
     """Build every tiny model into `out` (which must not exist yet); returns the report."""
     # Imported here: each builder pulls in transformers / diffusers, which the rest of `models` need not.
-    from models.tiny_captioner import build_captioner
-    from models.tiny_sd3 import build_sd3
-    from models.tiny_sscd import build_sscd
+    from flowcurate.models.tiny.captioner import build_captioner
+    from flowcurate.models.tiny.sd3 import build_sd3
+    from flowcurate.models.tiny.sscd import build_sscd
 
     out.mkdir(parents=True)
     report: dict = {"version": VERSION, "seed": seed, "source_hash": source_hash()}
@@ -143,7 +143,7 @@ def resolve_tiny(location: str, seed: int = 0, log=print) -> str:
 
 
 def resolve_models(cfg, seed: int = 0, log=print):
-    """A copy of `cfg` (a `models.config.Config`) whose `tiny://` model locations are absolute paths.
+    """A copy of `cfg` (a `flowcurate.formats.config.Config`) whose `tiny://` model locations are absolute paths.
 
     The launcher calls this before any work starts, so workers get plain paths and never build models.
     """

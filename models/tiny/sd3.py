@@ -2,7 +2,7 @@
 
     DIR/model_index.json   written by StableDiffusion3Pipeline.save_pretrained
     DIR/vae/               AutoencoderKL: 16 latent channels, 8x downsampling, scaling 1.5305, shift 0.0609,
-                           briefly fitted on procedural images (models.procedural) so reconstructions are
+                           briefly fitted on procedural images (flowcurate.models.tiny.procedural) so reconstructions are
                            recognisable
     DIR/text_encoder/      CLIPTextModelWithProjection, the CLIP-L stand-in (hidden 32, quick_gelu)
     DIR/text_encoder_2/    CLIPTextModelWithProjection, the CLIP-G stand-in (hidden 48, gelu)
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from models.procedural import BACKGROUNDS, COLORS, SHAPES, image_batch
+from flowcurate.models.tiny.procedural import BACKGROUNDS, COLORS, SHAPES, image_batch
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL

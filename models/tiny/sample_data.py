@@ -6,7 +6,7 @@
     DIR/truth.json             what was planted: duplicate groups (with copy kinds) and, per broken
                                key, the rejection reason the pipeline must give (DESIGN.md vocabulary)
 
-Images are procedural scenes (`models.procedural`) of varied size and aspect with truthful captions.
+Images are procedural scenes (`flowcurate.models.tiny.procedural`) of varied size and aspect with truthful captions.
 Planted near-duplicates are copies of an original (`exact` byte-identical file, `reencode`, `resize`,
 `crop`, `jitter`), shuffled across shards so that groups span shards. Broken samples: a truncated JPEG
 (`truncated`), a zero-byte file (`empty_file`), non-image bytes (`undecodable`) and a caption whose
@@ -27,7 +27,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from models.procedural import COPY_KINDS, caption, copy_variant, jpeg_bytes, random_scene, render
+from flowcurate.models.tiny.procedural import (
+    COPY_KINDS,
+    caption,
+    copy_variant,
+    jpeg_bytes,
+    random_scene,
+    render,
+)
 
 BROKEN_KINDS = {  # kind -> the rejection reason DESIGN.md's vocabulary gives it
     "truncated_jpeg": "truncated",

@@ -5,7 +5,7 @@ fields; checkpoints and reports store `asdict(config)`. `--config NAME|PATH`: an
 TOML file; anything else names a preset shipped in `models/presets/` (`tiny`, `sd3`).
 
 Model locations may be hub ids, local paths, URLs (SSCD) or `tiny://NAME`, which the launcher
-resolves to the cached tiny models (`models.tiny.resolve_tiny`), building them once if needed.
+resolves to the cached tiny models (`flowcurate.models.tiny.resolve_tiny`), building them once if needed.
 
 This module lives in `models` because it is the one package every other package may import.
 """
@@ -117,7 +117,7 @@ class DedupConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # MM-DiT size from models.mmdit's registry
+    # MM-DiT size from flowcurate.models.mmdit's registry
     model: str = "d2"
     batch_size: int = 8
     lr: float = 1e-4
@@ -180,7 +180,7 @@ def resolve_device(device: str) -> str:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name[: -len(".toml")] for p in resources.files("models.presets").iterdir()
+    return sorted(p.name[: -len(".toml")] for p in resources.files("flowcurate.formats.presets").iterdir()
                   if p.name.endswith(".toml"))
 
 
@@ -218,7 +218,7 @@ def load_config(name_or_path: str | Path = "tiny") -> Config:
     else:
         if str(name_or_path) not in preset_names():
             raise ConfigError(f"--config {name_or_path!r} is neither a file nor a preset ({', '.join(preset_names())})")
-        text = resources.files("models.presets").joinpath(f"{name_or_path}.toml").read_text()
+        text = resources.files("flowcurate.formats.presets").joinpath(f"{name_or_path}.toml").read_text()
         source = f"preset:{name_or_path}"
     try:
         data = tomllib.loads(text)

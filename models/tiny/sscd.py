@@ -11,7 +11,7 @@ for a fixed number of steps on views of procedural images (the original and `cop
 re-encode, resize, crop, colour jitter) with NT-Xent (SimCLR) plus a hinge that pushes unrelated pairs
 under a cosine of 0.1, and measures on held-out images how well copies and unrelated pairs separate at
 the thresholds dedup cares about. Training data goes through the pipeline's own preprocessing
-(`models.sscd.SSCDPreprocess`), pregenerated at the 64x64 the network pools it to.
+(`flowcurate.models.sscd.SSCDPreprocess`), pregenerated at the 64x64 the network pools it to.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from models.procedural import COPY_KINDS, copy_variant, jpeg_bytes, random_image
-from models.sscd import IMAGENET_MEAN, IMAGENET_STD, SSCDPreprocess
+from flowcurate.models.sscd import IMAGENET_MEAN, IMAGENET_STD, SSCDPreprocess
+from flowcurate.models.tiny.procedural import COPY_KINDS, copy_variant, jpeg_bytes, random_image
 
 SSCD_SIZE = 320  # the pipeline's input: a 320x320 square (SSCD README's advice for copy detection)
 EMBED_DIM = 512
@@ -57,7 +57,7 @@ EVAL_ORIGINALS = 200
 
 
 def preprocess(images: Sequence[Image.Image], size: int = SSCD_SIZE) -> torch.Tensor:
-    """The pipeline's SSCD preprocessing (`models.sscd.SSCDPreprocess`: square resize, ImageNet
+    """The pipeline's SSCD preprocessing (`flowcurate.models.sscd.SSCDPreprocess`: square resize, ImageNet
     mean/std) of EXIF-corrected PIL images, stacked: `(B, 3, size, size)` float32."""
     pre = SSCDPreprocess(size=size)
     return torch.stack([pre(im.convert("RGB")) for im in images])

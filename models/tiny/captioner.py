@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.procedural import BACKGROUNDS, COLORS, SHAPES, caption, random_image, random_scene
+from flowcurate.models.tiny.procedural import BACKGROUNDS, COLORS, SHAPES, caption, random_image, random_scene
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
@@ -49,7 +49,7 @@ COMMON_WORDS = (
     "background left right top bottom center middle above below next to some two three one several "
     "what do you see caption Write short . , : ? !"
 )
-# Every word `models.procedural.caption` can write (what a fitted captioner's output should consist of).
+# Every word `flowcurate.models.tiny.procedural.caption` can write (what a fitted captioner's output should consist of).
 CAPTION_WORDS = frozenset([*COLORS, *SHAPES, *BACKGROUNDS, "background", "a", "an", "and", "on", "to",
                            "above", "below", "the", "left", "right", "of"])
 STEPS = 200
