@@ -110,6 +110,7 @@ def step_ratio(depth: int, tokens: int, batch: int, latent: int, repeats: int, d
 def synthetic_shards(folder: Path, n: int, shard_size: int = 32) -> tuple[list[str], object]:
     """Shards with SD3's real widths through flowcurate.formats.shards, exactly as the pipeline writes them."""
     from flowcurate.formats import shards as S
+    from flowcurate.formats.files import write_atomic
 
     w = {"clip_l": 768, "clip_l_pooled": 768, "clip_g": 1280, "clip_g_pooled": 1280, "t5": 4096}
     te = {r: {"width": w[r], "max_length": 77, "source": "synthetic", "content_hash": "-"} for r in ("clip_l", "clip_g", "t5")}
@@ -132,7 +133,7 @@ def synthetic_shards(folder: Path, n: int, shard_size: int = 32) -> tuple[list[s
         buf.append(S.encode_sample(f"{i:09d}", lat, lat * 0 - 2, enc, meta, record.hash))
         if len(buf) == shard_size or i == n - 1:
             path = folder / "shards" / S.shard_name("train", len(urls))
-            S.atomic_write(path, S.tar_bytes(buf))
+            write_atomic(path, S.tar_bytes(buf))
             urls.append(str(path))
             buf = []
     return urls, record

@@ -630,8 +630,7 @@ def _summary(args, ctx: _Context, inp: Loaded, rows, result, ref, outputs, t_sta
     from flowcurate.dedup.core import SD3_THRESHOLDS
     from flowcurate.dedup.report import group_summary, removed_table
     from flowcurate.formats.config import to_dict
-    from flowcurate.formats.images import BAD_EMBEDDING
-
+    from flowcurate.formats.manifest import BAD_EMBEDDING
     emb = inp.embedded
     counts = {"inputs": len(rows), "kept": 0, "duplicate": 0, "rejected": 0}
     reasons: dict[str, int] = {}

@@ -21,10 +21,10 @@ import numpy as np
 
 from flowcurate.dedup.keep import keep_greedy, priority_rank
 from flowcurate.dedup.search import BLOCK_ROWS, ProgressFn, above, find_pairs, make_engine, row_norms
+from flowcurate.formats.manifest import BAD_EMBEDDING
 
 STATUS = ("kept", "duplicate", "rejected")
 KEPT, DUPLICATE, REJECTED = 0, 1, 2
-BAD_EMBEDDING = "bad_embedding"
 # SD3 Fig. 16b sweeps these SSCD thresholds; search once at the lowest, re-run the keep rule per threshold
 SD3_THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.95)
 
@@ -216,7 +216,6 @@ def _decide(keys, rejected, reason, pairs, cos, rank, cluster, assignment, thres
 
 
 __all__ = [
-    "BAD_EMBEDDING",
     "DUPLICATE",
     "KEPT",
     "REJECTED",

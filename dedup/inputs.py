@@ -20,23 +20,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from flowcurate.formats.images import (
+from flowcurate.formats.images import ImageRejected, decode_image
+from flowcurate.formats.manifest import (
     DUPLICATE_KEY,
+    EMBEDDINGS_SCHEMA,
     MISSING_IMAGE,
     UNDECODABLE,
     UNREADABLE_ARCHIVE_TAIL,
-    ImageRejected,
-    decode_image,
 )
 from flowcurate.formats.tars import IMAGE_EXTS, Member, TarTail, read_member, sanitize_key, scan_tar
 from flowcurate.models.sscd import SSCDPreprocess, embed
-
-EMBEDDING_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("embedding", pa.list_(pa.float32())),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-])
 
 
 class InputError(ValueError):
@@ -216,7 +209,7 @@ def write_embeddings(path: Path, keys: list[str], embeddings: np.ndarray, widths
 
     table = pa.Table.from_arrays(
         [pa.array(keys, pa.string()), pa.ListArray.from_arrays(offsets, flat), nullable(widths), nullable(heights)],
-        schema=EMBEDDING_SCHEMA)
+        schema=EMBEDDINGS_SCHEMA)
     pq.write_table(table, path)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
+
+from flowcurate.formats.files import write_atomic
 
 DEDUP_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -55,20 +56,6 @@ class Row:
 
 def report_similarity(cos: float) -> float:
     return round(float(cos), SIMILARITY_DECIMALS)
-
-
-def write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """write(tmp) to a temporary name beside `path`, then rename it onto `path`; the temporary file
-    is removed if writing fails."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_rows(path: Path, rows: Iterable[Row]) -> pa.Table:

@@ -15,30 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Rejection reasons (DESIGN.md "Rejection vocabulary"); extend here, in one place.
-EMPTY_FILE = "empty_file"
-UNDECODABLE = "undecodable"
-TRUNCATED = "truncated"
-TOO_MANY_PIXELS = "too_many_pixels"
-TOO_SMALL = "too_small"
-BAD_ASPECT = "bad_aspect"
-MISSING_IMAGE = "missing_image"
-DUPLICATE_KEY = "duplicate_key"
-UNREADABLE_ARCHIVE_TAIL = "unreadable_archive_tail"
-BAD_EMBEDDING = "bad_embedding"
-REASONS = (EMPTY_FILE, UNDECODABLE, TRUNCATED, TOO_MANY_PIXELS, TOO_SMALL, BAD_ASPECT, MISSING_IMAGE,
-           DUPLICATE_KEY, UNREADABLE_ARCHIVE_TAIL, BAD_EMBEDDING)
-FILTERED_PREFIX = "filtered:"  # + the configured filter's name, e.g. "filtered:reference"
-# + the pipeline stage, e.g. "failed:validate": an unexpected error on this one element (a dead letter),
-# kept as a row so nothing is lost silently; the run goes on
-FAILED_PREFIX = "failed:"
+from flowcurate.formats.manifest import EMPTY_FILE, TOO_MANY_PIXELS, TRUNCATED, UNDECODABLE, is_reason
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
-
-
-def is_reason(reason: str) -> bool:
-    return reason in REASONS or any(reason.startswith(p) and len(reason) > len(p)
-                                    for p in (FILTERED_PREFIX, FAILED_PREFIX))
 
 
 class ImageRejected(Exception):

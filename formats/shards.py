@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -30,6 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from flowcurate.formats.files import write_atomic
+from flowcurate.formats.hashing import stable_hash
 
 FORMAT_VERSION = 1
 VARIANTS = ("orig", "syn")
@@ -53,17 +55,13 @@ def array_members() -> list[str]:
 # ------------------------------------------------------------------------------------------------------
 # Stable hashing: split and shard of a key (hashlib, never Python's salted `hash`)
 
-def key_hash(key: str, salt: str = "") -> int:
-    return int.from_bytes(hashlib.sha256(f"{salt}{key}".encode()).digest()[:8], "big")
-
-
 def split_of(key: str, val_fraction: float) -> str:
     """`val` for a fixed fraction of keys by hash, else `train`."""
-    return "val" if key_hash(key, "split:") < val_fraction * 2.0**64 else "train"
+    return "val" if stable_hash("split", key) < val_fraction * 2.0**64 else "train"
 
 
 def shard_of(key: str, n_shards: int) -> int:
-    return key_hash(key, "shard:") % max(1, n_shards)
+    return stable_hash("shard", key) % max(1, n_shards)
 
 
 def shard_name(split: str, index: int) -> str:
@@ -91,14 +89,6 @@ def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             zf.writestr(info, npy_bytes(arrays[name], str(arrays[name].dtype)))
     return buf.getvalue()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def tar_bytes(samples: Iterable[Mapping[str, bytes]]) -> bytes:
@@ -228,7 +218,7 @@ def write_record(out_dir: Path, doc: dict, arrays: Mapping[str, np.ndarray]) -> 
     """Write conditioning.npz then conditioning.json (which names the npz's hash); return the record."""
     doc, files, digest = record_files(doc, arrays)
     for name, data in files.items():
-        atomic_write(Path(out_dir) / name, data)
+        write_atomic(Path(out_dir) / name, data)
     return Conditioning(doc, {k: np.asarray(v) for k, v in arrays.items()}, digest, str(Path(out_dir) / RECORD_JSON))
 
 
@@ -264,7 +254,7 @@ def index_doc(counts: Mapping[str, int], conditioning: str) -> dict:
 
 def write_index(shards_dir: Path, counts: Mapping[str, int], conditioning: str) -> dict:
     doc = index_doc(counts, conditioning)
-    atomic_write(Path(shards_dir) / INDEX_JSON, record_bytes(doc))
+    write_atomic(Path(shards_dir) / INDEX_JSON, record_bytes(doc))
     return doc
 
 

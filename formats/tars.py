@@ -67,46 +67,12 @@ def split_name(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), (ext.lower() if dot else "")
 
 
-def scan_tar(fileobj: BinaryIO, source: str) -> Iterator[TarSample | TarTail]:
-    """Samples of one tar in archive order (members of a key are adjacent in WebDataset tars; a key
-    that reappears later starts a new sample, which the caller sees as a repeated key)."""
-    current: TarSample | None = None
-    offset = 0
-    try:
-        with tarfile.open(fileobj=fileobj, mode="r|") as tar:  # streaming: works on non-seekable files
-            for info in tar:
-                offset = info.offset
-                if not info.isfile():
-                    continue  # directories, links, devices: never followed
-                raw_key, ext = split_name(info.name)
-                if current is None or raw_key != current.raw_key:
-                    if current is not None:
-                        yield current
-                    current = TarSample(sanitize_key(raw_key), f"{source}#{info.name}", raw_key=raw_key)
-                current.members[ext] = Member(ext, info.offset_data, info.size)
-                if ext in IMAGE_EXTS:
-                    current.source = f"{source}#{info.name}"
-                offset = info.offset_data + info.size
-    except (tarfile.TarError, EOFError, OSError) as e:
-        # Members before the last one were skipped over successfully, so they are whole; the last one
-        # is whole only if the file really extends past its end (checkable when seekable).
-        end = _size(fileobj)
-        if current is not None and all(m.offset + m.size <= end for m in current.members.values()):
-            yield current
-            offset = max(m.offset + m.size for m in current.members.values())
-        elif current is not None:
-            offset = min(m.offset for m in current.members.values()) - tarfile.BLOCKSIZE
-        yield TarTail(source, max(offset, 0), f"{type(e).__name__}: {e}")
-        return
-    if current is not None:
-        yield current
-
-
-def iter_tar(fileobj: BinaryIO, source: str) -> Iterator[tuple[TarSample, dict[str, bytes]] | TarTail]:
-    """Like `scan_tar`, reading each member's bytes as the stream passes (one pass; works on
-    non-seekable streams such as cloud storage reads): (sample, {ext: bytes}) per sample, then a
-    `TarTail` if the archive is damaged. A sample whose member data is cut off is not yielded; the
-    tail starts at its first member, so nothing is dropped without a row saying where."""
+def _walk(fileobj: BinaryIO, source: str, read: bool) -> Iterator[tuple[TarSample, dict[str, bytes]] | TarTail]:
+    """The one walk over a tar (streaming, so non-seekable files work): (sample, {ext: bytes}) per
+    sample in archive order, the bytes read as the stream passes when `read`, else {}. A damaged
+    archive ends with one `TarTail`; the sample being read when the damage was met is yielded only
+    if all of it is provably whole, otherwise the tail starts at its first member, so nothing is
+    dropped without a row saying where."""
     current: TarSample | None = None
     data: dict[str, bytes] = {}
     offset = 0
@@ -115,31 +81,51 @@ def iter_tar(fileobj: BinaryIO, source: str) -> Iterator[tuple[TarSample, dict[s
             for info in tar:
                 offset = info.offset
                 if not info.isfile():
-                    continue
+                    continue  # directories, links, devices: never followed
                 raw_key, ext = split_name(info.name)
                 if current is None or raw_key != current.raw_key:
                     if current is not None:
                         yield current, data
                     current, data = TarSample(sanitize_key(raw_key), f"{source}#{info.name}", raw_key=raw_key), {}
-                fh = tar.extractfile(info)
-                blob = fh.read() if fh is not None else b""
-                if len(blob) != info.size:
-                    raise EOFError(f"member {info.name!r} is cut short ({len(blob)} of {info.size} bytes)")
                 current.members[ext] = Member(ext, info.offset_data, info.size)
-                data[ext] = blob
                 if ext in IMAGE_EXTS:
                     current.source = f"{source}#{info.name}"
+                if read:
+                    fh = tar.extractfile(info)
+                    blob = fh.read() if fh is not None else b""
+                    if len(blob) != info.size:
+                        raise EOFError(f"member {info.name!r} is cut short ({len(blob)} of {info.size} bytes)")
+                    data[ext] = blob
                 offset = info.offset_data + info.size
     except (tarfile.TarError, EOFError, OSError) as e:
-        if current is not None and len(data) == len(current.members) and current.members and \
-                max(m.offset + m.size for m in current.members.values()) <= offset:
-            yield current, data  # the damage lies after its last member: it is whole
-        elif current is not None and current.members:
-            offset = min(m.offset for m in current.members.values()) - tarfile.BLOCKSIZE
+        if current is not None and current.members:
+            end = max(m.offset + m.size for m in current.members.values())
+            # read: every member's bytes arrived; scan: the file really extends past the last member
+            # (checkable when seekable: members before it were skipped over, so they are whole)
+            if (len(data) == len(current.members)) if read else end <= _size(fileobj):
+                yield current, data
+                offset = end
+            else:
+                offset = min(m.offset for m in current.members.values()) - tarfile.BLOCKSIZE
         yield TarTail(source, max(offset, 0), f"{type(e).__name__}: {e}")
         return
     if current is not None:
         yield current, data
+
+
+def scan_tar(fileobj: BinaryIO, source: str) -> Iterator[TarSample | TarTail]:
+    """Samples of one tar in archive order, with members' offsets and sizes but no bytes (a reader
+    fetches one member later with `read_member`). Members of a key are adjacent in WebDataset tars; a
+    key that reappears later starts a new sample, which the caller sees as a repeated key."""
+    for item in _walk(fileobj, source, read=False):
+        yield item if isinstance(item, TarTail) else item[0]
+
+
+def iter_tar(fileobj: BinaryIO, source: str) -> Iterator[tuple[TarSample, dict[str, bytes]] | TarTail]:
+    """Like `scan_tar`, reading each member's bytes as the stream passes (one pass; works on
+    non-seekable streams such as cloud storage reads): (sample, {ext: bytes}) per sample, then a
+    `TarTail` if the archive is damaged."""
+    return _walk(fileobj, source, read=True)
 
 
 def _size(fileobj: BinaryIO) -> int:

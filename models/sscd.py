@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from flowcurate.formats.files import cache_root, write_atomic
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -65,11 +66,6 @@ class SSCDPreprocess:
         return {"resize": "square", "interpolation": "bilinear", **asdict(self)}
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("FLOWCURATE_CACHE", Path.home() / ".cache" / "flowcurate")
-    return Path(root).expanduser() / "sscd"
-
-
 def resolve_sscd(location: str | os.PathLike) -> Path:
     """A local path for `location`: an existing file, a release name, or an http(s) URL (downloaded
     once into `$FLOWCURATE_CACHE/sscd/`, atomically)."""
@@ -83,21 +79,17 @@ def resolve_sscd(location: str | os.PathLike) -> Path:
                                 f"({', '.join(sorted(RELEASES))})")
     name = location.rstrip("/").rsplit("/", 1)[-1] or "sscd.torchscript.pt"
     digest = hashlib.sha256(location.encode()).hexdigest()[:12]
-    target = _cache_dir() / f"{digest}-{name}"
+    target = cache_root() / "sscd" / f"{digest}-{name}"
     if target.is_file():
         return target
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("FLOWCURATE_OFFLINE") == "1":
         raise FileNotFoundError(f"SSCD model {location} is not cached at {target} and downloads are off "
                                 "(HF_HUB_OFFLINE/FLOWCURATE_OFFLINE=1)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".download-")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(location, timeout=60) as resp:
+    def download(tmp: str) -> None:
+        with open(tmp, "wb") as out, urllib.request.urlopen(location, timeout=60) as resp:
             shutil.copyfileobj(resp, out)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    write_atomic(target, download)
     return target
 
 

@@ -9,12 +9,13 @@ of elements, never on the runner, the worker count, bundle boundaries or arrival
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import apache_beam as beam
+
+from flowcurate.formats.hashing import stable_hash
 
 
 class Chunk(NamedTuple):
@@ -23,10 +24,9 @@ class Chunk(NamedTuple):
     items: list  # sorted by key
 
 
-def stable_bucket(key: str, buckets: int, salt: str = "chunks") -> int:
-    """key -> [0, buckets) by blake2b (never Python's salted hash)."""
-    h = hashlib.blake2b(key.encode("utf-8"), digest_size=8, person=salt.encode()[:16]).digest()
-    return int.from_bytes(h, "big") % max(1, buckets)
+def stable_bucket(key: str, buckets: int) -> int:
+    """key -> [0, buckets) by its stable `chunk` hash."""
+    return stable_hash("chunk", key) % max(1, buckets)
 
 
 def split_sorted(group, items, size: int, key: Callable[[Any], str]):

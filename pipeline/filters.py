@@ -25,7 +25,7 @@ from typing import NamedTuple
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
-from flowcurate.formats.images import FILTERED_PREFIX
+from flowcurate.formats.manifest import FILTERED_PREFIX
 from flowcurate.pipeline.chunks import Chunk, Chunks
 from flowcurate.pipeline.stages import Accepted, failed_rows, manifest_row
 

@@ -42,7 +42,7 @@ from flowcurate.dedup.search import (
     train_centroids,
     unique_pairs,
 )
-from flowcurate.formats.images import BAD_EMBEDDING
+from flowcurate.formats.manifest import BAD_EMBEDDING
 from flowcurate.pipeline.stages import Accepted, manifest_row
 
 

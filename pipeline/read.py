@@ -23,7 +23,7 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
-from flowcurate.formats.images import DUPLICATE_KEY, MISSING_IMAGE, UNREADABLE_ARCHIVE_TAIL
+from flowcurate.formats.manifest import DUPLICATE_KEY, MISSING_IMAGE, UNREADABLE_ARCHIVE_TAIL
 from flowcurate.formats.tars import IMAGE_EXTS, TarTail, iter_tar, sanitize_key
 
 PARQUET_EXTS = ("parquet",)

@@ -24,7 +24,7 @@ from apache_beam.options.pipeline_options import DirectOptions
 
 from flowcurate.captioning.handler import CaptionModelHandler
 from flowcurate.formats.config import to_dict
-from flowcurate.formats.images import FAILED_PREFIX
+from flowcurate.formats.manifest import EMBEDDINGS_SCHEMA, FAILED_PREFIX, MANIFEST_SCHEMA
 from flowcurate.formats.shards import (
     INDEX_JSON,
     RECORD_JSON,
@@ -46,8 +46,6 @@ from flowcurate.pipeline.read import ReadRaw
 from flowcurate.pipeline.stages import ExactDedup, Validate, failed_rows, manifest_row
 from flowcurate.pipeline.validate import aspect_buckets
 from flowcurate.pipeline.write import (
-    EMBEDDINGS_SCHEMA,
-    MANIFEST_SCHEMA,
     PARTS_DIR,
     concat_parts,
     delete_tree,

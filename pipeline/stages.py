@@ -16,7 +16,8 @@ from typing import NamedTuple
 import apache_beam as beam
 import numpy as np
 
-from flowcurate.formats.images import FAILED_PREFIX, ImageRejected
+from flowcurate.formats.images import ImageRejected
+from flowcurate.formats.manifest import FAILED_PREFIX
 from flowcurate.pipeline.chunks import Chunk
 from flowcurate.pipeline.read import RawItem
 from flowcurate.pipeline.validate import validate

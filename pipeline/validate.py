@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from flowcurate.formats.images import BAD_ASPECT, DEFAULT_MAX_PIXELS, TOO_SMALL, ImageRejected, decode_image
+from flowcurate.formats.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
+from flowcurate.formats.manifest import BAD_ASPECT, TOO_SMALL
 from flowcurate.models.sscd import SSCDPreprocess
 
 # sides of the resized image are multiples of this: the AE downsamples 8x, the MM-DiT patches 2x2

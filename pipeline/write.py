@@ -21,35 +21,13 @@ import posixpath
 import tarfile
 import uuid
 
-import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from flowcurate.formats.shards import tar_bytes
 
 PARTS_DIR = ".parts"
 
-MANIFEST_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("source", pa.string()),
-    ("status", pa.string()),
-    ("reason", pa.string()),
-    ("duplicate_of", pa.string()),
-    ("similarity", pa.float32()),
-    ("cluster", pa.int32()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("caption_original", pa.string()),
-    ("caption_synthetic", pa.string()),
-    ("notes", pa.list_(pa.string())),
-    ("shard", pa.string()),
-])
 
-EMBEDDINGS_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("embedding", pa.list_(pa.float32())),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-])
 
 
 def join(*parts: str) -> str:

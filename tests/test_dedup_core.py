@@ -7,7 +7,7 @@ import faiss
 import numpy as np
 import pytest
 
-from flowcurate.dedup.core import BAD_EMBEDDING, DUPLICATE, KEPT, REJECTED, find_duplicates
+from flowcurate.dedup.core import DUPLICATE, KEPT, REJECTED, find_duplicates
 from flowcurate.dedup.keep import connected_components, keep_greedy, priority_rank, resolve_component
 from flowcurate.dedup.search import (
     Engine,
@@ -22,6 +22,7 @@ from flowcurate.dedup.search import (
     train_centroids,
     unit_rows,
 )
+from flowcurate.formats.manifest import BAD_EMBEDDING
 
 T = 0.5
 

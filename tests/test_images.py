@@ -8,15 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowcurate.formats.images import (
-    EMPTY_FILE,
-    TOO_MANY_PIXELS,
-    TRUNCATED,
-    UNDECODABLE,
-    ImageRejected,
-    decode_image,
-    is_reason,
-)
+from flowcurate.formats.images import ImageRejected, decode_image
+from flowcurate.formats.manifest import EMPTY_FILE, TOO_MANY_PIXELS, TRUNCATED, UNDECODABLE, is_reason
 
 
 def _bytes(img, fmt, **kw):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from flowcurate.formats import shards as S
+from flowcurate.formats.files import write_atomic
 from flowcurate.models.conditioning import make_record
 from flowcurate.models.tiny import procedural
 
@@ -67,7 +68,7 @@ def build_curated(out: Path, write_tar, n: int = N_TRAIN, size: int = SIZE, seed
         rows.append(dict(key=key, source=source, status="kept", cluster=0, width=size, height=size,
                          caption_original=cap, caption_synthetic=syn, notes=[], shard=S.shard_name("train", 0)))
     write_tar(raw / "raw-000000.tar", tar_members)
-    S.atomic_write(out / "shards" / S.shard_name("train", 0), S.tar_bytes(samples))
+    write_atomic(out / "shards" / S.shard_name("train", 0), S.tar_bytes(samples))
     S.write_index(out / "shards", {S.shard_name("train", 0): len(samples)}, record.hash)
     for of, count in DUPLICATES.items():
         for j in range(count):

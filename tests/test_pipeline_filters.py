@@ -16,7 +16,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from safetensors.torch import save_file
 
-from flowcurate.formats.images import is_reason
+from flowcurate.formats.manifest import is_reason
 from flowcurate.pipeline.chunks import Chunk
 from flowcurate.pipeline.filters import ApplyFilters, Filter, ScoreModelHandler, load_head
 from flowcurate.pipeline.stages import Accepted

@@ -32,6 +32,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from flowcurate.formats import shards as S
+from flowcurate.formats.hashing import stable_hash
 from flowcurate.models.autoencoder import to_model_space
 
 
@@ -79,7 +80,7 @@ class Augment:
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
-    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, S.key_hash(key, "sample:") & 0xFFFFFFFF])
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, stable_hash("sample", key) & 0xFFFFFFFF])
 
 
 def decode_sample(raw: dict, doc: dict, record: S.Conditioning, aug: Augment | None, seed: int, epoch: int):

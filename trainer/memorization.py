@@ -43,9 +43,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from flowcurate.dedup.inputs import read_embeddings
-from flowcurate.dedup.report import report_similarity, sheet_font, write_atomic
+from flowcurate.dedup.report import report_similarity, sheet_font
 from flowcurate.dedup.search import above, exact_dots, in_kmeans_sample, unit_rows
 from flowcurate.formats import shards as S
+from flowcurate.formats.files import write_atomic
 from flowcurate.formats.images import ImageRejected, decode_image
 from flowcurate.models.autoencoder import Autoencoder, to_model_space
 from flowcurate.models.sscd import SSCDPreprocess, embed, load_sscd

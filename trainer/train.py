@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from flowcurate.formats import shards as S
 from flowcurate.formats.config import load_config, override, to_dict
+from flowcurate.formats.hashing import stable_hash
 from flowcurate.models.mmdit import MMDiT, from_pretrained_diffusers, mmdit_config
 from flowcurate.trainer import checkpoint as C
 from flowcurate.trainer.data import Augment, CuratedShards, DataError, loader, open_record, resolve_shards
@@ -79,8 +79,7 @@ def plot_losses(log: Path, out: Path) -> None:
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}:{step}:{stream}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+    return torch.Generator().manual_seed(stable_hash("noise", f"{seed}:{step}:{stream}") >> 1)
 
 
 def learning_rate(tc, step: int) -> float:

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from flowcurate.formats.config import TINY_SCHEME
+from flowcurate.formats.files import cache_root
 
 # Bump when the layout changes. Edits to the builders change `source_hash`, which names the cache
 # folder, so a build never outlives the code that made it (the report records the hash too).
@@ -45,10 +46,6 @@ def source_hash() -> str:
     for name in _SOURCES:
         h.update(name.encode() + b"\0" + (Path(__file__).parent / name).read_bytes() + b"\0")
     return h.hexdigest()[:16]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FLOWCURATE_CACHE", Path.home() / ".cache" / "flowcurate")).expanduser()
 
 
 def cache_dir(seed: int = 0) -> Path:

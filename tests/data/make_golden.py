@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from flowcurate.formats import shards
+from flowcurate.formats.files import write_atomic
 from flowcurate.models.autoencoder import Autoencoder
 from flowcurate.models.conditioning import make_record
 from flowcurate.models.text_encoders import TextEncoders
@@ -55,7 +56,7 @@ def main(out: Path = ROOT / "tests" / "data" / "golden", n: int = 8, odd: tuple[
         if not items:
             continue
         name = shards.shard_name(split, 0)
-        shards.atomic_write(out / "shards" / name, shards.tar_bytes(items))
+        write_atomic(out / "shards" / name, shards.tar_bytes(items))
         counts[name] = len(items)
     shards.write_index(out / "shards", counts, record.hash)
     print(f"wrote {out}: {counts}, conditioning {record.hash}")
