@@ -75,7 +75,7 @@ def step_ratio(depth: int, tokens: int, batch: int, latent: int, repeats: int, d
                compile: bool = False) -> dict:
     from diffusers import SD3Transformer2DModel
 
-    from flowcurate.models.mmdit import diffusers_config, to_diffusers_state_dict
+    from flowcurate.models.mmdit_diffusers import diffusers_config, to_diffusers_state_dict
 
     cfg = config(depth, latent)
     torch.manual_seed(0)

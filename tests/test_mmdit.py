@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
-from flowcurate.models import mmdit
+from flowcurate.models import mmdit, mmdit_diffusers
 from flowcurate.models.mmdit import MMDiT, MMDiTConfig
 
 TINY = mmdit.SIZES["tiny"]
@@ -46,10 +46,10 @@ def test_parity_with_diffusers_both_directions(name):
     cfg = CONFIGS[name]
     torch.manual_seed(0)
     ours = _randomize_(MMDiT(cfg), seed=1).eval()
-    theirs = mmdit.to_diffusers(ours).eval()
+    theirs = mmdit_diffusers.to_diffusers(ours).eval()
     torch.manual_seed(0)
-    theirs_random = _randomize_(SD3Transformer2DModel(**mmdit.diffusers_config(cfg)), seed=2).eval()
-    ours_from = mmdit.from_diffusers(theirs_random).eval()
+    theirs_random = _randomize_(SD3Transformer2DModel(**mmdit_diffusers.diffusers_config(cfg)), seed=2).eval()
+    ours_from = mmdit_diffusers.from_diffusers(theirs_random).eval()
     with torch.no_grad():
         for b, h, w, n in SHAPES:
             x, t, context, pooled = _inputs(cfg, b, h, w, n)
@@ -64,19 +64,19 @@ def test_parity_with_diffusers_both_directions(name):
 @pytest.mark.parametrize("name", ["qk_rms", "no_qk"])
 def test_converter_round_trips_exactly(name):
     cfg = CONFIGS[name]
-    theirs = _randomize_(SD3Transformer2DModel(**mmdit.diffusers_config(cfg)), seed=3)
-    back = mmdit.to_diffusers_state_dict(mmdit.from_diffusers(theirs))
+    theirs = _randomize_(SD3Transformer2DModel(**mmdit_diffusers.diffusers_config(cfg)), seed=3)
+    back = mmdit_diffusers.to_diffusers_state_dict(mmdit_diffusers.from_diffusers(theirs))
     expected = theirs.state_dict()
     assert back.keys() == expected.keys()
     for k in expected:
         assert torch.equal(back[k], expected[k]), k
 
     ours = _randomize_(MMDiT(cfg), seed=4)
-    again = mmdit.from_diffusers_state_dict(mmdit.to_diffusers_state_dict(ours), cfg)
+    again = mmdit_diffusers.from_diffusers_state_dict(mmdit_diffusers.to_diffusers_state_dict(ours), cfg)
     assert again.keys() == ours.state_dict().keys()
     for k, v in ours.state_dict().items():
         assert torch.equal(again[k], v), k
-    assert mmdit.config_from_diffusers(mmdit.diffusers_config(cfg)) == cfg
+    assert mmdit_diffusers.config_from_diffusers(mmdit_diffusers.diffusers_config(cfg)) == cfg
 
 
 @pytest.mark.parametrize("name", ["qk_rms", "no_qk"])
@@ -91,15 +91,15 @@ def test_our_names_are_the_reference_checkpoint_names(name):
     checkpoint = {f"model.diffusion_model.{k}": v for k, v in ours.state_dict().items()}
     converted = convert_sd3_transformer_checkpoint_to_diffusers(checkpoint)
     assert checkpoint == {}  # every key consumed
-    expected = mmdit.to_diffusers_state_dict(ours)
+    expected = mmdit_diffusers.to_diffusers_state_dict(ours)
     assert converted.keys() == expected.keys()
     for k in expected:
         assert torch.equal(converted[k], expected[k]), k
 
 
 def test_from_diffusers_copies_weights():
-    theirs = _randomize_(SD3Transformer2DModel(**mmdit.diffusers_config(TINY)), seed=5)
-    ours = mmdit.from_diffusers(theirs)
+    theirs = _randomize_(SD3Transformer2DModel(**mmdit_diffusers.diffusers_config(TINY)), seed=5)
+    ours = mmdit_diffusers.from_diffusers(theirs)
     before = theirs.proj_out.weight.clone()
     with torch.no_grad():
         ours.final_layer.linear.weight.add_(1.0)
@@ -108,18 +108,18 @@ def test_from_diffusers_copies_weights():
 
 
 def test_converter_rejects_wrong_keys_and_dual_attention():
-    sd = mmdit.to_diffusers_state_dict(MMDiT(TINY))
+    sd = mmdit_diffusers.to_diffusers_state_dict(MMDiT(TINY))
     del sd["proj_out.bias"]
     with pytest.raises(ValueError, match="missing keys.*proj_out.bias"):
-        mmdit.from_diffusers_state_dict(sd, TINY)
+        mmdit_diffusers.from_diffusers_state_dict(sd, TINY)
     with pytest.raises(NotImplementedError, match="dual-attention"):
-        mmdit.config_from_diffusers({**mmdit.diffusers_config(TINY), "dual_attention_layers": (0,)})
+        mmdit_diffusers.config_from_diffusers({**mmdit_diffusers.diffusers_config(TINY), "dual_attention_layers": (0,)})
 
 
 def test_from_pretrained_diffusers_loads_a_saved_transformer(tmp_path):
-    theirs = _randomize_(SD3Transformer2DModel(**mmdit.diffusers_config(TINY)), seed=6).eval()
+    theirs = _randomize_(SD3Transformer2DModel(**mmdit_diffusers.diffusers_config(TINY)), seed=6).eval()
     theirs.save_pretrained(tmp_path / "transformer")
-    ours = mmdit.from_pretrained_diffusers(str(tmp_path), local_files_only=True).eval()
+    ours = mmdit_diffusers.from_pretrained_diffusers(str(tmp_path), local_files_only=True).eval()
     assert ours.config == TINY
     x, t, context, pooled = _inputs(TINY, *SHAPES[0])
     with torch.no_grad():
@@ -179,7 +179,7 @@ def test_patchify_round_trip_and_layout():
 def test_pos_embed_and_crop_match_diffusers(sample_size, max_size):
     cfg = dataclasses.replace(TINY, sample_size=sample_size, pos_embed_max_size=max_size)
     ours = MMDiT(cfg)
-    theirs = SD3Transformer2DModel(**mmdit.diffusers_config(cfg))
+    theirs = SD3Transformer2DModel(**mmdit_diffusers.diffusers_config(cfg))
     assert torch.equal(ours.pos_embed, theirs.pos_embed.pos_embed)
     assert ours.pos_embed.abs().sum() > 0
     for h, w in [(2 * max_size, 2 * max_size), (8, 8), (10, 4), (2, 2 * max_size), (6, 12)]:
@@ -214,12 +214,12 @@ RELEASED = {
 @pytest.mark.parametrize("name", list(RELEASED))
 def test_released_sizes_match_diffusers_shapes(name):
     cfg = mmdit.SIZES[name]
-    assert mmdit.config_from_diffusers(RELEASED[name]) == cfg
+    assert mmdit_diffusers.config_from_diffusers(RELEASED[name]) == cfg
     # built on the meta device: real-size shapes without allocating billions of weights
     ours = MMDiT(cfg, device="meta")
     with torch.device("meta"):
-        theirs = SD3Transformer2DModel(**mmdit.diffusers_config(cfg))
-    converted = {k: tuple(v.shape) for k, v in mmdit.to_diffusers_state_dict(ours).items()}
+        theirs = SD3Transformer2DModel(**mmdit_diffusers.diffusers_config(cfg))
+    converted = {k: tuple(v.shape) for k, v in mmdit_diffusers.to_diffusers_state_dict(ours).items()}
     assert converted == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
 
 

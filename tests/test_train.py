@@ -102,7 +102,8 @@ def test_foreign_shards_are_refused_with_a_clear_message(golden, tmp_path):
 def test_init_from_a_diffusers_transformer(golden, tmp_path):
     from diffusers import SD3Transformer2DModel
 
-    from flowcurate.models.mmdit import diffusers_config, mmdit_config
+    from flowcurate.models.mmdit import mmdit_config
+    from flowcurate.models.mmdit_diffusers import diffusers_config
 
     torch.manual_seed(5)
     ref = SD3Transformer2DModel(**diffusers_config(mmdit_config("tiny")))
@@ -113,7 +114,7 @@ def test_init_from_a_diffusers_transformer(golden, tmp_path):
     cfg = write_config(tmp_path / "c.toml")
     assert main(["train", "--shards", str(golden), "--config", str(cfg), "--output", str(tmp_path / "run"),
                  "--max-steps", "0", "--init-from", str(tmp_path / "transformer"), *QUIET]) == 0
-    from flowcurate.models.mmdit import from_diffusers
+    from flowcurate.models.mmdit_diffusers import from_diffusers
 
     expected = from_diffusers(ref).state_dict()
     got = load_file(tmp_path / "run" / "checkpoints" / "step-000000" / "model.safetensors")

@@ -31,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 from flowcurate.formats import shards as S
 from flowcurate.formats.config import load_config, override, to_dict
 from flowcurate.formats.hashing import stable_hash
-from flowcurate.models.mmdit import MMDiT, from_pretrained_diffusers, mmdit_config
+from flowcurate.models.mmdit import MMDiT, mmdit_config
+from flowcurate.models.mmdit_diffusers import from_pretrained_diffusers
 from flowcurate.trainer import checkpoint as C
 from flowcurate.trainer.data import Augment, CuratedShards, DataError, loader, open_record, resolve_shards
 from flowcurate.trainer.flow import flow_loss, sample_t, validation_loss

@@ -130,7 +130,10 @@ def write_tiny_models(output: Path, seed: int = 0, log=print) -> Path:
 
 
 def resolve_tiny(location: str, seed: int = 0, log=print) -> str:
-    """`tiny://NAME` -> absolute path of that role in the cached build; anything else unchanged."""
+    """`tiny://NAME` -> absolute path of that role in the cached build (built once); anything else unchanged.
+
+    The one place a `tiny://` location becomes a path. Commands call it (or `resolve_models`) at
+    their entry, once they know which models they need; loaders and workers only ever see paths."""
     if not location.startswith(TINY_SCHEME):
         return location
     name = location[len(TINY_SCHEME):]
@@ -139,12 +142,10 @@ def resolve_tiny(location: str, seed: int = 0, log=print) -> str:
     return str(ensure_tiny_models(seed, log=log) / name)
 
 
-def resolve_models(cfg, seed: int = 0, log=print):
-    """A copy of `cfg` (a `flowcurate.formats.config.Config`) whose `tiny://` model locations are absolute paths.
-
-    The launcher calls this before any work starts, so workers get plain paths and never build models.
-    """
+def resolve_models(cfg, roles: tuple[str, ...] | None = None, seed: int = 0, log=print):
+    """A copy of `cfg` (a `flowcurate.formats.config.Config`) whose `[models]` locations named in
+    `roles` (field names such as "sscd"; None: every location) went through `resolve_tiny`."""
     m = cfg.models
-    resolved = {f.name: resolve_tiny(getattr(m, f.name), seed, log) for f in dataclasses.fields(m)
-                if isinstance(getattr(m, f.name), str)}
+    names = [f.name for f in dataclasses.fields(m) if isinstance(getattr(m, f.name), str)]
+    resolved = {n: resolve_tiny(getattr(m, n), seed, log) for n in names if roles is None or n in roles}
     return dataclasses.replace(cfg, models=dataclasses.replace(m, **resolved))
