@@ -160,16 +160,16 @@ def test_gpu_placement(path, captioner):
     assert all(c.text and c.notes == () for c in half.caption(images, [None] * 5))
 
 
-def test_handler_options_without_loading():
+def test_handler_sizes_chunks_without_loading():
     from flowcurate.captioning.handler import CaptionModelHandler
 
-    handler = CaptionModelHandler("/nonexistent/vlm", device="cuda")  # stores options only
-    assert handler.batch_elements_kwargs() == {"max_batch_size": 1}
+    handler = CaptionModelHandler("/nonexistent/vlm", device="cuda")  # stores options only: nothing loads
     assert handler.share_model_across_processes() is False
     assert CaptionModelHandler("/x", share_model=True).share_model_across_processes() is True
-    assert handler.get_metrics_namespace() == "flowcurate_captioning"
+    # Beam's byte counter sees pixels plus caption bytes of every item of every chunk
     chunk = [(np.zeros((4, 5, 3), np.uint8), "abc"), (np.zeros((2, 2, 3), np.uint8), None)]
     assert handler.get_num_bytes([chunk, chunk]) == 2 * (60 + 3 + 12)
+    assert handler.get_num_bytes([chunk[:1]]) == 60 + 3
 
 
 @pytest.mark.parametrize("keyed", [False, True])  # two runs: both must equal the direct captions

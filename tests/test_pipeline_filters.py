@@ -12,6 +12,7 @@ import apache_beam as beam
 import numpy as np
 import pytest
 import torch
+import transformers
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from safetensors.torch import save_file
@@ -20,8 +21,6 @@ from flowcurate.formats.manifest import is_reason
 from flowcurate.pipeline.chunks import Chunk
 from flowcurate.pipeline.filters import ApplyFilters, Filter, ScoreModelHandler, load_head
 from flowcurate.pipeline.stages import Accepted
-
-transformers = pytest.importorskip("transformers")
 
 
 def _images(n: int, colour: int, seed: int) -> list[np.ndarray]:

@@ -37,11 +37,10 @@ def curated(tmp_path_factory):
 def test_every_input_is_accounted_for(curated):
     root, truth, odd, stats = curated
     rows = read_manifest(root / "out")
-    expected = set(truth["keys"]) | set(odd["kept"]) | set(odd["rejected"]) if "keys" in truth else None
+    expected = set(truth["keys"]) | set(odd["kept"]) | set(odd["rejected"])
     n_inputs = truth["n"] + len(odd["kept"]) + len(odd["rejected"])
     assert len(rows) == n_inputs == stats["inputs"]
-    if expected is not None:
-        assert set(rows) == expected
+    assert set(rows) == expected
     counts = {s: sum(r["status"] == s for r in rows.values()) for s in ("kept", "duplicate", "rejected")}
     assert counts == stats["status"] and sum(counts.values()) == n_inputs
     for r in rows.values():
