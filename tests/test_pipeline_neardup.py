@@ -1,6 +1,6 @@
-"""pipeline/neardup.py on the FnApiRunner: near-duplicate decisions equal `flowcurate dedup`'s core
-(`flowcurate.dedup.core.find_duplicates`) on the same descriptors, clustered and exact, and bad descriptors are
-rejected rows."""
+"""pipeline/decide.py on the FnApiRunner: near-duplicate decisions over pass-1 records equal `flowcurate
+dedup`'s core (`flowcurate.dedup.core.find_duplicates`) on the same descriptors, clustered and exact, and bad
+descriptors are rejected rows."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from flowcurate.dedup.core import STATUS, find_duplicates
 from flowcurate.dedup.report import report_similarity
-from flowcurate.pipeline.neardup import Embedded, NearDupDedup
-from flowcurate.pipeline.stages import Accepted
+from flowcurate.formats.config import DedupConfig
+from flowcurate.pipeline.decide import Decide
+from flowcurate.pipeline.records import Item, item_id
 
 
 def _data(n=400, d=32, seed=0):
@@ -34,19 +35,21 @@ def _data(n=400, d=32, seed=0):
 
 
 def _items(x, keys, w, h):
-    tiny = np.zeros((1, 1, 3), np.uint8)
-    return [Embedded(Accepted(k, f"src/{k}", None, tiny, int(a), int(b), (0, 0, int(a), int(b)), (1, 1), "h"), v)
-            for k, v, a, b in zip(keys, x, w, h)]
+    return [Item(item_id(i // 50, i % 50), k, f"src/{k}", None, int(a), int(b), (0, 0, int(a), int(b)),
+                 f"hash{i}", v.astype(np.float32).tobytes())
+            for i, (k, v, a, b) in enumerate(zip(keys, x, w, h))]
 
 
-def _run(items, **kw):
+def _run(items, threshold=0.5, **kw):
     out = Path(tempfile.mkdtemp())
     with TestPipeline(runner="FnApiRunner") as p:
-        r = p | beam.Create(items, reshuffle=False) | NearDupDedup(**kw)
-        for name in ("kept", "duplicates", "rejected"):
+        r = p | beam.Create(items, reshuffle=False) | Decide(DedupConfig(threshold=threshold, **kw), 0.0)
+        for name in ("kept", "rows"):
             (r[name] | f"{name}L" >> beam.combiners.ToList()
              | f"{name}W" >> beam.Map(lambda xs, f=str(out / name): Path(f).write_bytes(pickle.dumps(xs))))
-    return {n: pickle.loads((out / n).read_bytes()) for n in ("kept", "duplicates", "rejected")}
+    got = {n: pickle.loads((out / n).read_bytes()) for n in ("kept", "rows")}
+    return {"kept": got["kept"], "duplicates": [r for r in got["rows"] if r["status"] == "duplicate"],
+            "rejected": [r for r in got["rows"] if r["status"] == "rejected"]}
 
 
 @pytest.mark.parametrize("clusters,exact", [(4, False), ("auto", False), (1, True)])
@@ -63,8 +66,8 @@ def test_decisions_equal_the_dedup_core(clusters, exact):
                 for i in range(len(keys)) if names[i] == "duplicate"}
     got_dup = {r["key"]: (r["duplicate_of"], r["similarity"]) for r in got["duplicates"]}
     assert want_dup and got_dup == want_dup
-    assert {e.item.key for e, _ in got["kept"]} == {k for k, s in zip(ref.keys, names) if s == "kept"}
-    clusters_got = {e.item.key: c for e, c in got["kept"]}
+    assert {k.key for k in got["kept"]} == {k for k, s in zip(ref.keys, names) if s == "kept"}
+    clusters_got = {k.key: k.cluster for k in got["kept"]}
     assert all(clusters_got[k] == ref.cluster[i] for i, k in enumerate(ref.keys) if k in clusters_got)
     assert not got["rejected"] and set(STATUS) >= set(names)
 
