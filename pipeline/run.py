@@ -20,13 +20,12 @@ import time
 from typing import Any
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.options.pipeline_options import DirectOptions
 
 from flowcurate.captioning.handler import CaptionModelHandler
-from flowcurate.formats.config import Config, to_dict
+from flowcurate.formats.config import to_dict
 from flowcurate.formats.manifest import EMBEDDINGS_SCHEMA, FAILED_PREFIX, MANIFEST_SCHEMA
-from flowcurate.formats.shards import INDEX_JSON, RECORD_JSON, index_doc, record_bytes, record_files
+from flowcurate.formats.shards import RECORD_JSON
 from flowcurate.formats.tars import sanitize_key
 from flowcurate.models.sscd import SSCDPreprocess
 from flowcurate.pipeline.decide import Decide
@@ -37,89 +36,23 @@ from flowcurate.pipeline.pass1 import Pass1, Pass1Settings
 from flowcurate.pipeline.pass2 import PARTS, Pass2, Pass2Settings
 from flowcurate.pipeline.read import ListInputs
 from flowcurate.pipeline.records import ORDINAL_BITS, Item, file_index_of, item_id
+from flowcurate.pipeline.shuffles import shuffle_bytes
 from flowcurate.pipeline.validate import aspect_buckets
 from flowcurate.pipeline.write import (
-    PARTS_DIR,
-    concat_parts,
+    STATS_JSON,
+    count_row,
     delete_tree,
+    embedding_record,
     join,
+    make_conditioning,
     read_file,
-    write_file,
-    write_json,
+    shard_offsets,
+    write_index,
+    write_shard,
+    write_stats,
 )
 
 AsSingleton = beam.pvalue.AsSingleton
-STATS_JSON = "stats.json"
-
-
-def make_conditioning(_, cfg: Config, label: str | None, out: str) -> str:
-    """Encode the record (empty + validation prompts) once per run, write it, return its content hash."""
-    from flowcurate.models.autoencoder import Autoencoder
-    from flowcurate.models.conditioning import record_parts
-    from flowcurate.models.text_encoders import TextEncoders, quiet_hf_logging
-
-    m, pc = cfg.models, cfg.pipeline
-    quiet_hf_logging()
-    ae = Autoencoder.load(m.sd3, revision=m.sd3_revision, dtype=pc.ae_dtype)
-    te = TextEncoders.load(m.sd3, revision=m.sd3_revision, t5_length=pc.t5_max_length, dtype=pc.text_encoder_dtype)
-    doc, arrays = record_parts(m.sd3, ae, te, revision=m.sd3_revision, store_dtype=pc.store_dtype,
-                               validation_prompts=list(pc.validation_prompts), ae_dtype=pc.ae_dtype,
-                               te_dtype=pc.text_encoder_dtype, label=label)
-    _, files, digest = record_files(doc, arrays)
-    for name, data in files.items():
-        write_file(join(out, name), data)
-    return digest
-
-
-def shard_offsets(counts: list, shard_size: int) -> dict:
-    """[((file_index, split), kept)] -> {(file_index, split): position of the file's first kept item in
-    its split}: the kept items of a split, in (file, reading order), fill shards of `shard_size`."""
-    offsets, running = {}, {}
-    for (fi, split), n in sorted(counts):
-        offsets[(fi, split)] = running.get(split, 0)
-        running[split] = running.get(split, 0) + n
-    return offsets
-
-
-def _write_shard(kv, out: str):
-    shard, parts = kv
-    parts = sorted(parts)
-    concat_parts(out, shard, [p for _, p, _ in parts])
-    return shard, sum(n for _, _, n in parts)
-
-
-def _write_index(counts: list, out: str, conditioning: str) -> dict:
-    doc = index_doc(dict(counts), conditioning)
-    write_file(join(out, "shards", INDEX_JSON), record_bytes(doc))
-    delete_tree(join(out, "shards", PARTS_DIR))
-    return doc
-
-
-def _count_row(row: dict) -> dict:
-    label = row["status"] if row["status"] != "rejected" else f"rejected:{row['reason']}"
-    beam.metrics.Metrics.counter("flowcurate", label).inc()
-    return row
-
-
-def _stats(counts: list, out: str, info: dict) -> dict:
-    by_status: dict[str, int] = {}
-    reasons: dict[str, int] = {}
-    for (status, reason), n in counts:
-        by_status[status] = by_status.get(status, 0) + n
-        if reason:
-            reasons[reason] = reasons.get(reason, 0) + n
-    doc = {**info, "inputs": sum(by_status.values()),
-           "status": {s: by_status.get(s, 0) for s in ("kept", "duplicate", "rejected")},
-           "reasons": dict(sorted(reasons.items()))}
-    write_json(join(out, STATS_JSON), doc)
-    return doc
-
-
-def _embedding_record(named_emb) -> dict:
-    n, emb = named_emb
-    return {"key": n.key, "embedding": np.frombuffer(emb, np.float32).tolist(), "width": n.width, "height": n.height}
-
-
 def _file_failed(dead) -> Item:
     """Pass 1 raised on a whole file (a bug, not bad input): one rejected row says which file."""
     (file_index, path, _), _error = dead[0], dead[1]
@@ -177,14 +110,14 @@ def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
                                               AsSingleton(conditioning))
                                    .with_output_types(Any).with_outputs(PARTS, main="rows")))
     shards = (written[PARTS] | "PartsByShard" >> beam.GroupByKey()
-              | "WriteShards" >> beam.Map(_write_shard, out))
+              | "WriteShards" >> beam.Map(write_shard, out))
     index = (shards | "ShardCounts" >> beam.combiners.ToList()
-             | "WriteIndex" >> beam.Map(_write_index, out, AsSingleton(conditioning)))
+             | "WriteIndex" >> beam.Map(write_index, out, AsSingleton(conditioning)))
 
-    rows = ((decided["rows"], written.rows) | "AllRows" >> beam.Flatten() | "Count" >> beam.Map(_count_row))
+    rows = ((decided["rows"], written.rows) | "AllRows" >> beam.Flatten() | "Count" >> beam.Map(count_row))
     rows | "WriteManifest" >> beam.io.WriteToParquet(
         join(out, "manifest", "part"), MANIFEST_SCHEMA, file_name_suffix=".parquet")
-    (decided["embedded"] | "EmbeddingRecords" >> beam.Map(_embedding_record)
+    (decided["embedded"] | "EmbeddingRecords" >> beam.Map(embedding_record)
      | "WriteEmbeddings" >> beam.io.WriteToParquet(join(out, "embeddings", "part"), EMBEDDINGS_SCHEMA,
                                                     file_name_suffix=".parquet"))
 
@@ -195,7 +128,7 @@ def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
     stats = (rows | "StatusReason" >> beam.Map(lambda r: (r["status"], r["reason"] or ""))
              | "CountStatus" >> beam.combiners.Count.PerElement()
              | "StatusList" >> beam.combiners.ToList()
-             | "WriteStats" >> beam.Map(_stats, out, info))
+             | "WriteStats" >> beam.Map(write_stats, out, info))
     return {"rows": rows, "stats": stats, "index": index, "conditioning": conditioning, "items": items}
 
 
@@ -228,6 +161,10 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     except Exception:  # a remote runner still writing, or OUT not readable from here
         return None
     stats["wall_s"] = round(time.perf_counter() - t0, 1)
+    try:  # the in-process runner's sampled sizes; other runners show theirs in their own UI
+        stats["shuffle_bytes"] = shuffle_bytes(p, result)
+    except Exception:  # noqa: BLE001  (no monitoring infos on this runner)
+        stats["shuffle_bytes"] = None
     return stats
 
 

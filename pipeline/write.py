@@ -20,11 +20,15 @@ import posixpath
 import tarfile
 import uuid
 
+import apache_beam as beam
+import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from flowcurate.formats.shards import SampleWriter
+from flowcurate.formats.config import Config
+from flowcurate.formats.shards import INDEX_JSON, SampleWriter, index_doc, record_bytes, record_files
 
 PARTS_DIR = ".parts"
+STATS_JSON = "stats.json"
 
 
 def join(*parts: str) -> str:
@@ -99,3 +103,73 @@ def concat_parts(out: str, shard: str, parts: list[str]) -> str:
 
 def write_json(path: str, doc: dict) -> str:
     return write_file(path, (json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+# ------------------------------------------------------------------------------------------ run outputs
+
+def make_conditioning(_, cfg: Config, label: str | None, out: str) -> str:
+    """Encode the record (empty + validation prompts) once per run, write it, return its content hash."""
+    from flowcurate.models.autoencoder import Autoencoder
+    from flowcurate.models.conditioning import record_parts
+    from flowcurate.models.text_encoders import TextEncoders, quiet_hf_logging
+
+    m, pc = cfg.models, cfg.pipeline
+    quiet_hf_logging()
+    ae = Autoencoder.load(m.sd3, revision=m.sd3_revision, dtype=pc.ae_dtype)
+    te = TextEncoders.load(m.sd3, revision=m.sd3_revision, t5_length=pc.t5_max_length, dtype=pc.text_encoder_dtype)
+    doc, arrays = record_parts(m.sd3, ae, te, revision=m.sd3_revision, store_dtype=pc.store_dtype,
+                               validation_prompts=list(pc.validation_prompts), ae_dtype=pc.ae_dtype,
+                               te_dtype=pc.text_encoder_dtype, label=label)
+    _, files, digest = record_files(doc, arrays)
+    for name, data in files.items():
+        write_file(join(out, name), data)
+    return digest
+
+
+def shard_offsets(counts: list, shard_size: int) -> dict:
+    """[((file_index, split), kept)] -> {(file_index, split): position of the file's first kept item in
+    its split}: the kept items of a split, in (file, reading order), fill shards of `shard_size`."""
+    offsets, running = {}, {}
+    for (fi, split), n in sorted(counts):
+        offsets[(fi, split)] = running.get(split, 0)
+        running[split] = running.get(split, 0) + n
+    return offsets
+
+
+def write_shard(kv, out: str):
+    shard, parts = kv
+    parts = sorted(parts)
+    concat_parts(out, shard, [p for _, p, _ in parts])
+    return shard, sum(n for _, _, n in parts)
+
+
+def write_index(counts: list, out: str, conditioning: str) -> dict:
+    doc = index_doc(dict(counts), conditioning)
+    write_file(join(out, "shards", INDEX_JSON), record_bytes(doc))
+    delete_tree(join(out, "shards", PARTS_DIR))
+    return doc
+
+
+def count_row(row: dict) -> dict:
+    label = row["status"] if row["status"] != "rejected" else f"rejected:{row['reason']}"
+    beam.metrics.Metrics.counter("flowcurate", label).inc()
+    return row
+
+
+def write_stats(counts: list, out: str, info: dict) -> dict:
+    by_status: dict[str, int] = {}
+    reasons: dict[str, int] = {}
+    for (status, reason), n in counts:
+        by_status[status] = by_status.get(status, 0) + n
+        if reason:
+            reasons[reason] = reasons.get(reason, 0) + n
+    doc = {**info, "inputs": sum(by_status.values()),
+           "status": {s: by_status.get(s, 0) for s in ("kept", "duplicate", "rejected")},
+           "reasons": dict(sorted(reasons.items()))}
+    write_json(join(out, STATS_JSON), doc)
+    return doc
+
+
+def embedding_record(named_emb) -> dict:
+    n, emb = named_emb
+    return {"key": n.key, "embedding": np.frombuffer(emb, np.float32).tolist(), "width": n.width, "height": n.height}
