@@ -226,13 +226,10 @@ def _write_clip_files(folder: Path, vocab: list[str], merges: list[tuple[str, st
 # The autoencoder: briefly fitted on procedural images.
 
 AE_STEPS = 500  # fixed, never a time budget: the build is deterministic for a seed
-# Batch 32 costs about as much wall time as 16 with torch's two threads here (small convolutions leave a
-# thread idle), and reached 20.1 dB in 450 steps where batch 16 reached 19.4 dB in 500.
+# 32: no slower per step than 16 on two threads, and it fits better (BENCHMARKS.md, "Tiny models")
 AE_BATCH = 32
 AE_CROP = 32  # training crops (pixels, a multiple of 8): 4x cheaper per sample than whole 64x64 images
-# Measured here: at 1e-3 and 2e-3 this GroupNorm network oscillates and cannot even fit 8 flat colours
-# (about 13 dB after 150 steps; 29 dB at 3e-4); on procedural images 3e-4 (batch 16) reached 19.7 dB
-# after 350 steps where 2e-3 reached 15.4 dB.
+# rates of 1e-3 and above make this GroupNorm network oscillate (BENCHMARKS.md, "Tiny models")
 AE_LR = 4e-4
 AE_WARMUP = 20
 AE_POOL = 2048  # images rendered once; flips, 90-degree turns and crops make the rest
