@@ -17,7 +17,7 @@ Methods (all at cosine > --threshold, k-means on ~100k sampled rows; SD3 and Sem
              sample (random rows + planted rows), its time extrapolated x N/queries. Ground truth.
   sd3        SD3 App. E.2: faiss spherical k-means, top-1 assignment, a flat index per cluster and
              range_search, Algorithm 1 per cluster (keep the first-visited, drop its neighbours).
-  semdedup   SemDeDup's rule on the same clusters (dedup_peers.md §1, semdedup.py): members sorted
+  semdedup   SemDeDup's rule on the same clusters (its reference code, semdedup.py): members sorted
              farthest-from-centroid first ("hard"), j removed iff max cos to any earlier member > t,
              even if that member was itself removed. Same pairs as sd3, so the same recall.
   ours       flowcurate.dedup.core.find_duplicates, default config (assign 3, margin 0.1); --device passes through.
@@ -160,7 +160,7 @@ def sd3_recipe(u: np.ndarray, t: float, clusters: dict) -> dict:
         found.append((rows, lims.astype(np.int64), ids))
     t1 = time.perf_counter()
     removed, pairs = set(), []
-    for rows, lims, ids in found:  # Algorithm 1, as transcribed in sd3_facts.md §5.2
+    for rows, lims, ids in found:  # SD3 Algorithm 1 (App. E.2), per cluster
         dups = set()
         for i in range(len(rows)):
             if i in dups:
@@ -314,7 +314,7 @@ def main() -> None:
     p_code, p_cos = codes[order], planted["cos"][p_ok][order]
     results, truth = {}, None
     clusters = None
-    # the SD3 recipe and SemDeDup get k = sqrt(N) (env_probe.md §4's baseline; SD3 used 16,000 clusters
+    # the SD3 recipe and SemDeDup get k = sqrt(N) (SD3 used 16,000 clusters
     # for its far larger set); ours picks its own k (flowcurate.dedup.search.auto_clusters: 4 sqrt(N))
     k = max(1, int(round(math.sqrt(n))))
     for name in methods:

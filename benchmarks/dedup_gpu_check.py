@@ -1,4 +1,4 @@
-"""dedup on a GPU (issue #3): identical results to the CPU paths, exact mode at 1M, the default clustered
+"""dedup on a GPU: identical results to the CPU paths, exact mode at 1M, the default clustered
 mode on a float16 memory map up to 10M, with peak anonymous memory. Every result is one JSON line,
 appended (and flushed) to --out as soon as it exists, so a timeout loses only the phase it cut.
 
@@ -29,7 +29,7 @@ run     all of the above in child processes, each with a timeout from what is le
         size of the memmap run is the largest of --scale-n whose time, extrapolated from the 1M run,
         fits what is left (printed with the estimate).
 
-Data: "check --n" and the first session's numbers use `embeddings` (1000 Gaussian centres, 5 % planted
+Data: "check --n" and the first GPU version's numbers use `embeddings` (1000 Gaussian centres, 5 % planted
 copies at cosine U(0.5, 1)). Everything else uses `clustered`: dedup_bench.py's clustered recipe
 (anisotropic noise, a shared mean direction, N/100 topics of log-normal size and varying tightness; 6 %
 planted copies, a third each at cosine U(0.5, 0.7), U(0.7, 0.9), U(0.9, 1.0)) in float32 and chunked
@@ -99,7 +99,7 @@ def cuda_sync(device: str) -> None:
 
 
 def embeddings(n: int, dim: int = 512, seed: int = 0, centres: int = 1000, dup_fraction: float = 0.05):
-    """The first GPU session's data (BENCHMARKS.md "GPU exact mode"): float16 unit rows."""
+    """The first GPU version's data (BENCHMARKS.md "GPU exact mode, first version"): float16 unit rows."""
     rng = np.random.default_rng(seed)
     c = rng.standard_normal((centres, dim)).astype(np.float32)
     out = np.empty((n, dim), np.float16)

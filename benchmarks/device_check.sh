@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# dedup (issue #3) on a GPU machine, in one time-guarded run: identity with FAISS / the CPU path,
+# dedup on a GPU machine, in one time-guarded run: identity with FAISS / the CPU path,
 # exact mode at 1M, the default clustered mode on a float16 memmap up to 10M with peak anonymous memory.
 #
 #   OUT=/some/dir bash benchmarks/device_check.sh          # from the repo root; .whl/ holds faiss-cpu

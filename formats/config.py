@@ -2,12 +2,12 @@
 
 Loaded into frozen dataclasses (nanoGPT style: a comment per field says why). The CLI only overrides
 fields; checkpoints and reports store `asdict(config)`. `--config NAME|PATH`: an existing path is a
-TOML file; anything else names a preset shipped in `models/presets/` (`tiny`, `sd3`).
+TOML file; anything else names a preset shipped in `formats/presets/` (`tiny`, `sd3`).
 
 Model locations may be hub ids, local paths, URLs (SSCD) or `tiny://NAME`, which the launcher
 resolves to the cached tiny models (`flowcurate.models.tiny.resolve_tiny`), building them once if needed.
 
-This module lives in `models` because it is the one package every other package may import.
+This module lives in `formats` because it is the one package every other package may import.
 """
 
 from __future__ import annotations

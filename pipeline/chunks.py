@@ -1,4 +1,4 @@
-"""Deterministic batches for model stages (DESIGN.md "Failure and bad input": batch composition changes
+"""Deterministic batches for model stages (docs/architecture.md "Determinism": batch composition changes
 float results, so reruns are byte-identical only when batches are formed the same way every time).
 
 `Chunks` groups elements by a stable group id, sorts each group by key and cuts it into chunks of at

@@ -8,7 +8,7 @@
 Size and aspect are not here: validation rejects them (`too_small`, `bad_aspect`). Each filter runs on
 deterministic chunks (`flowcurate.pipeline.chunks`) of the items the previous filters kept, so scores do not depend
 on the runner. Scores go to Beam Metrics (distribution `flowcurate_filters/<name>`, score * 1000); the
-manifest keeps the DESIGN.md columns.
+manifest keeps its schema (`formats/manifest.py`).
 
 The head is LAION's shape (https://github.com/christophschuhmann/improved-aesthetic-predictor):
 Linear layers applied in order on the L2-normalised CLIP image embedding, no activations (its Dropouts

@@ -1,6 +1,6 @@
 """Reading raw inputs as Beam transforms: every input becomes exactly one `RawItem`.
 
-Inputs (DESIGN.md "Raw input"): img2dataset / WebDataset tars (`{key}.jpg|png|webp`, optional `.txt`
+Inputs (docs/architecture.md "Raw input"): img2dataset / WebDataset tars (`{key}.jpg|png|webp`, optional `.txt`
 alt text), image folders or globs (caption from a sibling `.txt`), Parquet with image bytes (columns
 remappable). Any path Beam's FileSystems read (local, gs://, s3://, hdfs://). Files are matched with
 `fileio.MatchAll`, spread with `Reshuffle`, and read in one streaming pass each.

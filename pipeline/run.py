@@ -2,7 +2,7 @@
 
     read -> validate -> exact dedup -> [filters] -> SSCD embed -> near-dup dedup -> caption -> encode -> write
 
-Stage order and contracts: DESIGN.md. Every input ends as exactly one manifest row (kept, duplicate
+Stage order and contracts: docs/architecture.md. Every input ends as exactly one manifest row (kept, duplicate
 or rejected with a reason); expensive stages run only on survivors; model stages see deterministic
 chunks (`flowcurate.pipeline.chunks`), so reruns in one mode give byte-identical shards. An unexpected error on
 one element becomes a dead letter (`with_exception_handling`) and a `failed:<stage>` row: the bundle

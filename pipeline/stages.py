@@ -1,5 +1,5 @@
 """Beam stages after reading: validation and exact-duplicate removal, with manifest rows for every
-input that stops here (DESIGN.md "Manifest": exactly one row per input).
+input that stops here (the manifest has exactly one row per input: docs/architecture.md "Manifest").
 
 - `Validate`: `flowcurate.pipeline.validate.validate` per item; rejections become manifest rows with the
   vocabulary reason; survivors carry the resized image, sizes, crop and pixel hash.

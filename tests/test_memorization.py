@@ -29,7 +29,7 @@ UNREADABLE = "000000003"  # its source is a remote URI: pairs.png decodes its la
 
 
 def build_curated(out: Path, write_tar, n: int = N_TRAIN, size: int = SIZE, seed: int = 0) -> Path:
-    """OUT as DESIGN.md "Data contracts" describes it, for `n` training images of `size` x `size`
+    """OUT as docs/architecture.md "Data contracts" describes it, for `n` training images of `size` x `size`
     (`write_tar`: the conftest fixture)."""
     from flowcurate.dedup.inputs import write_embeddings
     from flowcurate.models.autoencoder import Autoencoder
