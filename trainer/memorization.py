@@ -46,6 +46,7 @@ from flowcurate.dedup.inputs import read_embeddings
 from flowcurate.dedup.report import report_similarity, sheet_font
 from flowcurate.dedup.search import above, exact_dots, in_kmeans_sample, unit_rows
 from flowcurate.formats import shards as S
+from flowcurate.formats.config import resolve_device
 from flowcurate.formats.files import write_atomic
 from flowcurate.formats.images import ImageRejected, decode_image
 from flowcurate.models.autoencoder import Autoencoder, to_model_space
@@ -527,7 +528,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="generations per forward batch")
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     p.add_argument("--sscd", help="SSCD model to use instead of the one stats.json names (same weights!)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto: cuda when available)")
     p.add_argument("--no-verify", action="store_true", help="skip the content-hash check of AE and encoders")
     p.set_defaults(func=run_cli)
     return p
@@ -544,7 +545,7 @@ def run_cli(args) -> int:
                             shift=args.shift, size=tuple(args.size) if args.size else None,
                             threshold=args.threshold, eps=args.eps, min_clique=args.min_clique,
                             background_queries=args.background_queries, max_pairs=args.max_pairs,
-                            batch_size=args.batch_size, weights=args.weights, device=args.device,
+                            batch_size=args.batch_size, weights=args.weights, device=resolve_device(args.device),
                             verify=not args.no_verify)
         run(args.checkpoint, curated, prompts, Path(args.output), settings)
     except MemorizationError as e:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from flowcurate.formats import shards as S
+from flowcurate.formats.config import resolve_device
 from flowcurate.models.autoencoder import Autoencoder
 from flowcurate.models.conditioning import folder_hash
 from flowcurate.models.mmdit import MMDiT, MMDiTConfig
@@ -120,7 +121,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the run's)")
     p.add_argument("--shift", type=float, help="timestep shift (default: the run's)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto: cuda when available)")
     p.add_argument("--no-verify", action="store_true", help="skip the content-hash check of AE and encoders")
     p.set_defaults(func=run_cli)
     return p
@@ -142,11 +143,12 @@ def sampling_settings(train: dict, steps: int | None, cfg: float | None, shift: 
 
 
 def run_cli(args) -> int:
-    step, record, model, state = load_run(args.checkpoint, args.weights, args.device)
+    device = resolve_device(args.device)
+    step, record, model, state = load_run(args.checkpoint, args.weights, device)
     steps, cfg, shift = sampling_settings(state["config"]["train"], args.steps, args.cfg, args.shift)
-    ae = load_autoencoder(record, args.device, verify=not args.no_verify)
+    ae = load_autoencoder(record, device, verify=not args.no_verify)
     if args.prompt:
-        te = load_text_encoders(record, args.device, verify=not args.no_verify)
+        te = load_text_encoders(record, device, verify=not args.no_verify)
         cond, empty = te.encode(args.prompt), te.encode([""])
         prompts = args.prompt
     else:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from flowcurate.formats import shards as S
-from flowcurate.formats.config import load_config, override, to_dict
+from flowcurate.formats.config import load_config, override, resolve_device, to_dict
 from flowcurate.formats.hashing import stable_hash
 from flowcurate.models.mmdit import MMDiT, mmdit_config
 from flowcurate.models.mmdit_diffusers import from_pretrained_diffusers
@@ -131,7 +131,7 @@ def evaluate(model, urls, record, batch_size: int, device, autocast) -> tuple[fl
 
 
 def train(args) -> Path:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device or "auto")
     rank, world = setup_distributed(device)
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -294,7 +294,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--init-from", help="diffusers SD3Transformer2DModel folder to start from (official weights)")
-    p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto: cuda when available)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank")
     p.add_argument("--shuffle-buffer", type=int, default=256)
     p.add_argument("--split", default="auto", choices=("auto", "global", "shards", "resampled"),
