@@ -212,16 +212,24 @@ def test_report_nearest_keys_equal_a_brute_force_search(curated, reports):
 
 def test_recorded_prompts_and_seeds_reproduce_the_generations(reports, runs):
     from flowcurate.trainer import checkpoint as C
-    from flowcurate.trainer.sample import generate, load_autoencoder, load_model, load_text_encoders
+    from flowcurate.trainer.sample import (
+        generate,
+        load_autoencoder,
+        load_model,
+        load_text_encoders,
+        model_paths,
+    )
 
     folder, captured = reports["overfit"]
     report = pq.read_table(folder / "report.parquet").to_pylist()
     step = C.latest(runs[0])
     record = S.read_record(runs[0])
     model, _ = load_model(step)
-    te = load_text_encoders(record)
+    paths = model_paths(record)
+    te = load_text_encoders(record, paths)
     enc = te.encode([r["prompt"] for r in report])  # all 32 rows in one batch, as the check made them
-    images = generate(model, load_autoencoder(record), {p: enc[p] for p in S.PARTS}, te.encode([""]), (SIZE, SIZE),
+    ae = load_autoencoder(record, paths["autoencoder"])
+    images = generate(model, ae, {p: enc[p] for p in S.PARTS}, te.encode([""]), (SIZE, SIZE),
                       [r["seed"] for r in report], 16, 1.0, 1.0)
     made = np.concatenate([im for im, _ in captured]).astype(int)
     assert np.abs(images.astype(int) - made).max() <= 1

@@ -219,13 +219,13 @@ def build_models(launch: TrainLaunch, record: S.Conditioning, device: str) -> tu
     return model, ema, mc
 
 
-def grid_autoencoder(record: S.Conditioning, device: str):
-    """The record's autoencoder for sample grids, or None (with a warning) when it is not the one the
-    latents were made with: grids need that exact AE, training does not."""
+def grid_autoencoder(record: S.Conditioning, path: str, device: str):
+    """The record's autoencoder (at `path`) for sample grids, or None (with a warning) when it is not
+    the one the latents were made with: grids need that exact AE, training does not."""
     from flowcurate.trainer.sample import ModelMismatch, load_autoencoder
 
     try:
-        return load_autoencoder(record, device)
+        return load_autoencoder(record, path, device)
     except (ModelMismatch, OSError) as e:
         print(f"warning: sample grids disabled: {e}", file=sys.stderr)
         return None
@@ -301,8 +301,11 @@ def train(launch: TrainLaunch) -> Path:
     ds = CuratedShards(run.urls, record, tc.batch_size, seed=tc.seed, augment=augment, rank=rank, world_size=world,
                        split=tc.split, num_workers=launch.workers, shuffle_buffer=tc.shuffle_buffer,
                        skip_batches=step)
-    grids = rank == 0 and tc.sample_every > 0 and "validation.t5" in record.arrays
-    ae = grid_autoencoder(record, device) if grids else None
+    ae = None
+    if rank == 0 and tc.sample_every > 0 and "validation.t5" in record.arrays:  # grids need the record's AE
+        from flowcurate.trainer.sample import model_paths
+
+        ae = grid_autoencoder(record, model_paths(record, ("autoencoder",))["autoencoder"], device)
     sample_size = None
 
     def state() -> dict:  # state.json beside the weights
