@@ -56,9 +56,9 @@ def test_batches_hold_one_latent_shape_and_the_reference_layout(golden_stream):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_replay_from_a_data_position_is_exact(golden_stream, workers):
+def test_replay_from_a_data_position_is_exact(golden, golden_stream, workers):
     urls, record = golden_stream
-    urls = urls + resolve_shards(urls[0].replace("train", "val"))[0]  # two shards: one per worker
+    urls = urls + resolve_shards(str(golden), "val")[0]  # two shards: one per worker
     kw = dict(seed=3, shuffle_buffer=5, num_workers=workers, split="global")
     full = take(CuratedShards(urls, record, 3, **kw), 9, workers)
     tail = take(CuratedShards(urls, record, 3, skip_batches=5, **kw), 4, workers)
