@@ -100,7 +100,7 @@ def test_sample_t_is_reproducible_and_honours_dtype():
 
 def test_shift_formula_values():
     t = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
-    # sd3_facts §1.4: alpha = 3 maps 0.25 / 0.5 / 0.75 to 0.5 / 0.75 / 0.9; the endpoints stay put
+    # SD3 eq. 23: alpha = 3 maps 0.25 / 0.5 / 0.75 to 0.5 / 0.75 / 0.9; the endpoints stay put
     assert torch.allclose(flow.shift_t(t, 3.0), torch.tensor([0.0, 0.5, 0.75, 0.9, 1.0], dtype=torch.float64))
     assert flow.shift_t(t, 1.0) is t
     # a log-SNR shift by log(alpha): shifts compose multiplicatively and invert with 1 / alpha

@@ -15,13 +15,14 @@ autoencoder of its conditioning record, go through two tests:
   image size, the RMS difference inside each tile (Carlini's l2 normalised by dimension), the maximum
   over tiles (plain l2 let all-grey backgrounds match, SD3 App. E.3).
 
-Prompts: by default the original captions of the most-duplicated training images (most manifest rows
-naming them as `duplicate_of`; SD3 prompts with its 350k most-duplicated examples) plus a seeded random
-sample of training captions; or a file, one prompt a line.
+Prompts (trainer/curated.py, which reads the curated folder): by default the original captions of the
+most-duplicated training images (SD3 prompts with its 350k most-duplicated examples) plus a seeded
+random sample of training captions; or a file, one prompt a line.
 
-Writes OUTPUT/report.parquet (one row per generation), summary.json and pairs.png (each flagged
-generation beside its nearest training image: the original re-read from the manifest's `source`, or
-the training latent decoded with the AE when the original cannot be read here).
+`run` = `load_models` (the only place model locations, `tiny://` included, become paths) ->
+`generate_and_score` -> `write_report`: OUTPUT/report.parquet (one row per generation), summary.json
+and pairs.png (each flagged generation beside its nearest training image: the original re-read from
+the manifest's `source`, or the training latent decoded with the AE when it cannot be read here).
 """
 
 from __future__ import annotations

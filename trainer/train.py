@@ -7,6 +7,11 @@ conditioning (trainer/data.py), t ~ the configured density then shifted, eps ~ N
 update. t and eps are drawn for the whole global batch from one generator on every rank and sliced,
 so N ranks see exactly what one process sees.
 
+`train(launch)` takes a `TrainLaunch`: the TOML config plus what only this launch knows (paths, device,
+loader workers, compile, gradient checkpointing). `launch_from_args` builds it from the command line,
+and every checkpoint's state.json keeps it (`config`, `launch`) with the settings that fix the stream
+of batches (`data_order`).
+
 The run folder: `conditioning.json/.npz` (a copy of the shards' record), `log.jsonl`, `loss.png`,
 `samples/step-NNNNNN.png`, `checkpoints/step-NNNNNN/`. Rerunning the same command on a run folder
 with checkpoints resumes from the latest; on CPU the result is bit-identical to an uninterrupted run.
