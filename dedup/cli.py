@@ -380,12 +380,13 @@ def match_reference(embeddings, rows, reference, ref_rows, ref_keys, threshold: 
     embeddings: (N, D) raw inputs, rows: input rows to check; reference: (R, D) raw, ref_rows: its
     valid rows; ref_keys: (R,) -> best (N,) int64 reference row (-1: none above), cos (N,) float32.
     Candidates come from matrix products, membership and the winner from the exact float32 cosine
-    (`flowcurate.dedup.search.search_block_pair`); ties go to the smaller reference key, so the answer does not
+    (`flowcurate.dedup.engine.search_block_pair`); ties go to the smaller reference key, so the answer does not
     depend on block sizes or file order.
     """
     import numpy as np
 
-    from flowcurate.dedup.search import make_engine, search_block_pair, unit_rows
+    from flowcurate.dedup.engine import make_engine, search_block_pair
+    from flowcurate.dedup.numerics import unit_rows
 
     n = len(embeddings)
     best = np.full(n, -1, dtype=np.int64)
@@ -396,7 +397,7 @@ def match_reference(embeddings, rows, reference, ref_rows, ref_keys, threshold: 
         return best, np.where(best >= 0, best_cos, np.nan).astype(np.float32)
     key_rank = np.empty(len(ref_keys), dtype=np.int64)
     key_rank[np.argsort(np.asarray(ref_keys, dtype=object), kind="stable")] = np.arange(len(ref_keys))
-    engine = make_engine("auto", device)
+    engine = make_engine(device)
     ref_blocks = [ref_rows[s:s + block_rows] for s in range(0, len(ref_rows), block_rows)]
     cached = len(ref_rows) * reference.shape[1] * 4 <= 1 << 29  # keep unit reference rows if <= 512 MiB
     ref_units = [unit_rows(reference[b]) for b in ref_blocks] if cached else None
@@ -505,11 +506,7 @@ def dedup(args: argparse.Namespace) -> dict:
     bars = _Bars(args.quiet)
     result = find_duplicates(
         emb.embeddings if len(idx) == len(emb.keys) else emb.embeddings[idx], [emb.keys[i] for i in idx],
-        dcfg.threshold, pixels=np.where((w > 0) & (h > 0), w * h, 0)[idx], priority=dcfg.priority,
-        exact=dcfg.exact, clusters=dcfg.clusters if dcfg.clusters == "auto" else int(dcfg.clusters),
-        assign=dcfg.assign, assign_margin=dcfg.assign_margin, kmeans_iters=dcfg.kmeans_iters,
-        kmeans_sample=dcfg.kmeans_sample, kmeans=dcfg.kmeans, seed=dcfg.seed, block_rows=dcfg.block_rows, device=ctx.device,
-        progress=bars)
+        dcfg, pixels=np.where((w > 0) & (h > 0), w * h, 0)[idx], device=ctx.device, progress=bars)
     bars.close()
     ctx.timings["dedup"] = result.stats.get("t_total", 0.0)
 

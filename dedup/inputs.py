@@ -1,5 +1,5 @@
 """What `flowcurate dedup` reads: images (folders, globs, WebDataset/img2dataset tars) or precomputed
-embeddings (DESIGN.md's Parquet schema, or `.npy` + a keys file), and SSCD embedding of images.
+embeddings (`flowcurate.formats.manifest.EMBEDDINGS_SCHEMA` Parquet, or `.npy` + a keys file), and SSCD embedding of images.
 
 Images are first *listed* (keys, sources, tar offsets; no pixels), then decoded, preprocessed and
 embedded by a map-style `torch.utils.data` loader whose workers decode in parallel. Batches are
@@ -80,7 +80,7 @@ def expand(specs: Iterable[str]) -> list[Path]:
 
 
 def _unique(key: str, seen: dict[str, int]) -> tuple[str, bool]:
-    """`key`, or `key~N` for the N-th repeat (DESIGN.md: a repeated key gets a duplicate_key row)."""
+    """`key`, or `key~N` for the N-th repeat (a repeated key gets a duplicate_key row)."""
     n = seen.get(key, 0) + 1
     seen[key] = n
     return (key, False) if n == 1 else (f"{key}~{n}", True)
@@ -195,7 +195,7 @@ def embed_images(listing: Listing, model: torch.nn.Module, preprocess: SSCDPrepr
 
 
 def write_embeddings(path: Path, keys: list[str], embeddings: np.ndarray, widths=None, heights=None) -> None:
-    """DESIGN.md's embeddings schema: key, embedding list<float32>, width, height (int32, nullable)."""
+    """`EMBEDDINGS_SCHEMA`: key, embedding list<float32>, width, height (int32, nullable)."""
     emb = np.ascontiguousarray(embeddings, dtype=np.float32)
     n, d = emb.shape
     flat = pa.array(emb.reshape(-1), pa.float32())
@@ -214,7 +214,7 @@ def write_embeddings(path: Path, keys: list[str], embeddings: np.ndarray, widths
 
 
 def read_embeddings(path: Path, keys_path: Path | None = None) -> Embedded:
-    """Precomputed embeddings: DESIGN.md's Parquet schema, or `.npy` (float32 or float16, memory-mapped)
+    """Precomputed embeddings: `EMBEDDINGS_SCHEMA` Parquet, or `.npy` (float32 or float16, memory-mapped)
     with one key per line in `keys_path`. Whole-file problems raise `InputError` with the reason."""
     path = Path(path)
     if path.suffix == ".npy":

@@ -43,8 +43,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from flowcurate.dedup.inputs import read_embeddings
+from flowcurate.dedup.kmeans import in_kmeans_sample
+from flowcurate.dedup.numerics import above, exact_dots, unit_rows
 from flowcurate.dedup.report import report_similarity, sheet_font
-from flowcurate.dedup.search import above, exact_dots, in_kmeans_sample, unit_rows
 from flowcurate.formats import shards as S
 from flowcurate.formats.files import write_atomic
 from flowcurate.formats.images import ImageRejected, decode_image
@@ -184,7 +185,7 @@ def read_prompt_file(path: Path) -> list[Prompt]:
 
 class Nearest:
     """Top-1 search among training descriptors `train` (N, D) unit rows. FAISS (exact inner product)
-    proposes the top k; `flowcurate.dedup.search.exact_dots` re-scores them, so near ties do not depend on BLAS
+    proposes the top k; `flowcurate.dedup.numerics.exact_dots` re-scores them, so near ties do not depend on BLAS
     order, and ties go to the lower index."""
 
     def __init__(self, train: np.ndarray, k: int = 8):
