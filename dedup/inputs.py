@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from flowcurate.dedup.core import valid_rows
 from flowcurate.formats.images import ImageRejected, decode_image
 from flowcurate.formats.manifest import (
     DUPLICATE_KEY,
@@ -31,9 +32,15 @@ from flowcurate.formats.manifest import (
 from flowcurate.formats.tars import IMAGE_EXTS, Member, TarTail, read_member, sanitize_key, scan_tar
 from flowcurate.models.sscd import SSCDPreprocess, embed
 
+EMBEDDING_SUFFIXES = (".parquet", ".npy")
+
 
 class InputError(ValueError):
     """Input that cannot be used at all (as opposed to one bad item, which becomes a rejected row)."""
+
+
+class UsageError(ValueError):
+    """A flag combination that cannot work (exit 2, one line)."""
 
 
 @dataclass(frozen=True)
@@ -262,3 +269,65 @@ def read_embeddings(path: Path, keys_path: Path | None = None) -> Embedded:
     if len(set(keys)) != len(keys):
         raise InputError(f"{path}: keys are not unique")
     return Embedded(keys, sources, emb, widths, heights)
+
+
+def classify(specs: Sequence[str], what: str, exclude: set[Path]) -> tuple[str, list[Path]]:
+    """-> ("images", image and tar files) or ("embeddings", .parquet/.npy files). Next to tars,
+    img2dataset's .parquet/.json metadata found by a folder or glob is ignored; embedding files
+    named directly together with images are an error. `exclude`: our own outputs, never read back."""
+    files = [f for f in expand(specs) if f.resolve() not in exclude]
+    images = [f for f in files if f.suffix.lower().lstrip(".") in IMAGE_EXTS or f.suffix.lower() == ".tar"]
+    embeddings = [f for f in files if f.suffix.lower() in EMBEDDING_SUFFIXES]
+    if images:
+        named = {Path(s).expanduser() for s in specs if Path(s).expanduser().is_file()}
+        explicit = [f for f in embeddings if f in named]
+        if explicit:
+            raise InputError(f"{what} mixes images/tars with the embeddings file {explicit[0]}; "
+                             "give one kind per run")
+        return "images", images
+    if embeddings:
+        return "embeddings", embeddings
+    raise InputError(f"{what} {' '.join(specs)}: no images, .tar shards or embedding files (.parquet, .npy)")
+
+
+def read_embedding_files(files: list[Path], keys_path: str | None, what: str) -> Embedded:
+    """Embedding files -> one `Embedded` (a single .npy stays memory-mapped). File-level problems
+    (unreadable, mixed dimensions, repeated keys, empty) raise InputError."""
+    npys = [f for f in files if f.suffix.lower() == ".npy"]
+    if len(npys) > 1:
+        raise InputError(f"{what}: one .npy file per run (with its keys file); got {len(npys)}")
+    if keys_path and not npys:
+        raise UsageError(f"{what} names no .npy file; a keys file is only for .npy embeddings")
+    parts = []
+    for f in files:
+        try:
+            parts.append(read_embeddings(f, keys_path if f.suffix.lower() == ".npy" else None))
+        except InputError:
+            raise
+        except (ValueError, OSError, pa.ArrowException) as e:
+            raise InputError(f"{f}: cannot read embeddings ({str(e).splitlines()[0]})") from None
+    if len(parts) == 1:
+        return parts[0]
+    dims = sorted({p.embeddings.shape[1] for p in parts})
+    if len(dims) > 1:
+        raise InputError(f"{what}: embedding files have different dimensions {dims}")
+    keys = [k for p in parts for k in p.keys]
+    if len(set(keys)) != len(keys):
+        seen: set[str] = set()
+        dup = next(k for k in keys if k in seen or seen.add(k))
+        raise InputError(f"{what}: key {dup!r} appears in more than one embeddings file")
+    dtype = np.float16 if all(p.embeddings.dtype == np.float16 for p in parts) else np.float32
+    return Embedded(keys, [s for p in parts for s in p.sources],
+                    np.concatenate([np.asarray(p.embeddings, dtype=dtype) for p in parts]),
+                    np.concatenate([p.widths for p in parts]), np.concatenate([p.heights for p in parts]))
+
+
+def check_rows(embeddings: np.ndarray, keys: list[str], what: str, skip: bool) -> np.ndarray:
+    """(N, D) -> (N,) bool valid rows. Zero/NaN/inf rows are an InputError unless `skip`."""
+    valid = valid_rows(embeddings)
+    bad = [keys[i] for i in range(len(keys)) if not valid[i]]
+    if bad and not skip:
+        first = ", ".join(repr(k) for k in bad[:3])
+        raise InputError(f"{what}: {len(bad)} embedding(s) are zero, NaN or infinite (first: {first}); fix "
+                         "the file, or pass --skip-bad-embeddings to reject them as bad_embedding rows")
+    return valid
