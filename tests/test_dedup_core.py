@@ -12,10 +12,11 @@ from flowcurate.dedup.core import DUPLICATE, KEPT, REJECTED, find_duplicates
 from flowcurate.dedup.engine import Engine, block_pairs, search_block_pair
 from flowcurate.dedup.keep import connected_components, keep_greedy, priority_rank, resolve_component
 from flowcurate.dedup.kmeans import in_kmeans_sample, kmeans_sample_fraction, train_centroids
-from flowcurate.dedup.numerics import unit_rows
+from flowcurate.dedup.numerics import pair_cosines, unit_rows
 from flowcurate.dedup.search import search_cluster
 from flowcurate.formats.config import DedupConfig
 from flowcurate.formats.manifest import BAD_EMBEDDING
+from flowcurate.models.tiny.planted import generate
 
 T = 0.5
 
@@ -25,24 +26,19 @@ def cfg(threshold=T, **fields) -> DedupConfig:
     return DedupConfig(threshold=threshold, **fields)
 
 
-def planted(n=900, d=32, seed=0, groups=40, group_size=4, noise=0.35, chains=10):
-    """Random unit-ish vectors plus groups of near-copies (cos ~0.9), chains A~B~C with A!~C, exact
-    copies, and a scattered scale so normalisation matters."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, d))
-    i = 0
-    for _ in range(groups):
-        base = rng.standard_normal(d)
-        for _ in range(group_size):
-            x[i] = base + noise * rng.standard_normal(d)
-            i += 1
+def planted(n=900, d=32, seed=0, copies=160, bins=((0.85, 0.95),), chains=10):
+    """`flowcurate.models.tiny.planted` rows (isotropic) with `copies` near-copies at cosines in `bins`
+    (~2 per base, so small groups), plus chains A~B~C with A!~C, exact copies, and a scattered scale
+    so normalisation matters."""
+    base = np.empty((n - 3 * chains - 5, d), np.float32)
+    generate(base, "isotropic", seed, fraction=copies / len(base), bins=bins)
+    rng = np.random.default_rng([seed, 7])
+    rows = []
     for _ in range(chains):  # unit steps along a great circle: cos(A,B)=cos(B,C)=cos(55deg)>0.5, cos(A,C)<0.5
         p, q = np.linalg.qr(rng.standard_normal((d, 2)))[0].T
-        for ang in (0.0, 55.0, 110.0):
-            a = np.deg2rad(ang)
-            x[i] = np.cos(a) * p + np.sin(a) * q
-            i += 1
-    x[i : i + 5] = x[i - 1]  # exact copies of the last chain end
+        rows += [np.cos(np.deg2rad(ang)) * p + np.sin(np.deg2rad(ang)) * q for ang in (0.0, 55.0, 110.0)]
+    rows += [rows[-1]] * 5  # exact copies of the last chain end
+    x = np.concatenate([base.astype(np.float64), np.stack(rows)])
     x *= rng.uniform(0.01, 100, size=(n, 1))
     keys = [f"img{v:06d}" for v in rng.permutation(n)]  # key order != row order
     return x.astype(np.float32), keys
@@ -275,7 +271,7 @@ def test_distributed_pieces_equal_one_process():
 
 
 def test_at_threshold_equals_searching_again():
-    x, keys = planted(n=800, seed=10, noise=0.6)
+    x, keys = planted(n=800, seed=10, bins=((0.5, 1.0),))
     low = find_duplicates(x, keys, cfg(0.5, clusters="6"))
     for t in (0.6, 0.75, 0.9):
         again = find_duplicates(x, keys, cfg(t, clusters="6"))
@@ -378,3 +374,16 @@ def test_group_members_is_each_clusters_rows_ascending():
         for c in range(k):
             want = np.sort(rows[(ids == c).any(axis=1)])
             assert got[c].dtype == np.int64 and np.array_equal(got[c], want), (trial, c)
+
+
+def test_planted_generator_same_rows_for_any_thread_count_and_on_a_memmap(tmp_path):
+    a = np.empty((3000, 64), np.float32)
+    truth = generate(a, "clustered", 3, chunk=700)
+    b = np.lib.format.open_memmap(tmp_path / "b.npy", mode="w+", dtype=np.float32, shape=a.shape)
+    again = generate(b, "clustered", 3, chunk=700, threads=3)
+    assert np.array_equal(a, b) and np.array_equal(truth.pairs, again.pairs)
+    assert len(truth.pairs) == 180 and np.all(truth.pairs[:, 0] < truth.pairs[:, 1])
+    assert np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-6)
+    # each copy sits at its target cosine to its base, the targets cycle through the bins
+    np.testing.assert_allclose(pair_cosines(a, truth.pairs), truth.target, atol=1e-5)
+    assert np.all((truth.target[::3] > 0.5) & (truth.target[::3] < 0.7) & (truth.target[2::3] > 0.9))

@@ -16,6 +16,7 @@ from flowcurate.dedup.engine import Engine  # noqa: E402
 from flowcurate.dedup.numerics import unit_rows  # noqa: E402
 from flowcurate.dedup.search import find_pairs, find_pairs_in_groups  # noqa: E402
 from flowcurate.formats.config import DedupConfig  # noqa: E402
+from flowcurate.models.tiny.planted import generate  # noqa: E402
 
 T = 0.5
 
@@ -25,14 +26,13 @@ def cfg(threshold=T, **fields) -> DedupConfig:
 
 
 def data(n=700, d=48, seed=0):
-    """Near-copies at every cosine from 0.3 to 1 (many near the threshold), exact copies, a scattered
-    scale; float32."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, d))
-    base = rng.integers(0, n // 2, n // 2)
-    c = rng.uniform(0.3, 1.0, n // 2)[:, None]
-    x[n // 2 :] = c * unit_rows(x[base]) + np.sqrt(1 - c**2) * unit_rows(rng.standard_normal((n // 2, d)))
+    """`flowcurate.models.tiny.planted` rows (isotropic), half of them near-copies at every cosine from
+    0.3 to 1 (many near the threshold), exact copies, a scattered scale; float32."""
+    x = np.empty((n, d), np.float32)
+    generate(x, "isotropic", seed, fraction=0.5, bins=((0.3, 1.0),))
+    x = x.astype(np.float64)
     x[-5:] = x[-6]
+    rng = np.random.default_rng([seed, 7])
     x *= rng.uniform(0.01, 100, size=(n, 1))
     return x.astype(np.float32), [f"k{v:05d}" for v in rng.permutation(n)]
 

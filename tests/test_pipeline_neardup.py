@@ -16,18 +16,17 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from flowcurate.dedup.core import STATUS, find_duplicates
 from flowcurate.dedup.report import report_similarity
 from flowcurate.formats.config import DedupConfig
+from flowcurate.models.tiny.planted import generate
 from flowcurate.pipeline.neardup import Embedded, NearDupDedup
 from flowcurate.pipeline.stages import Accepted
 
 
 def _data(n=400, d=32, seed=0):
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((6, d))
-    x = centres[rng.integers(0, 6, n)] * 0.8 + rng.standard_normal((n, d))
-    m = n // 7
-    src, dst = rng.choice(n, m, replace=False), rng.choice(n, m, replace=False)
-    x[dst] = x[src] + rng.standard_normal((m, d)) * rng.uniform(0.05, 0.6, (m, 1)) * np.sqrt(d) / 4
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    """`flowcurate.models.tiny.planted` rows (clustered: topics for k-means to find), a seventh of them
+    near-copies at cosines 0.5-1, with unique keys and image sizes."""
+    x = np.empty((n, d), np.float32)
+    generate(x, "clustered", seed, fraction=1 / 7, bins=((0.5, 1.0),))
+    rng = np.random.default_rng([seed, 7])
     keys = [f"k{rng.integers(1e9):09d}{i}" for i in range(n)]
     w = rng.integers(32, 96, n)
     h = rng.integers(32, 96, n)
