@@ -29,8 +29,8 @@ examples:
   flowcurate dedup --input 'raw/*.tar' --reference eval/embeddings.parquet --output dd/
   # 100 % recall (all pairs; slower), keep the smaller key instead of the larger image
   flowcurate dedup --input emb.parquet --output dd/ --exact --priority key
-  # 10M float16 embeddings on a GPU: k-means in torch there, the search ~2.5 min on an H100 (up to 4M
-  # items a GPU searches all pairs by default)
+  # 10M float16 embeddings on a GPU: k-means in torch there (up to 4M items a GPU searches all pairs
+  # by default)
   flowcurate dedup --input emb10m.npy --keys keys.txt --output dd/ --device cuda
 
 outputs (in --output):

@@ -16,7 +16,7 @@ from flowcurate.dedup.numerics import unit_rows
 from flowcurate.formats.hashing import fraction_cut, hasher, stable_hash
 
 EXACT_BELOW = 20_000  # "auto" searches all pairs up to this many items (2e8 pairs: seconds)
-# ... and on a GPU up to this many (exact 4M takes about a minute there, at 100 % recall)
+# ... and on a GPU up to this many: all pairs at 100 % recall in about a minute there (BENCHMARKS.md)
 EXACT_BELOW_DEVICE = 4_000_000
 
 
