@@ -276,8 +276,7 @@ def _decontaminate(run: Run, side: Side, emb: Embedded, valid: np.ndarray) -> di
     threshold = cfg.dedup.threshold
     best, cos = match_reference(
         emb.embeddings, np.flatnonzero(valid), ref.embeddings, np.flatnonzero(ref_valid), ref.keys,
-        threshold, block_rows=cfg.dedup.block_rows, device=run.device,
-        progress=lambda done, total: bars("reference", done, total))
+        cfg.dedup, device=run.device, progress=lambda done, total: bars("reference", done, total))
     bars.close()
     seconds = time.perf_counter() - t0
     hit = best >= 0

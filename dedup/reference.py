@@ -9,14 +9,15 @@ import numpy as np
 
 from flowcurate.dedup.engine import make_engine, search_block_pair
 from flowcurate.dedup.numerics import unit_rows
+from flowcurate.formats.config import DedupConfig
 
 REFERENCE_REASON = "filtered:reference"
 
 
-def match_reference(embeddings, rows, reference, ref_rows, ref_keys: Sequence[str], threshold: float, *,
-                    block_rows: int = 2048, device: str = "cpu",
+def match_reference(embeddings, rows, reference, ref_rows, ref_keys: Sequence[str], cfg: DedupConfig, *,
+                    device: str = "cpu",
                     progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Each input row's most similar reference row above the threshold.
+    """Each input row's most similar reference row above cfg.threshold (blocks of cfg.block_rows).
 
     embeddings: (N, D) raw inputs, rows: input rows to check; reference: (R, D) raw, ref_rows: its
     valid rows; ref_keys: (R,) -> best (N,) int64 reference row (-1: none above), cos (N,) float32.
@@ -24,6 +25,7 @@ def match_reference(embeddings, rows, reference, ref_rows, ref_keys: Sequence[st
     (`flowcurate.dedup.engine.search_block_pair`); ties go to the smaller reference key, so the answer
     does not depend on block sizes or file order. progress(done, total): input blocks searched.
     """
+    threshold, block_rows = cfg.threshold, cfg.block_rows
     n = len(embeddings)
     best = np.full(n, -1, dtype=np.int64)
     best_cos = np.full(n, -np.inf, dtype=np.float32)
