@@ -1,9 +1,9 @@
 """SSCD embedding and near-duplicate removal as Beam transforms over the dedup core (SD3 App. E.2).
 
     embedded = chunks | RunInference(SSCDModelHandler(...))        # (Accepted, descriptor)
-    result = embedded | NearDupDedup(threshold=0.5, ...)          # kept / duplicates / rejected
+    result = embedded | NearDupDedup(cfg.dedup)                   # kept / duplicates / rejected
 
-The graph (each step a piece of `flowcurate.dedup.search` / `flowcurate.dedup.keep`, so decisions equal `flowcurate dedup`
+The graph (each step a piece of `flowcurate.dedup` (kmeans, assign, search, keep), so decisions equal `flowcurate dedup`
 on the same descriptors, whatever the runner, the worker count or the input order):
 
 1. count the valid descriptors -> k (`auto_clusters`: one cluster up to 20k items, else ~4 sqrt(N))
@@ -28,20 +28,15 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
 
+from flowcurate.dedup.assign import assign_clusters
 from flowcurate.dedup.core import valid_rows
+from flowcurate.dedup.engine import make_engine
 from flowcurate.dedup.keep import resolve_component
+from flowcurate.dedup.kmeans import auto_clusters, in_kmeans_sample, kmeans_sample_fraction, train_centroids
+from flowcurate.dedup.numerics import unique_pairs
 from flowcurate.dedup.report import report_similarity
-from flowcurate.dedup.search import (
-    BLOCK_ROWS,
-    assign_clusters,
-    auto_clusters,
-    in_kmeans_sample,
-    kmeans_sample_fraction,
-    make_engine,
-    search_cluster,
-    train_centroids,
-    unique_pairs,
-)
+from flowcurate.dedup.search import search_cluster
+from flowcurate.formats.config import DedupConfig
 from flowcurate.formats.manifest import BAD_EMBEDDING
 from flowcurate.pipeline.stages import Accepted, manifest_row
 
@@ -139,7 +134,7 @@ def _search(group, threshold: float, block_rows: int, device: str):
     if len(members) < 2:
         return
     vectors = np.stack([v for _, v, _ in members])
-    pairs, cos = search_cluster(vectors, threshold, block_rows=block_rows, engine=make_engine("auto", device),
+    pairs, cos = search_cluster(vectors, threshold, block_rows=block_rows, engine=make_engine(device),
                                 threads=1)
     for (i, j), c in zip(pairs.tolist(), cos.tolist()):
         a, b = members[i], members[j]
@@ -182,20 +177,19 @@ def _decide(kv):
 
 class NearDupDedup(beam.PTransform):
     """PCollection[Embedded] -> {'kept': (Embedded, cluster), 'duplicates': manifest rows,
-    'rejected': manifest rows (bad_embedding)}. Parameters as `flowcurate.dedup.core.find_duplicates`."""
+    'rejected': manifest rows (bad_embedding)}. `cfg`: the `[dedup]` section, as for
+    `flowcurate.dedup.core.find_duplicates` (k-means always FAISS here)."""
 
     DUPLICATES, REJECTED = "duplicates", "rejected"
 
-    def __init__(self, threshold: float = 0.5, *, clusters="auto", assign: int = 8,
-                 assign_margin: float | None = 0.1, kmeans_iters: int = 10, kmeans_sample: int = 100_000,
-                 seed: int = 0, block_rows: int = BLOCK_ROWS, priority: str = "pixels", exact: bool = False,
-                 device: str = "cpu", assign_batch: int = 1024):
+    def __init__(self, cfg: DedupConfig = DedupConfig(), *, device: str = "cpu", assign_batch: int = 1024):
         super().__init__()
-        if priority not in ("pixels", "key"):
-            raise ValueError(f"priority must be 'pixels' or 'key', got {priority!r}")
-        self.threshold, self.clusters, self.assign, self.assign_margin = threshold, clusters, assign, assign_margin
-        self.kmeans_iters, self.kmeans_sample, self.seed = kmeans_iters, kmeans_sample, seed
-        self.block_rows, self.priority, self.exact, self.device = block_rows, priority, exact, device
+        if cfg.priority not in ("pixels", "key"):
+            raise ValueError(f"priority must be 'pixels' or 'key', got {cfg.priority!r}")
+        self.threshold, self.clusters, self.assign, self.assign_margin = (
+            cfg.threshold, cfg.clusters, cfg.assign, cfg.assign_margin)
+        self.kmeans_iters, self.kmeans_sample, self.seed = cfg.kmeans_iters, cfg.kmeans_sample, cfg.seed
+        self.block_rows, self.priority, self.exact, self.device = cfg.block_rows, cfg.priority, cfg.exact, device
         self.assign_batch = assign_batch
 
     def expand(self, embedded):

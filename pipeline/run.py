@@ -186,10 +186,7 @@ def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
         SSCDModelHandler(m.sscd, pre, device)).with_exception_handling()))
     failed.append(sscd_failed.failed_inferences | "SSCDFailed" >> beam.FlatMap(failed_rows("sscd")))
     embedded = embedded | "Embedded" >> beam.FlatMap(lambda xs: xs)
-    near = embedded | "NearDup" >> NearDupDedup(
-        dd.threshold, clusters=dd.clusters, assign=dd.assign, assign_margin=dd.assign_margin,
-        kmeans_iters=dd.kmeans_iters, kmeans_sample=dd.kmeans_sample, seed=dd.seed, block_rows=dd.block_rows,
-        priority=dd.priority, exact=dd.exact)
+    near = embedded | "NearDup" >> NearDupDedup(dd)
 
     # shard assignment: split by key hash, shard count from the split's size
     val_fraction, shard_size = pc.val_fraction, pc.shard_size

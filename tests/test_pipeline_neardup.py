@@ -15,18 +15,18 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from flowcurate.dedup.core import STATUS, find_duplicates
 from flowcurate.dedup.report import report_similarity
+from flowcurate.formats.config import DedupConfig
+from flowcurate.models.tiny.planted import generate
 from flowcurate.pipeline.neardup import Embedded, NearDupDedup
 from flowcurate.pipeline.stages import Accepted
 
 
 def _data(n=400, d=32, seed=0):
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((6, d))
-    x = centres[rng.integers(0, 6, n)] * 0.8 + rng.standard_normal((n, d))
-    m = n // 7
-    src, dst = rng.choice(n, m, replace=False), rng.choice(n, m, replace=False)
-    x[dst] = x[src] + rng.standard_normal((m, d)) * rng.uniform(0.05, 0.6, (m, 1)) * np.sqrt(d) / 4
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    """`flowcurate.models.tiny.planted` rows (clustered: topics for k-means to find), a seventh of them
+    near-copies at cosines 0.5-1, with unique keys and image sizes."""
+    x = np.empty((n, d), np.float32)
+    generate(x, "clustered", seed, fraction=1 / 7, bins=((0.5, 1.0),))
+    rng = np.random.default_rng([seed, 7])
     keys = [f"k{rng.integers(1e9):09d}{i}" for i in range(n)]
     w = rng.integers(32, 96, n)
     h = rng.integers(32, 96, n)
@@ -39,25 +39,24 @@ def _items(x, keys, w, h):
             for k, v, a, b in zip(keys, x, w, h)]
 
 
-def _run(items, **kw):
+def _run(items, cfg: DedupConfig):
     out = Path(tempfile.mkdtemp())
     with TestPipeline(runner="FnApiRunner") as p:
-        r = p | beam.Create(items, reshuffle=False) | NearDupDedup(**kw)
+        r = p | beam.Create(items, reshuffle=False) | NearDupDedup(cfg)
         for name in ("kept", "duplicates", "rejected"):
             (r[name] | f"{name}L" >> beam.combiners.ToList()
              | f"{name}W" >> beam.Map(lambda xs, f=str(out / name): Path(f).write_bytes(pickle.dumps(xs))))
     return {n: pickle.loads((out / n).read_bytes()) for n in ("kept", "duplicates", "rejected")}
 
 
-@pytest.mark.parametrize("clusters,exact", [(4, False), ("auto", False), (1, True)])
+@pytest.mark.parametrize("clusters,exact", [("4", False), ("auto", False), ("1", True)])
 def test_decisions_equal_the_dedup_core(clusters, exact):
     x, keys, w, h = _data()
     items = _items(x, keys, w, h)
     items = items[::-1]  # arrival order must not matter
-    kw = dict(threshold=0.6, clusters=clusters, assign=3, assign_margin=0.1, kmeans_sample=120, exact=exact)
-    got = _run(items, **kw)
-    ref = find_duplicates(x, keys, 0.6, pixels=(w * h).astype(np.float64), clusters=clusters, assign=3,
-                          assign_margin=0.1, kmeans_sample=120, exact=exact)
+    cfg = DedupConfig(threshold=0.6, clusters=clusters, assign=3, assign_margin=0.1, kmeans_sample=120, exact=exact)
+    got = _run(items, cfg)
+    ref = find_duplicates(x, keys, cfg, pixels=(w * h).astype(np.float64))
     names = ref.status_names()
     want_dup = {ref.keys[i]: (ref.keys[ref.duplicate_of[i]], report_similarity(ref.similarity[i]))
                 for i in range(len(keys)) if names[i] == "duplicate"}
@@ -73,6 +72,6 @@ def test_bad_descriptors_become_rejected_rows():
     x, keys, w, h = _data(n=30)
     x[3] = 0
     x[7, 0] = np.nan
-    got = _run(_items(x, keys, w, h), threshold=0.6)
+    got = _run(_items(x, keys, w, h), DedupConfig(threshold=0.6))
     assert {r["key"]: r["reason"] for r in got["rejected"]} == {keys[3]: "bad_embedding", keys[7]: "bad_embedding"}
     assert len(got["kept"]) + len(got["duplicates"]) + len(got["rejected"]) == 30

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from flowcurate.dedup.inputs import read_embeddings
-from flowcurate.dedup.search import unit_rows
+from flowcurate.dedup.numerics import unit_rows
 from flowcurate.formats import shards as S
 from flowcurate.formats.images import ImageRejected, decode_image
 from flowcurate.models.autoencoder import Autoencoder, to_model_space

@@ -41,8 +41,9 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw
 
+from flowcurate.dedup.kmeans import in_kmeans_sample
+from flowcurate.dedup.numerics import above, exact_dots, unit_rows
 from flowcurate.dedup.report import report_similarity, sheet_font
-from flowcurate.dedup.search import above, exact_dots, in_kmeans_sample, unit_rows
 from flowcurate.formats import shards as S
 from flowcurate.formats.config import resolve_device
 from flowcurate.formats.files import write_atomic
@@ -97,7 +98,7 @@ REPORT_SCHEMA = pa.schema([
 
 class Nearest:
     """Top-1 search among training descriptors `train` (N, D) unit rows. FAISS (exact inner product)
-    proposes the top k; `flowcurate.dedup.search.exact_dots` re-scores them, so near ties do not depend on BLAS
+    proposes the top k; `flowcurate.dedup.numerics.exact_dots` re-scores them, so near ties do not depend on BLAS
     order, and ties go to the lower index."""
 
     def __init__(self, train: np.ndarray, k: int = 8):
