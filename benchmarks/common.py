@@ -35,10 +35,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# planted near-copies of the dedup benchmarks: a third each at cosine U(lo, hi) for these bins
-PLANT_BINS = ((0.5, 0.7), (0.7, 0.9), (0.9, 1.0))
-
-
 def status_kb(field: str) -> int:
     """A field of /proc/self/status in kB (RssAnon, VmHWM, ...)."""
     with open("/proc/self/status") as fh:

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# dedup (issue #3) on a GPU machine, in one time-guarded run: identity with FAISS / the CPU path,
+# dedup on a GPU machine, in one time-guarded run: identity with FAISS / the CPU path,
 # exact mode at 1M, the default clustered mode on a float16 memmap up to 10M with peak anonymous memory.
 #
 #   OUT=/some/dir bash benchmarks/device_check.sh          # from the repo root; .whl/ holds faiss-cpu
 #
-# Writes $OUT/results.jsonl (one JSON line per result, flushed as it comes) and $OUT/log.txt.
+# Writes $OUT/results.jsonl (one JSON line per step, as it ends), $OUT/<step>-<N>.json and $OUT/log.txt.
 # Environment (all optional):
 #   BUDGET_S   seconds for the whole script, setup included (default 480); every phase is skipped with a
 #              note, or cut by its timeout, so that the script ends inside it
-#   DEVICE     cuda (default) | cpu-resident (a dry run on a CPU box: the device path with torch on the CPU)
+#   DEVICE     cuda (default) | cpu (a dry run on a CPU box)
 #   PY         the python to use (default python3: the one with torch on the GPU image)
 #   SCRATCH    folder for the memmap files (default: whichever of /tmp and ./.scratch has more free space)
-#   DDC_ARGS   more arguments for `dedup_gpu_check.py run` (sizes: --exact-n, --scale-n, ...; see --help)
+#   DDC_ARGS   more arguments for `dedup_gpu_check.py` (sizes: --exact-n, --scale-n, ...; see --help)
 #   SKIP_TESTS 1: skip the GPU unit tests
 set -u
 T0=$(date +%s)
@@ -36,8 +36,11 @@ if ! "$PY" -c 'import faiss' 2>/dev/null; then
         .whl/faiss_cpu-*.whl || { echo "faiss install failed"; exit 1; }
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-"$PY" -c 'import faiss, threadpoolctl; print("faiss", faiss.__version__, "threads", faiss.omp_get_max_threads())' || exit 1
+# the repo's folders are portions of the `flowcurate` namespace (pyproject's package-dir): link them as such
+mkdir -p /tmp/flowcurate-ns/flowcurate && for d in cli formats models captioning dedup trainer pipeline; do
+    ln -sfn "$PWD/$d" "/tmp/flowcurate-ns/flowcurate/$d"; done
+export PYTHONPATH=/tmp/flowcurate-ns:$PWD${PYTHONPATH:+:$PYTHONPATH}
+"$PY" -c 'import faiss, threadpoolctl, flowcurate.dedup.core; print("faiss", faiss.__version__, "threads", faiss.omp_get_max_threads())' || exit 1
 
 if [ -z "${SCRATCH:-}" ]; then
     best=0
@@ -51,17 +54,13 @@ mkdir -p "$SCRATCH"
 echo "scratch $SCRATCH: $(df -Ph "$SCRATCH" | awk 'NR==2 {print $4}') free"
 
 if [ "${SKIP_TESTS:-0}" != 1 ] && [ "$(left)" -gt 200 ]; then
-    echo "== unit tests of the device path (tests/test_dedup_gpu_batching.py; -k cuda where there is a GPU)"
-    sel=$("$PY" -c 'import torch; print("-k cuda" if torch.cuda.is_available() else "")')
-    # shellcheck disable=SC2086
-    timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_dedup_gpu_batching.py $sel 2>&1 | tail -5
+    echo "== GPU tests of dedup (tests/test_dedup_gpu.py: identity with FAISS and the CPU path)"
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_dedup_gpu.py 2>&1 | tail -5
 fi
 
 echo "== measurements ($(left)s left)"
 # shellcheck disable=SC2086
-"$PY" benchmarks/dedup_gpu_check.py run --budget-s "$(($(left) - 5))" --out "$OUT/results.jsonl" \
+"$PY" benchmarks/dedup_gpu_check.py --budget-s "$(($(left) - 5))" --out "$OUT" \
     --device "$DEVICE" --scratch "$SCRATCH" ${DDC_ARGS:-}
 rm -rf "$SCRATCH"
-echo "== summary"
-"$PY" benchmarks/dedup_gpu_check.py summary --out "$OUT/results.jsonl"
 echo "== end: $(($(date +%s) - T0))s"

@@ -1,4 +1,4 @@
-"""Pipeline model stages against their bare models, and demo-scale `flowcurate run` wall times (issue #5).
+"""Pipeline model stages against their bare models, and demo-scale `flowcurate run` wall times.
 
     # per stage: our RunInference handlers vs the bare torch call, real-size architectures, random weights
     OPENBLAS_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/pipeline_bench.py stages --models /tmp/pb/models

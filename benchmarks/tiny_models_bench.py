@@ -2,7 +2,7 @@
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/tiny_models_bench.py [--seed 0]
 
-Budget (Foundation issue): the whole build in <= 5 minutes on 2 cores, under 50 MB.
+Budget: the whole build in <= 5 minutes on 2 cores, under 50 MB.
 """
 
 from __future__ import annotations

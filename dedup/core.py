@@ -1,14 +1,14 @@
-"""SSCD near-duplicate removal in one process: `find_duplicates(embeddings, keys) -> DedupResult`.
+"""SSCD near-duplicate removal in one process: `find_duplicates(embeddings, keys, cfg) -> DedupResult`.
 
-SD3 App. E.2, made measurable (DESIGN.md "Dedup"): L2-normalised descriptors; spherical FAISS k-means
-on a sample chosen by key hash; each item searched in its `assign` nearest clusters; exact search
-inside clusters at cosine > threshold (float32, strict); SD3 Algorithm 1 applied once over all found
-pairs in priority order (`flowcurate.dedup.keep`). `exact=True` searches all pairs (100 % recall). Zero, NaN or
+SD3 App. E.2, made measurable (docs/architecture.md): L2-normalised descriptors; spherical k-means on
+a sample chosen by key hash; each item searched in its `assign` nearest clusters; exact search inside
+clusters at cosine > threshold (float32, strict); SD3 Algorithm 1 applied once over all found pairs
+in priority order (`flowcurate.dedup.keep`). `exact` searches all pairs (100 % recall). Zero, NaN or
 infinite descriptors are rejected as `bad_embedding`.
 
-The pieces the Beam graph runs distributed live in `flowcurate.dedup.search` (sample, centroids, assignment,
-cluster search) and `flowcurate.dedup.keep` (`resolve_component`); this module only chains them, so the
-distributed result equals this one.
+The pieces the Beam graph runs distributed live in `flowcurate.dedup.kmeans`, `.assign`, `.search`
+(sample, centroids, assignment, cluster search) and `flowcurate.dedup.keep` (`resolve_component`);
+this module only chains them, so the distributed result equals this one.
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from flowcurate.dedup.engine import Engine, make_engine
 from flowcurate.dedup.keep import keep_greedy, priority_rank
-from flowcurate.dedup.search import BLOCK_ROWS, ProgressFn, above, find_pairs, make_engine, row_norms
+from flowcurate.dedup.numerics import ProgressFn, above, row_norms
+from flowcurate.dedup.search import find_pairs
+from flowcurate.formats.config import DedupConfig
 from flowcurate.formats.manifest import BAD_EMBEDDING
 
 STATUS = ("kept", "duplicate", "rejected")
@@ -120,73 +123,45 @@ def valid_rows(embeddings: np.ndarray) -> np.ndarray:
 def find_duplicates(
     embeddings: np.ndarray,
     keys: Sequence[str],
-    threshold: float = 0.5,
+    cfg: DedupConfig = DedupConfig(),
     *,
     pixels: np.ndarray | None = None,
-    priority: str = "pixels",
-    exact: bool = False,
-    clusters: int | str = "auto",
-    assign: int = 8,
-    assign_margin: float | None = 0.1,
-    kmeans_iters: int = 10,
-    kmeans_sample: int = 100_000,
-    kmeans: str = "auto",
-    seed: int = 0,
-    block_rows: int = BLOCK_ROWS,
-    backend: str = "auto",
     device: str = "cpu",
-    precision: str = "auto",
+    engine: Engine | None = None,
     threads: int | None = None,
     progress: ProgressFn | None = None,
 ) -> DedupResult:
-    """Near-duplicate decisions for N items.
+    """Near-duplicate decisions for N items, as `cfg` (the `[dedup]` section) says.
 
     embeddings: (N, D) SSCD descriptors, float16/32/64, any scale, may be a memmap (read in blocks;
     never copied whole to float32). keys: (N,) unique strings. pixels: (N,) width*height, or None.
-    threshold: pairs need cosine > threshold. priority: "pixels" (more pixels first, then key) or
-    "key". exact: search all pairs (no k-means). clusters: k, or "auto" (one cluster, i.e. exact,
-    up to 20k items, or 4M when the search runs on a GPU, else ~4 sqrt(N); `flowcurate.dedup.search.auto_clusters`). assign: nearest clusters
-    searched per item; assign_margin: a 2nd.. cluster only when its cosine to the item is within this
-    of the best (None: always). The defaults (8, 0.1) with k = 4 sqrt(N) recalled ~99 % of planted
-    pairs above cosine 0.8 at 1M (BENCHMARKS.md). kmeans_iters, kmeans_sample, seed: spherical k-means on about
-    kmeans_sample items (at least 40 per centroid) chosen by key hash; kmeans: "faiss" (CPU), "torch"
-    (on the device), or "auto" (torch on a GPU, else FAISS; `flowcurate.dedup.search.find_pairs`). block_rows: rows per matrix
-    product block (memory ~ threads * block_rows^2 * 4 bytes). backend/device/precision: where
-    candidate products run (`flowcurate.dedup.search.make_engine`; auto: numpy fp32 on the CPU, torch fp16 on
-    a GPU; "torch"/"int8" for CPUs with VNNI/AMX); the pair set is the same for all.
+    cfg: threshold (pairs need cosine > it), priority ("pixels": more pixels first, then key; or
+    "key"), exact (all pairs, no k-means), clusters ("auto": exact up to 20k items, or 4M when the
+    search runs on a GPU, else ~4 sqrt(N)), assign / assign_margin (nearest cells searched per item;
+    a 2nd.. cell only within the margin of the best; None: always), kmeans_iters / kmeans_sample /
+    kmeans / seed (spherical k-means on about kmeans_sample items chosen by key hash), block_rows
+    (memory ~ threads * block_rows^2 * 4 bytes); see `flowcurate.dedup.search.find_pairs`.
+    device: where candidate products run ("cpu": numpy fp32; "cuda": torch fp16), or `engine`
+    (`flowcurate.dedup.engine.Engine`) itself; the pair set is the same for all.
     threads: CPU threads (default: all available). progress(stage, done, total): optional.
     """
     t0 = time.perf_counter()
     embeddings = embeddings if isinstance(embeddings, np.memmap) else np.asarray(embeddings)
     valid = valid_rows(embeddings)
     keys_arr = check_keys(keys, len(embeddings))
-    if priority not in ("pixels", "key"):
-        raise ValueError(f"priority must be 'pixels' or 'key', got {priority!r}")
+    if cfg.priority not in ("pixels", "key"):
+        raise ValueError(f"priority must be 'pixels' or 'key', got {cfg.priority!r}")
     if pixels is not None and len(pixels) != len(keys_arr):
         raise ValueError(f"{len(pixels)} pixel counts for {len(keys_arr)} keys")
-    rank = priority_rank(keys_arr, pixels if priority == "pixels" else None)
+    rank = priority_rank(keys_arr, pixels if cfg.priority == "pixels" else None)
     pairs, cos, assignment, stats = find_pairs(
-        embeddings,
-        keys_arr,
-        threshold,
-        valid,
-        exact=exact,
-        clusters=clusters,
-        assign=assign,
-        assign_margin=assign_margin,
-        kmeans_iters=kmeans_iters,
-        kmeans_sample=kmeans_sample,
-        kmeans=kmeans,
-        seed=seed,
-        block_rows=block_rows,
-        engine=make_engine(backend, device, precision),
-        threads=threads,
+        embeddings, keys_arr, cfg, valid, engine=engine or make_engine(device), threads=threads,
         progress=progress,
     )
     reason = np.where(valid, "", BAD_EMBEDDING).astype(object)
-    stats.update(exact=bool(exact), assign=int(assignment.shape[1]), assign_margin=assign_margin)
+    stats.update(exact=bool(cfg.exact), assign=int(assignment.shape[1]), assign_margin=cfg.assign_margin)
     result = _decide(
-        keys_arr, ~valid, reason, pairs, cos, rank, assignment[:, 0], assignment, float(threshold), stats
+        keys_arr, ~valid, reason, pairs, cos, rank, assignment[:, 0], assignment, float(cfg.threshold), stats
     )
     result.stats["t_total"] = time.perf_counter() - t0
     return result

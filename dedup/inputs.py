@@ -1,5 +1,5 @@
 """What `flowcurate dedup` reads: images (folders, globs, WebDataset/img2dataset tars) or precomputed
-embeddings (DESIGN.md's Parquet schema, or `.npy` + a keys file), and SSCD embedding of images.
+embeddings (`flowcurate.formats.manifest.EMBEDDINGS_SCHEMA` Parquet, or `.npy` + a keys file), and SSCD embedding of images.
 
 Images are first *listed* (keys, sources, tar offsets; no pixels), then decoded, preprocessed and
 embedded by a map-style `torch.utils.data` loader whose workers decode in parallel. Batches are
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from flowcurate.dedup.core import valid_rows
 from flowcurate.formats.images import ImageRejected, decode_image
 from flowcurate.formats.manifest import (
     DUPLICATE_KEY,
@@ -31,9 +32,15 @@ from flowcurate.formats.manifest import (
 from flowcurate.formats.tars import IMAGE_EXTS, Member, TarTail, read_member, sanitize_key, scan_tar
 from flowcurate.models.sscd import SSCDPreprocess, embed
 
+EMBEDDING_SUFFIXES = (".parquet", ".npy")
+
 
 class InputError(ValueError):
     """Input that cannot be used at all (as opposed to one bad item, which becomes a rejected row)."""
+
+
+class UsageError(ValueError):
+    """A flag combination that cannot work (exit 2, one line)."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,7 @@ def expand(specs: Iterable[str]) -> list[Path]:
 
 
 def _unique(key: str, seen: dict[str, int]) -> tuple[str, bool]:
-    """`key`, or `key~N` for the N-th repeat (DESIGN.md: a repeated key gets a duplicate_key row)."""
+    """`key`, or `key~N` for the N-th repeat (a repeated key gets a duplicate_key row)."""
     n = seen.get(key, 0) + 1
     seen[key] = n
     return (key, False) if n == 1 else (f"{key}~{n}", True)
@@ -195,7 +202,7 @@ def embed_images(listing: Listing, model: torch.nn.Module, preprocess: SSCDPrepr
 
 
 def write_embeddings(path: Path, keys: list[str], embeddings: np.ndarray, widths=None, heights=None) -> None:
-    """DESIGN.md's embeddings schema: key, embedding list<float32>, width, height (int32, nullable)."""
+    """`EMBEDDINGS_SCHEMA`: key, embedding list<float32>, width, height (int32, nullable)."""
     emb = np.ascontiguousarray(embeddings, dtype=np.float32)
     n, d = emb.shape
     flat = pa.array(emb.reshape(-1), pa.float32())
@@ -214,7 +221,7 @@ def write_embeddings(path: Path, keys: list[str], embeddings: np.ndarray, widths
 
 
 def read_embeddings(path: Path, keys_path: Path | None = None) -> Embedded:
-    """Precomputed embeddings: DESIGN.md's Parquet schema, or `.npy` (float32 or float16, memory-mapped)
+    """Precomputed embeddings: `EMBEDDINGS_SCHEMA` Parquet, or `.npy` (float32 or float16, memory-mapped)
     with one key per line in `keys_path`. Whole-file problems raise `InputError` with the reason."""
     path = Path(path)
     if path.suffix == ".npy":
@@ -262,3 +269,65 @@ def read_embeddings(path: Path, keys_path: Path | None = None) -> Embedded:
     if len(set(keys)) != len(keys):
         raise InputError(f"{path}: keys are not unique")
     return Embedded(keys, sources, emb, widths, heights)
+
+
+def classify(specs: Sequence[str], what: str, exclude: set[Path]) -> tuple[str, list[Path]]:
+    """-> ("images", image and tar files) or ("embeddings", .parquet/.npy files). Next to tars,
+    img2dataset's .parquet/.json metadata found by a folder or glob is ignored; embedding files
+    named directly together with images are an error. `exclude`: our own outputs, never read back."""
+    files = [f for f in expand(specs) if f.resolve() not in exclude]
+    images = [f for f in files if f.suffix.lower().lstrip(".") in IMAGE_EXTS or f.suffix.lower() == ".tar"]
+    embeddings = [f for f in files if f.suffix.lower() in EMBEDDING_SUFFIXES]
+    if images:
+        named = {Path(s).expanduser() for s in specs if Path(s).expanduser().is_file()}
+        explicit = [f for f in embeddings if f in named]
+        if explicit:
+            raise InputError(f"{what} mixes images/tars with the embeddings file {explicit[0]}; "
+                             "give one kind per run")
+        return "images", images
+    if embeddings:
+        return "embeddings", embeddings
+    raise InputError(f"{what} {' '.join(specs)}: no images, .tar shards or embedding files (.parquet, .npy)")
+
+
+def read_embedding_files(files: list[Path], keys_path: str | None, what: str) -> Embedded:
+    """Embedding files -> one `Embedded` (a single .npy stays memory-mapped). File-level problems
+    (unreadable, mixed dimensions, repeated keys, empty) raise InputError."""
+    npys = [f for f in files if f.suffix.lower() == ".npy"]
+    if len(npys) > 1:
+        raise InputError(f"{what}: one .npy file per run (with its keys file); got {len(npys)}")
+    if keys_path and not npys:
+        raise UsageError(f"{what} names no .npy file; a keys file is only for .npy embeddings")
+    parts = []
+    for f in files:
+        try:
+            parts.append(read_embeddings(f, keys_path if f.suffix.lower() == ".npy" else None))
+        except InputError:
+            raise
+        except (ValueError, OSError, pa.ArrowException) as e:
+            raise InputError(f"{f}: cannot read embeddings ({str(e).splitlines()[0]})") from None
+    if len(parts) == 1:
+        return parts[0]
+    dims = sorted({p.embeddings.shape[1] for p in parts})
+    if len(dims) > 1:
+        raise InputError(f"{what}: embedding files have different dimensions {dims}")
+    keys = [k for p in parts for k in p.keys]
+    if len(set(keys)) != len(keys):
+        seen: set[str] = set()
+        dup = next(k for k in keys if k in seen or seen.add(k))
+        raise InputError(f"{what}: key {dup!r} appears in more than one embeddings file")
+    dtype = np.float16 if all(p.embeddings.dtype == np.float16 for p in parts) else np.float32
+    return Embedded(keys, [s for p in parts for s in p.sources],
+                    np.concatenate([np.asarray(p.embeddings, dtype=dtype) for p in parts]),
+                    np.concatenate([p.widths for p in parts]), np.concatenate([p.heights for p in parts]))
+
+
+def check_rows(embeddings: np.ndarray, keys: list[str], what: str, skip: bool) -> np.ndarray:
+    """(N, D) -> (N,) bool valid rows. Zero/NaN/inf rows are an InputError unless `skip`."""
+    valid = valid_rows(embeddings)
+    bad = [keys[i] for i in range(len(keys)) if not valid[i]]
+    if bad and not skip:
+        first = ", ".join(repr(k) for k in bad[:3])
+        raise InputError(f"{what}: {len(bad)} embedding(s) are zero, NaN or infinite (first: {first}); fix "
+                         "the file, or pass --skip-bad-embeddings to reject them as bad_embedding rows")
+    return valid

@@ -3,7 +3,7 @@
 Visit items in priority order (more pixels first, then key; without sizes, key). An item nobody has
 removed yet is kept and removes every found neighbour not yet removed; `duplicate_of` is the kept item
 that removed it, `similarity` their cosine. This is greedy, not transitive: in a chain A~B~C with A
-first, A removes B and C stays (SemDeDup's rule would drop C too; dedup_peers.md §1).
+first, A removes B and C stays (SemDeDup's rule, "similar to any earlier item", would drop C too).
 
 The outcome for an item depends only on the pairs and the relative order of items in its connected
 component, so components can be resolved anywhere, in any order (`resolve_component`), and the union
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from flowcurate.dedup.search import above
+from flowcurate.dedup.numerics import above
 
 
 def priority_rank(keys: Sequence[str], pixels: np.ndarray | None = None) -> np.ndarray:

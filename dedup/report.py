@@ -29,7 +29,7 @@ DEDUP_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("source", pa.string()),  # "path", "tar#member" or "embeddings-file#key": enough to find the input again
     ("status", pa.string()),  # kept | duplicate | rejected
-    ("reason", pa.string()),  # rejected rows: DESIGN.md's vocabulary (filtered:reference for --reference)
+    ("reason", pa.string()),  # rejected rows: flowcurate.formats.manifest's vocabulary (filtered:reference for --reference)
     ("duplicate_of", pa.string()),  # duplicate rows: the kept key that removed it
     ("similarity", pa.float32()),  # cosine to duplicate_of, or to reference_key; rounded to 1e-3
     ("reference_key", pa.string()),  # filtered:reference rows: the most similar reference item
@@ -37,7 +37,7 @@ DEDUP_SCHEMA = pa.schema([
     ("width", pa.int32()),  # after EXIF transpose; null when unknown
     ("height", pa.int32()),
 ])
-SIMILARITY_DECIMALS = 3  # DESIGN.md "Dedup": cosines reported to 1e-3
+SIMILARITY_DECIMALS = 3  # cosines are reported to 1e-3 (full float32 stays in DedupResult)
 
 
 @dataclass

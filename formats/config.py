@@ -2,12 +2,12 @@
 
 Loaded into frozen dataclasses (nanoGPT style: a comment per field says why). The CLI only overrides
 fields; checkpoints and reports store `asdict(config)`. `--config NAME|PATH`: an existing path is a
-TOML file; anything else names a preset shipped in `models/presets/` (`tiny`, `sd3`).
+TOML file; anything else names a preset shipped in `formats/presets/` (`tiny`, `sd3`).
 
 Model locations may be hub ids, local paths, URLs (SSCD) or `tiny://NAME`, which the launcher
 resolves to the cached tiny models (`flowcurate.models.tiny.resolve_tiny`), building them once if needed.
 
-This module lives in `models` because it is the one package every other package may import.
+This module lives in `formats` because it is the one package every other package may import.
 """
 
 from __future__ import annotations
@@ -119,7 +119,14 @@ class DedupConfig:
 class TrainConfig:
     # MM-DiT size from flowcurate.models.mmdit's registry
     model: str = "d2"
+    # the global batch: N ranks each take batch_size / N
     batch_size: int = 8
+    # how ranks share the shards: "auto" (shards when every rank and loader worker gets one, else global),
+    # "global" (every rank reads the one stream: equal to one process), "shards" (disjoint shards per
+    # rank) or "resampled" (shards drawn with replacement); see trainer/data.py
+    split: str = "auto"
+    # samples in the seeded shuffle buffer of each loader worker (0: shard order)
+    shuffle_buffer: int = 256
     lr: float = 1e-4
     # AdamW eps; SD3 used 1e-15 with QK-norm in bf16
     adam_eps: float = 1e-8

@@ -1,4 +1,4 @@
-"""Decoding untrusted image bytes into RGB, with a reason from DESIGN.md's vocabulary when it fails.
+"""Decoding untrusted image bytes into RGB, with a rejection reason (`formats/manifest.py`) when it fails.
 
 Shared by every stage that reads images (pipeline validation, `flowcurate dedup`, memorization), so
 one bad file gets the same verdict everywhere. Odd but valid images are converted, not rejected:

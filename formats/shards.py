@@ -1,6 +1,6 @@
 """The curated-shard format: the one contract between the pipeline (writer) and the trainer (reader).
 
-DESIGN.md "Data contracts" is the specification; this module is its code, used by both sides, so a
+docs/architecture.md ("Data contracts") explains it; this module is its code, used by both sides, so a
 round-trip test pins it:
 
 - `OUT/conditioning.json` + `OUT/conditioning.npz`: which autoencoder and text encoders made the
@@ -138,7 +138,7 @@ def encode_sample(key: str, latent_mean: np.ndarray, latent_logvar: np.ndarray,
                   encodings: Mapping[str, Mapping[str, np.ndarray]], meta: Mapping, conditioning: str,
                   dtype: str = "float16") -> dict[str, bytes]:
     """One sample's tar members. `encodings[variant][part]` without the batch axis; `meta` holds
-    source, width, height, crop, resolution and `caption` {orig, syn} (DESIGN.md)."""
+    source, width, height, crop, resolution and `caption` {orig, syn} (docs/architecture.md, "Shards")."""
     out = {"__key__": key, "latent_mean.npy": npy_bytes(latent_mean, dtype),
            "latent_logvar.npy": npy_bytes(latent_logvar, dtype)}
     for v in VARIANTS:

@@ -3,7 +3,7 @@
 `scan_tar(fileobj, source)` lists the samples of one tar: each key with its members' extensions,
 byte offsets and sizes, without reading image bytes, so a reader can fetch one member later with a
 seek (map-style datasets, parallel decoding). Member names are only ever used as strings: a name
-such as `../../etc/passwd.jpg` gives the key `../../etc/passwd`, sanitised to `etc_passwd`, and is
+such as `../../etc/passwd.jpg` gives the key `../../etc/passwd`, sanitised to `etc/passwd`, and is
 never joined to a filesystem path. A truncated or corrupt tar yields every sample before the damage
 and then one `TarTail` saying where reading stopped.
 

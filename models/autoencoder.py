@@ -3,7 +3,7 @@
 Loaded with `diffusers.AutoencoderKL` from the `vae` subfolder of an SD3 folder or hub id (the tiny one
 has the same layout). Shards store the *unscaled* posterior; the trainer samples
 `z = mean + exp(logvar / 2) * eps` and feeds the MM-DiT `(z - shift_factor) * scaling_factor`
-(SD3: 16 channels, scaling 1.5305, shift 0.0609, read from the VAE's config, sd3_facts §4).
+(SD3: 16 channels, scaling 1.5305, shift 0.0609, read from the VAE's config).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Config -> helpers -> embedders -> joint block -> final layer -> model -> sin-cos
 
 Convention (the one trainer/flow.py states): `x_t = (1 - t) x0 + t eps`, t = 1 is pure noise, and the
 model predicts the velocity `v = eps - x0`. `forward` takes t in [0, 1]; the network sees `t * 1000`, as
-both reference codebases feed it (sd3_facts §1.5), so official weights work unchanged.
+both reference codebases (Stability-AI/sd3.5 and diffusers) feed it, so official weights work unchanged.
 
 Module and parameter names follow the reference implementation (Stability-AI/sd3.5 `mmditx.py`:
 `x_embedder`, `pos_embed`, `t_embedder`, `y_embedder`, `context_embedder`,
@@ -13,7 +13,7 @@ Module and parameter names follow the reference implementation (Stability-AI/sd3
 loads with `load_state_dict` after stripping its `model.diffusion_model.` prefix, and diffusers
 checkpoints convert with `flowcurate.models.mmdit_diffusers`.
 
-Not implemented: SD3.5-medium's dual-attention layers (MMDiT-X, sd3_facts §2.6).
+Not implemented: SD3.5-medium's dual-attention layers (MMDiT-X).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass(frozen=True)
 class MMDiTConfig:
-    # number of joint blocks; the last block's context stream is pre-only (sd3_facts §2.2)
+    # number of joint blocks; the last block's context stream is pre-only (as in the reference)
     depth: int = 24
     # width of both streams; None: 64 * depth, the paper's size rule (head dim 64, §4)
     hidden_size: int | None = None
@@ -293,7 +293,7 @@ class MMDiT(nn.Module):
         d, p = config.hidden_size, config.patch_size
         with torch.device(device) if device is not None else contextlib.nullcontext():
             self.x_embedder = PatchEmbed(p, config.in_channels, d)
-            # fixed 2-D sin-cos table, a buffer as in the reference so checkpoints carry it (sd3_facts §8.7)
+            # fixed 2-D sin-cos table, a buffer as in the reference so checkpoints carry it
             self.register_buffer("pos_embed", torch.zeros(1, config.pos_embed_max_size ** 2, d))
             self.t_embedder = TimestepEmbedder(d)
             self.y_embedder = VectorEmbedder(config.pooled_dim, d)
@@ -427,7 +427,7 @@ SIZES: dict[str, MMDiTConfig] = {
     "d6": _cpu_size(6),
     # the paper's scaling family (§5.3: d = 15 ... 38), with QK-norm as in its final recipe
     **{f"d{d}": MMDiTConfig(depth=d) for d in (15, 18, 21, 24, 30, 38)},
-    # released checkpoints (diffusers transformer/config.json; sd3_facts §2.5)
+    # released checkpoints (their diffusers transformer/config.json)
     "sd3-medium": MMDiTConfig(depth=24, qk_norm=None),
     "sd3.5-large": MMDiTConfig(depth=38, qk_norm="rms"),
 }

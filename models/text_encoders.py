@@ -9,7 +9,7 @@ diffusers' pipeline). The parts are kept separate because the trainer drops each
 independently; `flowcurate.formats.shards.assemble` stacks them the way the reference does.
 
 The real models: the SD3 repo's `text_encoder` (CLIP-L), `text_encoder_2` (CLIP-G), `text_encoder_3`
-(T5-XXL) with `tokenizer`, `tokenizer_2`, `tokenizer_3`. The tiny ones (`models/tiny.py`) use the same
+(T5-XXL) with `tokenizer`, `tokenizer_2`, `tokenizer_3`. The tiny ones (`models/tiny/`) use the same
 layout and load through this same code.
 """
 
@@ -68,7 +68,7 @@ class TextEncoders:
         return cls(tokenizers, encoders, t5_length, device)
 
     def widths(self) -> dict[str, int]:
-        """Wl, Wl', Wg, Wg', Wt (DESIGN.md), read from the encoders' configs."""
+        """Wl, Wl', Wg, Wg', Wt (docs/architecture.md, "Shards"), read from the encoders' configs."""
         cl, cg, t5 = (self.encoders[r].config for r in ("clip_l", "clip_g", "t5"))
         return {"clip_l": cl.hidden_size, "clip_l_pooled": cl.projection_dim, "clip_g": cg.hidden_size,
                 "clip_g_pooled": cg.projection_dim, "t5": t5.d_model}

@@ -25,19 +25,14 @@ from typing import Any, NamedTuple
 import apache_beam as beam
 import numpy as np
 
+from flowcurate.dedup.assign import assign_clusters
 from flowcurate.dedup.core import valid_rows
+from flowcurate.dedup.engine import make_engine
 from flowcurate.dedup.keep import resolve_component
+from flowcurate.dedup.kmeans import auto_clusters, in_kmeans_sample, kmeans_sample_fraction, train_centroids
+from flowcurate.dedup.numerics import unique_pairs
 from flowcurate.dedup.report import report_similarity
-from flowcurate.dedup.search import (
-    assign_clusters,
-    auto_clusters,
-    in_kmeans_sample,
-    kmeans_sample_fraction,
-    make_engine,
-    search_cluster,
-    train_centroids,
-    unique_pairs,
-)
+from flowcurate.dedup.search import search_cluster
 from flowcurate.formats.config import DedupConfig
 from flowcurate.formats.manifest import BAD_EMBEDDING, DUPLICATE_KEY
 from flowcurate.formats.shards import split_of
@@ -145,7 +140,7 @@ def _search(group, threshold: float, block_rows: int):
     if len(members) < 2:
         return []
     vectors = np.stack([np.frombuffer(v, np.float32) for _, v, _ in members])
-    pairs, cos = search_cluster(vectors, threshold, block_rows=block_rows, engine=make_engine("auto", "cpu"),
+    pairs, cos = search_cluster(vectors, threshold, block_rows=block_rows, engine=make_engine("cpu"),
                                 threads=1)
     ids = [m[0] for m in members]
     return [(ids[i], ids[j], float(c)) for (i, j), c in zip(pairs.tolist(), cos.tolist())]

@@ -5,7 +5,7 @@ Order: decode with the pixel limit, EXIF transpose and mode conversion (`flowcur
 CMYK, 16-bit (scaled), palette, alpha -> RGB); minimum size (shorter side); maximum aspect ratio; then
 the largest centred crop with the target's aspect ratio, resized to the target (SD3: square at the
 training resolution, or with `buckets` the aspect bucket nearest to the image's own aspect ratio). The
-crop box is reported in the original (EXIF-corrected) pixels, as DESIGN.md's sample json wants it.
+crop box is reported in the original (EXIF-corrected) pixels, as the sample json wants it.
 `pixel_hash` is the sha256 of the decoded original's pixels and size: the exact-duplicate key.
 """
 
@@ -35,7 +35,7 @@ class Valid:
     resolution: tuple[int, int]  # (H, W) of `image`
     pixel_hash: str  # "sha256:..." of the decoded original (exact-duplicate detection)
     mode: str  # the original's mode, e.g. "CMYK"
-    sscd: np.ndarray | None = None  # (S, S, 3) uint8: the whole original resized for SSCD (DESIGN.md "Dedup")
+    sscd: np.ndarray | None = None  # (S, S, 3) uint8: the whole original resized for SSCD (square, as SSCD recommends)
 
 
 def aspect_buckets(resolution: int, max_aspect: float = 3.0, multiple: int = SIDE_MULTIPLE) -> list[tuple[int, int]]:

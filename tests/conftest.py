@@ -14,9 +14,8 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     """Under pytest-xdist, split the cores between the workers for torch's intra-op threads: `make test`
     runs 2 workers on 2 cores, and two torch processes with 2 threads each spin-wait against each other
-    (a 600-step tiny training took 552 s that way against 91 s with 1 thread each, same load). Outside
-    xdist torch keeps every core, as DESIGN.md asks; OMP_NUM_THREADS is left alone (subprocesses and
-    FAISS keep their defaults)."""
+    (6x slower: BENCHMARKS.md, "make test"). Outside xdist torch keeps every core (docs/architecture.md,
+    "Measuring"); OMP_NUM_THREADS is left alone (subprocesses and FAISS keep their defaults)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if os.environ.get("PYTEST_XDIST_WORKER") and workers > 1:
         import torch

@@ -7,44 +7,38 @@ import faiss
 import numpy as np
 import pytest
 
+from flowcurate.dedup.assign import assign_clusters, group_members
 from flowcurate.dedup.core import DUPLICATE, KEPT, REJECTED, find_duplicates
+from flowcurate.dedup.engine import Engine, block_pairs, search_block_pair
 from flowcurate.dedup.keep import connected_components, keep_greedy, priority_rank, resolve_component
-from flowcurate.dedup.search import (
-    Engine,
-    assign_clusters,
-    block_pairs,
-    group_members,
-    in_kmeans_sample,
-    int8_available,
-    kmeans_sample_fraction,
-    search_block_pair,
-    search_cluster,
-    train_centroids,
-    unit_rows,
-)
+from flowcurate.dedup.kmeans import in_kmeans_sample, kmeans_sample_fraction, train_centroids
+from flowcurate.dedup.numerics import pair_cosines, unit_rows
+from flowcurate.dedup.search import search_cluster
+from flowcurate.formats.config import DedupConfig
 from flowcurate.formats.manifest import BAD_EMBEDDING
+from flowcurate.models.tiny.planted import generate
 
 T = 0.5
 
 
-def planted(n=900, d=32, seed=0, groups=40, group_size=4, noise=0.35, chains=10):
-    """Random unit-ish vectors plus groups of near-copies (cos ~0.9), chains A~B~C with A!~C, exact
-    copies, and a scattered scale so normalisation matters."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, d))
-    i = 0
-    for _ in range(groups):
-        base = rng.standard_normal(d)
-        for _ in range(group_size):
-            x[i] = base + noise * rng.standard_normal(d)
-            i += 1
+def cfg(threshold=T, **fields) -> DedupConfig:
+    """The [dedup] section with these fields changed (clusters as the config spells it: "auto" or digits)."""
+    return DedupConfig(threshold=threshold, **fields)
+
+
+def planted(n=900, d=32, seed=0, copies=160, bins=((0.85, 0.95),), chains=10):
+    """`flowcurate.models.tiny.planted` rows (isotropic) with `copies` near-copies at cosines in `bins`
+    (~2 per base, so small groups), plus chains A~B~C with A!~C, exact copies, and a scattered scale
+    so normalisation matters."""
+    base = np.empty((n - 3 * chains - 5, d), np.float32)
+    generate(base, "isotropic", seed, fraction=copies / len(base), bins=bins)
+    rng = np.random.default_rng([seed, 7])
+    rows = []
     for _ in range(chains):  # unit steps along a great circle: cos(A,B)=cos(B,C)=cos(55deg)>0.5, cos(A,C)<0.5
         p, q = np.linalg.qr(rng.standard_normal((d, 2)))[0].T
-        for ang in (0.0, 55.0, 110.0):
-            a = np.deg2rad(ang)
-            x[i] = np.cos(a) * p + np.sin(a) * q
-            i += 1
-    x[i : i + 5] = x[i - 1]  # exact copies of the last chain end
+        rows += [np.cos(np.deg2rad(ang)) * p + np.sin(np.deg2rad(ang)) * q for ang in (0.0, 55.0, 110.0)]
+    rows += [rows[-1]] * 5  # exact copies of the last chain end
+    x = np.concatenate([base.astype(np.float64), np.stack(rows)])
     x *= rng.uniform(0.01, 100, size=(n, 1))
     keys = [f"img{v:06d}" for v in rng.permutation(n)]  # key order != row order
     return x.astype(np.float32), keys
@@ -120,12 +114,12 @@ def check_invariants(result, x, t):
     assert np.all(result.cluster[result.status != REJECTED] >= 0)
 
 
-@pytest.mark.parametrize("mode", [{"exact": True}, {"clusters": 1}])
+@pytest.mark.parametrize("mode", [{"exact": True}, {"clusters": "1"}])
 def test_exact_and_one_cluster_equal_brute_force_algorithm_1(mode):
     x, keys = planted()
     rng = np.random.default_rng(1)
     pixels = rng.choice([64 * 64, 128 * 128, 256 * 256], size=len(keys))  # many ties -> key decides
-    result = find_duplicates(x, keys, T, pixels=pixels, block_rows=128, **mode)
+    result = find_duplicates(x, keys, cfg(block_rows=128, **mode), pixels=pixels)
     expected = brute_force(x, keys, T, pixels)
     assert_same_decisions(decisions(result), expected, sim_tol=1e-6)
     assert result.counts()["duplicate"] > 150
@@ -134,10 +128,10 @@ def test_exact_and_one_cluster_equal_brute_force_algorithm_1(mode):
 
 def test_cluster_mode_invariants_and_recall_mitigation():
     x, keys = planted(n=1500, seed=2)
-    exact = find_duplicates(x, keys, T, exact=True)
-    top1 = find_duplicates(x, keys, T, clusters=20, assign=1)
-    top2 = find_duplicates(x, keys, T, clusters=20, assign=2, assign_margin=None)
-    adaptive = find_duplicates(x, keys, T, clusters=20, assign=2, assign_margin=0.02)
+    exact = find_duplicates(x, keys, cfg(exact=True))
+    top1 = find_duplicates(x, keys, cfg(clusters="20", assign=1))
+    top2 = find_duplicates(x, keys, cfg(clusters="20", assign=2, assign_margin=None))
+    adaptive = find_duplicates(x, keys, cfg(clusters="20", assign=2, assign_margin=0.02))
     e, p1, p2, pa = (key_pairs(r) for r in (exact, top1, top2, adaptive))
     assert p1 <= pa <= p2 <= e  # top-2 groups contain top-1 groups; found pairs are true pairs
     close = {p for p in e if p[1] > 0.8}  # the planted near-copies (32-d noise pairs sit near 0.5)
@@ -166,7 +160,7 @@ def test_adversarial_inputs_rejected_and_strict_threshold():
     ]
     x = np.stack(rows)
     keys = list("abcdefghi")
-    result = find_duplicates(x, keys, 0.5, exact=True)
+    result = find_duplicates(x, keys, cfg(0.5, exact=True))
     dec = decisions(result)
     for k in "efgi":
         assert dec[k][0] == "rejected"
@@ -175,7 +169,7 @@ def test_adversarial_inputs_rejected_and_strict_threshold():
     assert dec["c"][:2] == ("duplicate", "a") and dec["h"][:2] == ("duplicate", "a")
     assert dec["d"] == ("kept", None, None)
     assert {(i, j) for i, j in result.pairs.tolist()} == {(0, 2), (0, 7), (2, 7)}
-    assert find_duplicates(x, keys, 0.4999, exact=True).status[1] == DUPLICATE  # just below 0.5: a pair
+    assert find_duplicates(x, keys, cfg(0.4999, exact=True)).status[1] == DUPLICATE  # just below 0.5: a pair
     assert_same_decisions(dec, brute_force(x, keys, 0.5))
 
 
@@ -185,7 +179,7 @@ def test_one_dense_group_larger_than_blocks():
     x = (base + 0.05 * rng.standard_normal((300, 16))).astype(np.float32)
     x[:10] = x[10]  # exact copies
     keys = [f"k{i:03d}" for i in range(300)]
-    result = find_duplicates(x, keys, T, clusters=1, block_rows=32)
+    result = find_duplicates(x, keys, cfg(clusters="1", block_rows=32))
     assert result.counts() == {"kept": 1, "duplicate": 299, "rejected": 0}
     assert len(result.pairs) == 300 * 299 // 2
     assert result.keys[result.status == KEPT][0] == "k000"
@@ -195,11 +189,11 @@ def test_one_dense_group_larger_than_blocks():
 
 def test_independent_of_input_order_threads_blocks_and_scale():
     x, keys = planted(n=1200, seed=4)
-    kw = dict(clusters=12, assign=2, kmeans_sample=600)
-    ref = find_duplicates(x, keys, T, **kw)
+    kw = dict(clusters="12", assign=2, kmeans_sample=600)
+    ref = find_duplicates(x, keys, cfg(**kw))
     ref_dec, ref_pairs = decisions(ref), key_pairs(ref)
     perm = np.random.default_rng(5).permutation(len(x))
-    permuted = find_duplicates(x[perm], [keys[i] for i in perm], T, **kw)
+    permuted = find_duplicates(x[perm], [keys[i] for i in perm], cfg(**kw))
     assert decisions(permuted) == ref_dec
     assert key_pairs(permuted) == ref_pairs
     # the top-1 cluster of every key is the same too (same centroids, same assignment)
@@ -207,12 +201,12 @@ def test_independent_of_input_order_threads_blocks_and_scale():
     old = faiss.omp_get_max_threads()
     try:
         faiss.omp_set_num_threads(1)
-        one = find_duplicates(x, keys, T, threads=1, block_rows=64, **kw)
+        one = find_duplicates(x, keys, cfg(block_rows=64, **kw), threads=1)
     finally:
         faiss.omp_set_num_threads(old)
     assert decisions(one) == ref_dec and key_pairs(one) == ref_pairs
     scaled = x * np.float32(2.0) ** np.random.default_rng(6).integers(-20, 20, size=(len(x), 1))
-    assert decisions(find_duplicates(scaled.astype(np.float32), keys, T, **kw)) == ref_dec
+    assert decisions(find_duplicates(scaled.astype(np.float32), keys, cfg(**kw))) == ref_dec
 
 
 def test_float16_memmap_equals_in_memory(tmp_path):
@@ -222,8 +216,8 @@ def test_float16_memmap_equals_in_memory(tmp_path):
     mm[:] = x16
     mm.flush()
     mm = np.load(tmp_path / "emb.npy", mmap_mode="r")
-    a = find_duplicates(mm, keys, T, clusters=5, kmeans_sample=400, block_rows=100)
-    b = find_duplicates(x16.astype(np.float32), keys, T, clusters=5, kmeans_sample=400)
+    a = find_duplicates(mm, keys, cfg(clusters="5", kmeans_sample=400, block_rows=100))
+    b = find_duplicates(x16.astype(np.float32), keys, cfg(clusters="5", kmeans_sample=400))
     assert decisions(a) == decisions(b) and key_pairs(a) == key_pairs(b)
     check_invariants(a, x16.astype(np.float32), T)
 
@@ -233,7 +227,7 @@ def test_distributed_pieces_equal_one_process():
     each cluster (a big one split in block tasks) -> components resolved one by one."""
     x, keys = planted(n=1000, seed=8)
     k, assign, thr = 8, 2, T
-    ref = find_duplicates(x, keys, thr, clusters=k, assign=assign, assign_margin=0.1, kmeans_sample=500)
+    ref = find_duplicates(x, keys, cfg(thr, clusters=str(k), assign=assign, assign_margin=0.1, kmeans_sample=500))
     rng = np.random.default_rng(9)
     perm = rng.permutation(len(x))  # arrival order on the workers
     frac = kmeans_sample_fraction(len(x), k, 500)
@@ -277,10 +271,10 @@ def test_distributed_pieces_equal_one_process():
 
 
 def test_at_threshold_equals_searching_again():
-    x, keys = planted(n=800, seed=10, noise=0.6)
-    low = find_duplicates(x, keys, 0.5, clusters=6)
+    x, keys = planted(n=800, seed=10, bins=((0.5, 1.0),))
+    low = find_duplicates(x, keys, cfg(0.5, clusters="6"))
     for t in (0.6, 0.75, 0.9):
-        again = find_duplicates(x, keys, t, clusters=6)
+        again = find_duplicates(x, keys, cfg(t, clusters="6"))
         assert decisions(low.at_threshold(t)) == decisions(again)
         assert key_pairs(low.at_threshold(t)) == key_pairs(again)
     counts = low.removed_counts()
@@ -341,44 +335,26 @@ def test_validation_and_edge_sizes():
     assert len(empty.keys) == 0 and len(empty.pairs) == 0
     single = find_duplicates(x[:1], ["only"])
     assert single.counts() == {"kept": 1, "duplicate": 0, "rejected": 0}
-    allbad = find_duplicates(np.zeros((2, 4), np.float32), ["a", "b"], clusters=3)
+    allbad = find_duplicates(np.zeros((2, 4), np.float32), ["a", "b"], cfg(clusters="3"))
     assert allbad.counts()["rejected"] == 2
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_torch_engines_give_identical_pairs(precision):
     pytest.importorskip("torch")
-    if precision == "int8" and not int8_available():
-        pytest.skip("no x86 quantized engine")
     x, keys = planted(n=400, d=64, seed=12)
     ref_pairs, ref_cos = search_cluster(x, T, engine=Engine())
     assert len(ref_pairs) > 100
-    eng = Engine("torch", "cpu", precision, min_rows=0)  # min_rows=0: no numpy fallback for small blocks
-    for block_rows in (2048, 96):  # one block; blocks cached and multiplied across
+    eng = Engine("torch", "cpu", precision, resident=True)  # a torch engine on the CPU: the resident path
+    for block_rows in (2048, 96):  # one tile; many tiles
         pairs, cos = search_cluster(x, T, engine=eng, block_rows=block_rows)
         assert np.array_equal(pairs, ref_pairs) and np.array_equal(cos, ref_cos)
-    got = find_duplicates(x, keys, T, exact=True, backend="torch", precision=precision)
-    assert decisions(got) == decisions(find_duplicates(x, keys, T, exact=True))
+    got = find_duplicates(x, keys, cfg(exact=True), engine=eng)
+    assert decisions(got) == decisions(find_duplicates(x, keys, cfg(exact=True)))
     with pytest.raises(ValueError):
         Engine("numpy", precision="bf16")
-
-
-def test_int8_margin_band_falls_back_to_fp32():
-    """Topic data: same-topic cosines pile up just under 0.5, inside int8's error margin."""
-    if not int8_available():
-        pytest.skip("no x86 quantized engine")
-    rng = np.random.default_rng(13)
-    topics = unit_rows(rng.standard_normal((3, 256)))
-    x = 0.7 * topics[rng.integers(0, 3, 600)] + 0.714 * unit_rows(rng.standard_normal((600, 256)))
-    u = unit_rows(x)
-    eng = Engine("torch", "cpu", "int8", min_rows=0)
-    assert eng.candidates(eng.prepare(u).data, None, T, same=True) is None  # too dense: use fp32
-    pairs, cos = search_cluster(x, T, engine=eng)
-    ref_pairs, ref_cos = search_cluster(x, T, engine=Engine())
-    assert np.array_equal(pairs, ref_pairs) and np.array_equal(cos, ref_cos) and len(pairs) > 1000
-    exact = u.astype(np.float64) @ u.T.astype(np.float64)
-    iu = np.triu_indices(600, 1)
-    assert len(pairs) == int((exact[iu].astype(np.float32) > T).sum())
+    with pytest.raises(ValueError):  # the CPU bf16 / int8 block engines are gone: fp32 was never slower
+        Engine("torch", "cpu", precision)
 
 
 def test_group_members_is_each_clusters_rows_ascending():
@@ -398,3 +374,16 @@ def test_group_members_is_each_clusters_rows_ascending():
         for c in range(k):
             want = np.sort(rows[(ids == c).any(axis=1)])
             assert got[c].dtype == np.int64 and np.array_equal(got[c], want), (trial, c)
+
+
+def test_planted_generator_same_rows_for_any_thread_count_and_on_a_memmap(tmp_path):
+    a = np.empty((3000, 64), np.float32)
+    truth = generate(a, "clustered", 3, chunk=700)
+    b = np.lib.format.open_memmap(tmp_path / "b.npy", mode="w+", dtype=np.float32, shape=a.shape)
+    again = generate(b, "clustered", 3, chunk=700, threads=3)
+    assert np.array_equal(a, b) and np.array_equal(truth.pairs, again.pairs)
+    assert len(truth.pairs) == 180 and np.all(truth.pairs[:, 0] < truth.pairs[:, 1])
+    assert np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-6)
+    # each copy sits at its target cosine to its base, the targets cycle through the bins
+    np.testing.assert_allclose(pair_cosines(a, truth.pairs), truth.target, atol=1e-5)
+    assert np.all((truth.target[::3] > 0.5) & (truth.target[::3] < 0.7) & (truth.target[2::3] > 0.9))

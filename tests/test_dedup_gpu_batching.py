@@ -8,23 +8,31 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import flowcurate.dedup.core as core  # noqa: E402
-import flowcurate.dedup.search as search  # noqa: E402
+import flowcurate.dedup.device as device  # noqa: E402
+from flowcurate.dedup import kmeans  # noqa: E402
+from flowcurate.dedup.assign import assign_clusters  # noqa: E402
 from flowcurate.dedup.core import find_duplicates  # noqa: E402
-from flowcurate.dedup.search import Engine, assign_clusters, find_pairs_in_groups, unit_rows  # noqa: E402
+from flowcurate.dedup.engine import Engine  # noqa: E402
+from flowcurate.dedup.numerics import unit_rows  # noqa: E402
+from flowcurate.dedup.search import find_pairs, find_pairs_in_groups  # noqa: E402
+from flowcurate.formats.config import DedupConfig  # noqa: E402
+from flowcurate.models.tiny.planted import generate  # noqa: E402
 
 T = 0.5
 
 
+def cfg(threshold=T, **fields) -> DedupConfig:
+    return DedupConfig(threshold=threshold, **fields)
+
+
 def data(n=700, d=48, seed=0):
-    """Near-copies at every cosine from 0.3 to 1 (many near the threshold), exact copies, a scattered
-    scale; float32."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, d))
-    base = rng.integers(0, n // 2, n // 2)
-    c = rng.uniform(0.3, 1.0, n // 2)[:, None]
-    x[n // 2 :] = c * unit_rows(x[base]) + np.sqrt(1 - c**2) * unit_rows(rng.standard_normal((n // 2, d)))
+    """`flowcurate.models.tiny.planted` rows (isotropic), half of them near-copies at every cosine from
+    0.3 to 1 (many near the threshold), exact copies, a scattered scale; float32."""
+    x = np.empty((n, d), np.float32)
+    generate(x, "isotropic", seed, fraction=0.5, bins=((0.3, 1.0),))
+    x = x.astype(np.float64)
     x[-5:] = x[-6]
+    rng = np.random.default_rng([seed, 7])
     x *= rng.uniform(0.01, 100, size=(n, 1))
     return x.astype(np.float32), [f"k{v:05d}" for v in rng.permutation(n)]
 
@@ -41,7 +49,7 @@ def test_resident_search_equals_numpy_for_any_tiling(precision, monkeypatch):
     ref_pairs, ref_cos, ref_stats = find_pairs_in_groups(x, groups, T)
     assert len(ref_pairs) > 300
     for tile, block_rows in ((1 << 28, 2048), (4000, 64), (500, 37)):
-        monkeypatch.setattr(search, "DEVICE_TILE", tile)
+        monkeypatch.setattr(device, "DEVICE_TILE", tile)
         pairs, cos, stats = find_pairs_in_groups(
             x, groups, T, engine=resident(precision), block_rows=block_rows
         )
@@ -64,7 +72,7 @@ def test_device_assignment_equals_numpy_with_ties():
     assert np.all(ref[0][:20, 0] == 3)
 
 
-def test_find_duplicates_resident_equals_numpy_on_a_float16_memmap(tmp_path, monkeypatch):
+def test_find_duplicates_resident_equals_numpy_on_a_float16_memmap(tmp_path):
     x, keys = data(n=900, seed=2)
     x16 = (x / np.abs(x).max(axis=1, keepdims=True)).astype(np.float16)
     x16[3] = 0  # a rejected row
@@ -72,12 +80,10 @@ def test_find_duplicates_resident_equals_numpy_on_a_float16_memmap(tmp_path, mon
     mm[:] = x16
     mm.flush()
     mm = np.load(tmp_path / "e.npy", mmap_mode="r")
-    kw = dict(clusters=12, assign=4, kmeans_sample=500)
+    kw = dict(clusters="12", assign=4, kmeans_sample=500)
     for exact in (False, True):
-        ref = find_duplicates(mm, keys, T, exact=exact, **kw)
-        monkeypatch.setattr(core, "make_engine", lambda *a, **k: resident("fp16"))
-        got = find_duplicates(mm, keys, T, exact=exact, block_rows=100, **kw)
-        monkeypatch.undo()
+        ref = find_duplicates(mm, keys, cfg(exact=exact, **kw))
+        got = find_duplicates(mm, keys, cfg(exact=exact, block_rows=100, **kw), engine=resident("fp16"))
         assert got.stats["engine"] == "Engine('torch', 'cpu', 'fp16')"
         for f in ("assignment", "pairs", "pair_cos", "status", "duplicate_of", "cluster"):
             assert np.array_equal(getattr(ref, f), getattr(got, f)), f
@@ -88,32 +94,21 @@ def test_find_duplicates_resident_equals_numpy_on_a_float16_memmap(tmp_path, mon
 def test_floor_in_and_on_device():
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for v in (0.4949999, 0.5 - 5e-3, -0.3, 0.0):
-            c = search._floor_in(v, dtype)
+            c = device.floor_in(v, dtype)
             assert c <= v and float(torch.tensor(c, dtype=dtype)) == c
             if c != 0:  # the next value up (one step on the bits toward +inf) is above v
                 t = torch.tensor([c], dtype=dtype)
                 bits = t.view(torch.int16 if t.element_size() == 2 else torch.int32)
                 bits += 1 if c > 0 else -1
                 assert float(t) > v
-    assert not Engine().on_device and not Engine("torch", "cpu", "fp32").on_device
+    assert not Engine().on_device
+    with pytest.raises(ValueError):  # a torch engine on the CPU is only the resident path
+        Engine("torch", "cpu", "fp32")
     assert (
         Engine("torch", "cuda", "fp16").on_device
         and not Engine("torch", "cuda", "fp16", resident=False).on_device
     )
     assert resident("fp32").on_device
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("precision", ["fp16", "fp32"])
-def test_cuda_equals_numpy(precision):
-    x, keys = data(n=3000, d=64, seed=3)
-    kw = dict(clusters=30, assign=8, kmeans_sample=2000, kmeans="faiss")  # the same centroids
-    for exact in (False, True):
-        ref = find_duplicates(x, keys, T, exact=exact, **kw)
-        got = find_duplicates(x, keys, T, exact=exact, device="cuda", precision=precision, **kw)
-        for f in ("assignment", "pairs", "pair_cos", "status", "duplicate_of"):
-            assert np.array_equal(getattr(ref, f), getattr(got, f)), f
 
 
 # ----------------------------------------------------------------------------- torch k-means
@@ -132,24 +127,24 @@ def objective(u, c):
 
 def test_torch_kmeans_is_deterministic_order_free_and_as_good_as_faiss():
     u, keys = blobs()
-    ours = search.train_centroids(u, keys, 40, seed=1, device="cpu")
-    again = search.train_centroids(u, keys, 40, seed=1, device="cpu")
+    ours = kmeans.train_centroids(u, keys, 40, seed=1, device="cpu")
+    again = kmeans.train_centroids(u, keys, 40, seed=1, device="cpu")
     perm = np.random.default_rng(9).permutation(len(u))
-    shuffled = search.train_centroids(u[perm], [keys[i] for i in perm], 40, seed=1, device="cpu")
+    shuffled = kmeans.train_centroids(u[perm], [keys[i] for i in perm], 40, seed=1, device="cpu")
     assert np.array_equal(ours, again) and np.array_equal(ours, shuffled)
     assert ours.shape == (40, 32) and np.allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)
-    faiss_c = search.train_centroids(u, keys, 40, seed=1)
+    faiss_c = kmeans.train_centroids(u, keys, 40, seed=1)
     # Lloyd from a random start finds the blobs as well as FAISS does (mean cosine to the nearest centroid)
     assert objective(u, ours) >= objective(u, faiss_c) - 0.01
     assert objective(u, ours) > 0.9
-    assert not np.array_equal(ours, search.train_centroids(u, keys, 40, seed=2, device="cpu"))
+    assert not np.array_equal(ours, kmeans.train_centroids(u, keys, 40, seed=2, device="cpu"))
 
 
 def test_torch_kmeans_refills_empty_clusters():
     rng = np.random.default_rng(0)
     base = unit_rows(rng.standard_normal((3, 16)))
     u = np.concatenate([np.repeat(base, 30, axis=0), unit_rows(rng.standard_normal((4, 16)))]).astype(np.float32)
-    c = search.torch_kmeans(u, 10, iters=5, device="cpu")
+    c = kmeans.torch_kmeans(u, 10, iters=5, device="cpu")
     assert c.shape == (10, 16) and np.isfinite(c).all()
     # the three repeated points and the four loners each end up with a centroid on them
     assert np.allclose((u @ c.T).max(axis=1), 1, atol=1e-5)
@@ -157,34 +152,17 @@ def test_torch_kmeans_refills_empty_clusters():
 
 def test_find_pairs_kmeans_choice():
     x, keys = data(n=900, seed=5)
-    exact_pairs, exact_cos, _, _ = search.find_pairs(x, keys, T, exact=True)
+    exact_pairs, exact_cos, _, _ = find_pairs(x, keys, cfg(exact=True))
     exact = {tuple(p): c for p, c in zip(exact_pairs.tolist(), exact_cos.tolist())}
-    for kmeans, label in (("auto", "faiss"), ("faiss", "faiss"), ("torch", "torch:cpu")):
-        pairs, cos, assignment, stats = search.find_pairs(x, keys, T, clusters=10, assign=3, kmeans=kmeans)
+    for method, label in (("auto", "faiss"), ("faiss", "faiss"), ("torch", "torch:cpu")):
+        pairs, cos, assignment, stats = find_pairs(x, keys, cfg(clusters="10", assign=3, kmeans=method))
         assert stats["kmeans"] == label
         assert all(exact[tuple(p)] == c for p, c in zip(pairs.tolist(), cos.tolist()))
         assert len(pairs) > 0.5 * len(exact_pairs)
     with pytest.raises(ValueError, match="kmeans"):
-        search.find_pairs(x, keys, T, clusters=10, kmeans="sklearn")
+        find_pairs(x, keys, cfg(clusters="10", kmeans="sklearn"))
     # the resident CPU engine keeps FAISS under "auto"; only a GPU switches it (and the exact range)
-    stats = search.find_pairs(x, keys, T, clusters=10, engine=resident("fp32"))[3]
+    stats = find_pairs(x, keys, cfg(clusters="10"), engine=resident("fp32"))[3]
     assert stats["kmeans"] == "faiss"
-    assert search.auto_clusters(100_000) > 1 and search.auto_clusters(100_000, device=True) == 1
-    assert search.auto_clusters(4_000_001, device=True) == round(4 * np.sqrt(4_000_001))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_torch_kmeans_is_deterministic_and_as_good_as_faiss():
-    u, keys = blobs(n=20000, d=64, centres=100)
-    a = search.train_centroids(u, keys, 100, device="cuda")
-    b = search.train_centroids(u, keys, 100, device="cuda")
-    assert np.array_equal(a, b)
-    assert objective(u, a) >= objective(u, search.train_centroids(u, keys, 100)) - 0.01
-    x, keys = data(n=3000, d=64, seed=3)
-    kw = dict(clusters=30, assign=8, kmeans_sample=2000)
-    r1 = find_duplicates(x, keys, T, device="cuda", **kw)
-    r2 = find_duplicates(x, keys, T, device="cuda", **kw)
-    assert r1.stats["kmeans"] == "torch:cuda"
-    for f in ("assignment", "pairs", "pair_cos", "status", "duplicate_of"):
-        assert np.array_equal(getattr(r1, f), getattr(r2, f)), f
+    assert kmeans.auto_clusters(100_000) > 1 and kmeans.auto_clusters(100_000, device=True) == 1
+    assert kmeans.auto_clusters(4_000_001, device=True) == round(4 * np.sqrt(4_000_001))

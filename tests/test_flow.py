@@ -100,7 +100,7 @@ def test_sample_t_is_reproducible_and_honours_dtype():
 
 def test_shift_formula_values():
     t = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
-    # sd3_facts §1.4: alpha = 3 maps 0.25 / 0.5 / 0.75 to 0.5 / 0.75 / 0.9; the endpoints stay put
+    # SD3 eq. 23: alpha = 3 maps 0.25 / 0.5 / 0.75 to 0.5 / 0.75 / 0.9; the endpoints stay put
     assert torch.allclose(flow.shift_t(t, 3.0), torch.tensor([0.0, 0.5, 0.75, 0.9, 1.0], dtype=torch.float64))
     assert flow.shift_t(t, 1.0) is t
     # a log-SNR shift by log(alpha): shifts compose multiplicatively and invert with 1 / alpha
@@ -116,9 +116,8 @@ def test_shifted_logit_normal_is_logit_normal_with_m_plus_log_alpha():
 
 @pytest.fixture(scope="module")
 def scheduler_cls():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler
+    module = pytest.importorskip("diffusers.schedulers.scheduling_flow_match_euler_discrete")
+    return module.FlowMatchEulerDiscreteScheduler
 
 
 def test_shift_matches_diffusers_training_table(scheduler_cls):

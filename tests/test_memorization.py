@@ -1,8 +1,9 @@
 """trainer/memorization.py: SD3's memorization check (App. E.3) on a curated folder built here.
 
-`curated` stands in for `flowcurate run`'s OUT until the pipeline lands: procedural originals saved as
-PNG (one in a tar, one with a source that cannot be read here), shards and record via flowcurate.formats.shards,
-tiny-SSCD embeddings of training images and of near-duplicates, a manifest and stats.json.
+`curated` is a small OUT of `flowcurate run` built here, with what the checks need: procedural
+originals saved as PNG (one in a tar, one with a source that cannot be read here), shards and record via
+flowcurate.formats.shards, tiny-SSCD embeddings of training images and of near-duplicates, a manifest
+and stats.json.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ UNREADABLE = "000000003"  # its source is a remote URI: pairs.png decodes its la
 
 
 def build_curated(out: Path, write_tar, n: int = N_TRAIN, size: int = SIZE, seed: int = 0) -> Path:
-    """OUT as DESIGN.md "Data contracts" describes it, for `n` training images of `size` x `size`
-    (`write_tar`: the conftest fixture)."""
+    """OUT in the layout `flowcurate run` writes (docs/architecture.md), for `n` training images of
+    `size` x `size` (`write_tar`: the conftest fixture)."""
     from flowcurate.dedup.inputs import write_embeddings
     from flowcurate.models.autoencoder import Autoencoder
     from flowcurate.models.sscd import SSCDPreprocess, embed, load_sscd
@@ -104,7 +105,7 @@ def untrained_like(run: Path, out: Path) -> Path:
     """A run folder with a freshly initialised model of `run`'s config, seeded as training seeds it,
     saved as step 0 (EMA = model): the untrained baseline, with the same record and sample size. (Its
     zero-initialised final layer predicts v = 0, so it generates the decoded starting noise. Made here
-    because `train --max-steps 0` on shards without a val split fails in plot_losses: no log.jsonl.)"""
+    because `train --max-steps 0` never sees a batch, so its checkpoint records no sample size.)"""
     import shutil
 
     from flowcurate.models.mmdit import MMDiT, MMDiTConfig
@@ -212,16 +213,24 @@ def test_report_nearest_keys_equal_a_brute_force_search(curated, reports):
 
 def test_recorded_prompts_and_seeds_reproduce_the_generations(reports, runs):
     from flowcurate.trainer import checkpoint as C
-    from flowcurate.trainer.sample import generate, load_autoencoder, load_model, load_text_encoders
+    from flowcurate.trainer.sample import (
+        generate,
+        load_autoencoder,
+        load_model,
+        load_text_encoders,
+        model_paths,
+    )
 
     folder, captured = reports["overfit"]
     report = pq.read_table(folder / "report.parquet").to_pylist()
     step = C.latest(runs[0])
     record = S.read_record(runs[0])
     model, _ = load_model(step)
-    te = load_text_encoders(record)
+    paths = model_paths(record)
+    te = load_text_encoders(record, paths)
     enc = te.encode([r["prompt"] for r in report])  # all 32 rows in one batch, as the check made them
-    images = generate(model, load_autoencoder(record), {p: enc[p] for p in S.PARTS}, te.encode([""]), (SIZE, SIZE),
+    ae = load_autoencoder(record, paths["autoencoder"])
+    images = generate(model, ae, {p: enc[p] for p in S.PARTS}, te.encode([""]), (SIZE, SIZE),
                       [r["seed"] for r in report], 16, 1.0, 1.0)
     made = np.concatenate([im for im, _ in captured]).astype(int)
     assert np.abs(images.astype(int) - made).max() <= 1

@@ -1,4 +1,4 @@
-"""The curated-shard contract (models/shards.py): conditioning record, deterministic tars, the golden
+"""The curated-shard contract (formats/shards.py): conditioning record, deterministic tars, the golden
 fixture, and the conditioning assembly against diffusers' encode_prompt."""
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ after a kill, 2-process DDP equal to one process, refusal of foreign shards, off
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from safetensors.torch import load_file
 
 from flowcurate.formats import shards as S
 from flowcurate.trainer import checkpoint as C
-from flowcurate.trainer.train import CRASH_ENV, main
+from flowcurate.trainer.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--sample-every", "0"]
@@ -38,23 +40,53 @@ def weights(step_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {n: load_file(step_dir / f"{n}.safetensors") for n in ("model", "ema", "optimizer")}
 
 
+def kill_after_first_checkpoint(args: list[str], run: Path, timeout: float = 300) -> subprocess.Popen:
+    """Start `python -m flowcurate.trainer train ARGS` and SIGKILL it as soon as RUN holds a complete
+    checkpoint: a preempted job's end, with no help from the trainer. Returns the killed process."""
+    with open(run.with_name(run.name + ".stderr"), "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "flowcurate.trainer", "train", *args], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + timeout
+    try:
+        while not C.checkpoints(run):
+            assert proc.poll() is None, f"training ended before its first checkpoint: {err.name}"
+            assert time.monotonic() < deadline, f"no checkpoint in {timeout} s"
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return proc
+
+
 def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(golden, tmp_path):
+    # constant lr after warm-up: --max-steps changes when a run stops, not what its steps compute
     cfg = write_config(tmp_path / "c.toml")
     common = ["--shards", str(golden), "--config", str(cfg), "--shuffle-buffer", "4"]
-    a = run_cli(*common, "--output", str(tmp_path / "a"))
+    killed = kill_after_first_checkpoint([*common, "--output", str(tmp_path / "b"), "--max-steps", "100000"],
+                                         tmp_path / "b")
+    assert killed.returncode == -signal.SIGKILL
+    last = C.read_state(C.latest(tmp_path / "b"))["step"]
+    assert last % 3 == 0 and 3 <= last < 100000  # every 3 steps, and interrupted long before the end
+    end = last + 3
+    a = run_cli(*common, "--output", str(tmp_path / "a"), "--max-steps", str(end))
     assert a.returncode == 0, a.stderr[-2000:]
-    crashed = run_cli(*common, "--output", str(tmp_path / "b"), env={CRASH_ENV: "4"})
-    assert crashed.returncode == 17  # killed after step 4; step-000003 is its last checkpoint
-    assert [p.name for p in C.checkpoints(tmp_path / "b")] == ["step-000003"]
-    resumed = run_cli(*common, "--output", str(tmp_path / "b"))
-    assert resumed.returncode == 0 and "resuming from" in resumed.stderr
-    wa, wb = weights(tmp_path / "a" / "checkpoints" / "step-000006"), weights(tmp_path / "b" / "checkpoints" / "step-000006")
+    resumed = run_cli(*common, "--output", str(tmp_path / "b"), "--max-steps", str(end))
+    assert resumed.returncode == 0 and f"resuming from {C.step_dir(tmp_path / 'b', last)}" in resumed.stderr
+    step = f"step-{end:06d}"
+    wa, wb = weights(tmp_path / "a" / "checkpoints" / step), weights(tmp_path / "b" / "checkpoints" / step)
     for part in wa:
         assert wa[part].keys() == wb[part].keys()
         for k in wa[part]:
             assert torch.equal(wa[part][k], wb[part][k]), (part, k)
-    sa, sb = (C.read_state(p / "checkpoints" / "step-000006") for p in (tmp_path / "a", tmp_path / "b"))
-    assert sa["data_position"] == sb["data_position"] == 6
+    sa, sb = (C.read_state(p / "checkpoints" / step) for p in (tmp_path / "a", tmp_path / "b"))
+    assert sa["data_position"] == sb["data_position"] == end
+    # how the run was launched, and the settings that fix its batch stream, travel with the checkpoint
+    assert sb["data_order"] == {"batch_size": 4, "world_size": 1, "split": "shards", "split_requested": "auto",
+                                "workers": 0, "shuffle_buffer": 4, "seed": 0}
+    assert sb["launch"] == {"shards": str(golden), "output": str(tmp_path / "b"), "val_shards": None,
+                            "conditioning": None, "init_from": None, "device": "auto", "workers": 0,
+                            "compile": False, "gradient_checkpointing": False}
+    assert sb["config"]["train"]["shuffle_buffer"] == 4 and sb["config"]["train"]["max_steps"] == end
 
 
 def test_two_process_ddp_matches_one_process(golden, tmp_path):
@@ -72,7 +104,9 @@ def test_two_process_ddp_matches_one_process(golden, tmp_path):
         torch.testing.assert_close(w2["model"][k], v, atol=2e-5, rtol=1e-4)
         moved += int(not torch.equal(v, w1["ema"][k]) or v.abs().sum() > 0)
     assert moved > 0
-    assert C.read_state(tmp_path / "two" / "checkpoints" / "step-000003")["world_size"] == 2
+    state = C.read_state(tmp_path / "two" / "checkpoints" / "step-000003")
+    # one shard cannot feed two ranks: "auto" chose the global stream
+    assert state["world_size"] == state["data_order"]["world_size"] == 2 and state["data_order"]["split"] == "global"
 
 
 def test_foreign_shards_are_refused_with_a_clear_message(golden, tmp_path):

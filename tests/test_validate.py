@@ -36,7 +36,7 @@ def test_square_centre_crop_of_a_wide_image():
 
 def test_tall_image_is_cropped_top_and_bottom():
     assert centre_crop_box(100, 300, 64, 64) == (0, 100, 100, 200)
-    assert centre_crop_box(640, 480, 256, 256) == (80, 0, 560, 480)  # DESIGN.md's example
+    assert centre_crop_box(640, 480, 256, 256) == (80, 0, 560, 480)  # the sample json example in docs/architecture.md
 
 
 def test_aspect_buckets_and_nearest():

@@ -1,5 +1,6 @@
 """Checkpoints: `RUN/checkpoints/step-NNNNNN/` with model.safetensors, ema.safetensors,
-optimizer.safetensors and state.json (config, model config, step, data position). The training noise
+optimizer.safetensors and state.json (step, optimizer groups, and what the trainer passes: config,
+launch, data order, data position, model config; trainer/README.md lists them). The training noise
 is drawn from generators seeded by (seed, step), so there is no RNG state to carry.
 
 Written into a temporary folder and renamed, so a killed run never leaves a half checkpoint; the last

@@ -7,7 +7,8 @@ Convention, followed by every function here and by `models/mmdit.py`:
     sampling integrates dx = v dt from t = 1 down to t = 0:  x <- x + (t_next - t) v.
 
 A model is any callable `model_fn(x, t, context, pooled) -> v`, with x: (B, C, H, W), t: (B,) in [0, 1],
-context: (B, L, D), pooled: (B, P): `MMDiT` or an analytic field in the tests. Numbers: sd3_facts §1, §6.
+context: (B, L, D), pooled: (B, P): `MMDiT` or an analytic field in the tests. Numbers: the SD3 paper
+(Esser et al. 2024) §2-3 and App. B.
 """
 
 from __future__ import annotations

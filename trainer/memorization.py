@@ -15,13 +15,14 @@ autoencoder of its conditioning record, go through two tests:
   image size, the RMS difference inside each tile (Carlini's l2 normalised by dimension), the maximum
   over tiles (plain l2 let all-grey backgrounds match, SD3 App. E.3).
 
-Prompts: by default the original captions of the most-duplicated training images (most manifest rows
-naming them as `duplicate_of`; SD3 prompts with its 350k most-duplicated examples) plus a seeded random
-sample of training captions; or a file, one prompt a line.
+Prompts (trainer/curated.py, which reads the curated folder): by default the original captions of the
+most-duplicated training images (SD3 prompts with its 350k most-duplicated examples) plus a seeded
+random sample of training captions; or a file, one prompt a line.
 
-Writes OUTPUT/report.parquet (one row per generation), summary.json and pairs.png (each flagged
-generation beside its nearest training image: the original re-read from the manifest's `source`, or
-the training latent decoded with the AE when the original cannot be read here).
+`run` = `load_models` (the only place model locations, `tiny://` included, become paths) ->
+`generate_and_score` -> `write_report`: OUTPUT/report.parquet (one row per generation), summary.json
+and pairs.png (each flagged generation beside its nearest training image: the original re-read from
+the manifest's `source`, or the training latent decoded with the AE when it cannot be read here).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tarfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -37,24 +37,36 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw
 
-from flowcurate.dedup.inputs import read_embeddings
+from flowcurate.dedup.kmeans import in_kmeans_sample
+from flowcurate.dedup.numerics import above, exact_dots, unit_rows
 from flowcurate.dedup.report import report_similarity, sheet_font
-from flowcurate.dedup.search import above, exact_dots, in_kmeans_sample, unit_rows
 from flowcurate.formats import shards as S
+from flowcurate.formats.config import resolve_device
 from flowcurate.formats.files import write_atomic
-from flowcurate.formats.images import ImageRejected, decode_image
-from flowcurate.models.autoencoder import Autoencoder, to_model_space
+from flowcurate.models.autoencoder import Autoencoder
+from flowcurate.models.mmdit import MMDiT
 from flowcurate.models.sscd import SSCDPreprocess, embed, load_sscd
+from flowcurate.models.text_encoders import TextEncoders
+from flowcurate.trainer.curated import (
+    Curated,
+    MemorizationError,
+    Prompt,
+    default_prompts,
+    read_curated,
+    read_prompt_file,
+    training_image,
+)
 from flowcurate.trainer.sample import (
+    MODEL_ROLES,
     generate,
     load_autoencoder,
     load_run,
     load_text_encoders,
+    model_paths,
     sampling_settings,
 )
 
@@ -63,7 +75,6 @@ EPS = 0.15  # tiled l2 on [0, 1] pixels: SD3 Algorithm 2 / Carlini et al.
 MIN_CLIQUE = 10  # Carlini et al.'s clique size T
 GRID = 4  # 4x4 tiles (SD3: 16 tiles of 128x128 on 512x512 images)
 PERCENTILES = (50, 90, 99)
-STATS_JSON = "stats.json"
 
 REPORT_SCHEMA = pa.schema([
     ("prompt_index", pa.int32()),
@@ -82,109 +93,12 @@ REPORT_SCHEMA = pa.schema([
 ])
 
 
-class MemorizationError(ValueError):
-    """Inputs that cannot be checked: no training images, missing embeddings, a bad stats.json."""
-
-
-# ------------------------------------------------------------------------------------------------------
-# The curated output folder (what `flowcurate run` writes)
-
-@dataclass
-class Curated:
-    root: Path
-    keys: list[str]  # the training set: kept rows in train- shards, sorted
-    embeddings: np.ndarray  # (N, D) float32 unit rows, in `keys` order
-    rows: dict[str, dict]  # training key -> its manifest row (source, shard, caption_original, ...)
-    duplicates: dict[str, int]  # training key -> manifest rows naming it as duplicate_of
-    sscd_location: str
-    preprocess: SSCDPreprocess
-
-
-def preprocess_from_record(rec: dict) -> SSCDPreprocess:
-    """`SSCDPreprocess.record()` -> the same preprocessing (only square bilinear resizes exist)."""
-    if rec.get("resize", "square") != "square" or rec.get("interpolation", "bilinear") != "bilinear":
-        raise MemorizationError(f"SSCD preprocessing {rec} is not the square bilinear resize this version makes")
-    return SSCDPreprocess(size=int(rec["size"]), mean=tuple(rec["mean"]), std=tuple(rec["std"]))
-
-
-def read_curated(out: Path) -> Curated:
-    """Manifest, embeddings and SSCD record of a curated folder `OUT` (DESIGN.md "Data contracts")."""
-    out = Path(out)
-    try:
-        sscd = json.loads((out / STATS_JSON).read_text())["sscd"]
-        location, pre = sscd["location"], preprocess_from_record(sscd["preprocess"])
-    except (OSError, ValueError, KeyError) as e:
-        raise MemorizationError(f"{out / STATS_JSON}: no usable \"sscd\" entry with location and preprocess "
-                                f"({e!r}); it names the SSCD model the training embeddings were made with") from None
-    if not (out / "manifest").is_dir():
-        raise MemorizationError(f"{out}: no manifest/ folder; --curated is the output folder of `flowcurate run`")
-    table = pq.read_table(out / "manifest", columns=["key", "source", "status", "duplicate_of", "caption_original",
-                                                     "shard"])
-    train = table.filter(pc.and_(pc.equal(table["status"], "kept"), pc.starts_with(table["shard"], "train-")))
-    if train.num_rows == 0:
-        raise MemorizationError(f"{out}/manifest: no kept rows in train- shards")
-    rows = {r["key"]: r for r in train.to_pylist()}
-    counts = table.filter(pc.equal(table["status"], "duplicate"))["duplicate_of"].value_counts().to_pylist()
-    duplicates = {k: 0 for k in rows}
-    duplicates.update((c["values"], c["counts"]) for c in counts if c["values"] in rows)
-    found: dict[str, np.ndarray] = {}
-    for f in sorted((out / "embeddings").glob("*.parquet")):
-        e = read_embeddings(f)
-        found.update((k, e.embeddings[i]) for i, k in enumerate(e.keys) if k in rows)
-    keys = sorted(rows)
-    missing = [k for k in keys if k not in found]
-    if missing:
-        raise MemorizationError(f"{out}/embeddings: {len(missing)} training keys have no embedding, "
-                                f"e.g. {missing[:3]}")
-    emb = unit_rows(np.stack([found[k] for k in keys]))
-    return Curated(out, keys, emb, rows, duplicates, location, pre)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Prompts
-
-@dataclass(frozen=True)
-class Prompt:
-    text: str
-    origin: str  # duplicated | random | file
-    key: str | None = None
-    duplicates: int = 0
-
-
-def default_prompts(curated: Curated, top: int, n_random: int, seed: int = 0) -> list[Prompt]:
-    """The captions of the `top` most-duplicated training images (ties: by key), then `n_random` more
-    drawn with `seed` from the rest; one prompt per distinct caption."""
-    def caption(k):
-        return (curated.rows[k]["caption_original"] or "").strip()
-
-    keys = [k for k in curated.keys if caption(k)]
-    ranked = sorted((k for k in keys if curated.duplicates[k] > 0), key=lambda k: (-curated.duplicates[k], k))
-    chosen = [(k, "duplicated") for k in ranked[:top]]
-    rest = sorted(set(keys) - {k for k, _ in chosen})
-    picks = np.random.default_rng(seed).permutation(len(rest))[:n_random]
-    chosen += [(rest[i], "random") for i in sorted(picks)]
-    prompts, seen = [], set()
-    for k, origin in chosen:
-        if caption(k) not in seen:
-            seen.add(caption(k))
-            prompts.append(Prompt(caption(k), origin, k, curated.duplicates[k]))
-    return prompts
-
-
-def read_prompt_file(path: Path) -> list[Prompt]:
-    """One prompt per non-empty line."""
-    prompts = [Prompt(line.strip(), "file") for line in Path(path).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise MemorizationError(f"{path}: no prompts")
-    return prompts
-
-
 # ------------------------------------------------------------------------------------------------------
 # Retrieval test
 
 class Nearest:
     """Top-1 search among training descriptors `train` (N, D) unit rows. FAISS (exact inner product)
-    proposes the top k; `flowcurate.dedup.search.exact_dots` re-scores them, so near ties do not depend on BLAS
+    proposes the top k; `flowcurate.dedup.numerics.exact_dots` re-scores them, so near ties do not depend on BLAS
     order, and ties go to the lower index."""
 
     def __init__(self, train: np.ndarray, k: int = 8):
@@ -286,45 +200,6 @@ def clique_sizes(dist: np.ndarray, eps: float = EPS) -> np.ndarray:
     return best
 
 
-# ------------------------------------------------------------------------------------------------------
-# Training images for pairs.png
-
-def _read_source(source: str) -> Image.Image | None:
-    """The original from `uri#member` (a local tar) or `uri` (a local file); None when not readable here."""
-    path, _, member = source.partition("#")
-    try:
-        if Path(source).is_file():  # a file (whose name may hold a '#')
-            data = Path(source).read_bytes()
-        elif member and tarfile.is_tarfile(path):
-            with tarfile.open(path) as tar:
-                fh = tar.extractfile(tar.getmember(member))  # read into memory, never extracted to disk
-                data = fh.read() if fh else b""
-        else:
-            return None
-        return decode_image(data).image
-    except (OSError, KeyError, ImageRejected, tarfile.TarError):
-        return None
-
-
-def read_latent(curated: Curated, key: str) -> np.ndarray:
-    """The stored posterior mean (C, h, w) of a training key, from the shard the manifest names."""
-    with tarfile.open(curated.root / "shards" / curated.rows[key]["shard"]) as tar:
-        return S.load_npy(tar.extractfile(f"{key}.latent_mean.npy").read()).astype(np.float32)
-
-
-def training_image(curated: Curated, key: str, ae: Autoencoder) -> tuple[Image.Image | None, str]:
-    """(image, "source" | "latent" | "missing"): the original when it can be read here, else the
-    training latent decoded with the run's autoencoder."""
-    img = _read_source(curated.rows[key]["source"] or "")
-    if img is not None:
-        return img, "source"
-    try:
-        z = to_model_space(torch.from_numpy(read_latent(curated, key))[None], ae.scaling_factor, ae.shift_factor)
-        return Image.fromarray(ae.decode(z)[0]), "latent"
-    except (OSError, KeyError, tarfile.TarError):
-        return None, "missing"
-
-
 def pairs_sheet(path: Path, pairs: list[tuple[Image.Image, Image.Image | None, str, str]], note: str,
                 thumb: int = 128, cols: int = 3) -> None:
     """pairs: (generation, training image or None, label under the generation, label under the
@@ -354,7 +229,7 @@ def pairs_sheet(path: Path, pairs: list[tuple[Image.Image, Image.Image | None, s
 
 
 # ------------------------------------------------------------------------------------------------------
-# The check
+# The check: load the run's models, generate and score, write the report
 
 @dataclass(frozen=True)
 class Settings:
@@ -376,46 +251,75 @@ class Settings:
     verify: bool = True
 
 
-def run(checkpoint: str | Path, curated: Curated, prompts: list[Prompt], output: Path,
-        settings: Settings = Settings(), sscd=None, log: Callable[[str], None] = print) -> dict:
-    """Generate, test, and write OUTPUT/{report.parquet, summary.json, pairs.png}; returns the summary.
-    `sscd`: an already loaded SSCD model (default: the one stats.json names). Prompts are processed a
-    few at a time (batch_size // K of them), so memory holds one group's images, not all of them."""
-    t0, st = time.time(), settings
-    if st.min_clique > st.seeds:
-        raise MemorizationError(f"a clique of {st.min_clique} needs at least that many seeds per prompt, "
-                                f"got {st.seeds}")
-    if not prompts:
-        raise MemorizationError("no prompts")
-    step, record, model, state = load_run(checkpoint, st.weights, st.device)
-    size = tuple(st.size or state.get("sample_size") or ())
-    if len(size) != 2:
-        raise MemorizationError(f"{step}: the run recorded no image size (it never trained a step); pass --size H W")
-    steps, cfg, shift = sampling_settings(state["config"]["train"], st.steps, st.cfg, st.shift)
-    ae = load_autoencoder(record, st.device, verify=st.verify)
-    te = load_text_encoders(record, st.device, verify=st.verify)
-    if sscd is None:
-        from flowcurate.models.tiny import resolve_tiny  # a tiny:// location (tests, demo) -> the cached file
+@dataclass
+class Models:
+    """What the check runs: the trained model (`settings.weights`) and the AE and text encoders of its
+    conditioning record, and the SSCD model the training descriptors were made with."""
 
-        sscd = load_sscd(resolve_tiny(curated.sscd_location, log=lambda *a: None), st.device)
+    step: Path  # the checkpoint folder
+    state: dict  # its state.json
+    model: MMDiT
+    ae: Autoencoder
+    te: TextEncoders
+    sscd: torch.nn.Module
+
+
+def load_models(checkpoint: str | Path, sscd_location: str, st: Settings) -> Models:
+    """The command's one resolution of model locations: the run's record names the AE and the text
+    encoders, the curated folder (or --sscd) the SSCD model; `tiny://` ones become cache paths here,
+    and the loaders only see paths."""
+    from flowcurate.models.tiny import resolve_tiny
+
+    step, record, model, state = load_run(checkpoint, st.weights, st.device)
+    paths = model_paths(record, MODEL_ROLES)
+    sscd_path = resolve_tiny(sscd_location, log=lambda *a: None)
+    return Models(step, state, model, load_autoencoder(record, paths["autoencoder"], st.device, st.verify),
+                  load_text_encoders(record, paths, st.device, st.verify), load_sscd(sscd_path, st.device))
+
+
+@dataclass
+class Scores:
+    """K = len(seeds) generations per prompt, prompt-major (generation g: prompt g // K, seed g % K)."""
+
+    prompts: list[Prompt]
+    seeds: list[int]
+    size: tuple[int, int]
+    steps: int
+    cfg: float
+    shift: float
+    nearest: np.ndarray  # (G,) index into curated.keys of the top-1 training image by SSCD cosine
+    similarity: np.ndarray  # (G,) its cosine (float32)
+    clique: np.ndarray  # (G,) largest clique of the prompt's generations containing this one
+    shown: list[tuple[float, int, np.ndarray]]  # (similarity, generation, image): the most similar flagged
+    background: np.ndarray  # top-1 cosine of training images among the other training images
+
+
+def generate_and_score(m: Models, curated: Curated, prompts: list[Prompt], st: Settings,
+                       log: Callable[[str], None] = print) -> Scores:
+    """K seeded generations per prompt, each scored by retrieval (top-1 SSCD cosine against the training
+    set) and by the clique test among its prompt's K. Prompts are processed a few at a time
+    (batch_size // K of them), so memory holds one group's images, not all of them."""
+    size = tuple(st.size or m.state.get("sample_size") or ())
+    if len(size) != 2:
+        raise MemorizationError(f"{m.step}: the run recorded no image size (it never trained a step); pass --size H W")
+    steps, cfg, shift = sampling_settings(m.state["config"]["train"], st.steps, st.cfg, st.shift)
     search = Nearest(curated.embeddings)
-    empty = te.encode([""])
+    empty = m.te.encode([""])
     seeds = list(range(st.first_seed, st.first_seed + st.seeds))
     k, group = len(seeds), max(1, st.batch_size // len(seeds))
     log(f"memorization: {len(prompts)} prompts x {k} seeds at {size[0]}x{size[1]} ({steps} Euler steps, "
-        f"cfg {cfg:g}) from {step}, against {len(curated.keys)} training images")
-
+        f"cfg {cfg:g}) from {m.step}, against {len(curated.keys)} training images")
     idx, sim, clique = [], [], []
-    shown: list[tuple[float, int, np.ndarray]] = []  # (similarity, generation, image): the top flagged
+    shown: list[tuple[float, int, np.ndarray]] = []
     for s in range(0, len(prompts), group):
         chunk = prompts[s:s + group]
-        enc = te.encode([p.text for p in chunk])
+        enc = m.te.encode([p.text for p in chunk])
         rows, row_seeds = np.repeat(np.arange(len(chunk)), k), seeds * len(chunk)
         imgs = np.concatenate([
-            generate(model, ae, {p: enc[p][rows[b:b + st.batch_size]] for p in S.PARTS}, empty, size,
+            generate(m.model, m.ae, {p: enc[p][rows[b:b + st.batch_size]] for p in S.PARTS}, empty, size,
                      row_seeds[b:b + st.batch_size], steps, shift, cfg)
             for b in range(0, len(rows), st.batch_size)])
-        i, c = search(sscd_embed(sscd, curated.preprocess, imgs, st.device))
+        i, c = search(sscd_embed(m.sscd, curated.preprocess, imgs, st.device))
         idx.append(i)
         sim.append(c)
         clique += [clique_sizes(tiled_distances(imgs[j:j + k], st.grid), st.eps) for j in range(0, len(imgs), k)]
@@ -423,59 +327,79 @@ def run(checkpoint: str | Path, curated: Curated, prompts: list[Prompt], output:
         shown = sorted(shown, key=lambda x: (-x[0], x[1]))[:st.max_pairs]
         if (s // group) % 10 == 9:
             log(f"  {s + group}/{len(prompts)} prompts")
-    idx, sim, clique = np.concatenate(idx), np.concatenate(sim), np.concatenate(clique)
+    return Scores(prompts, seeds, size, steps, cfg, shift, np.concatenate(idx), np.concatenate(sim),
+                  np.concatenate(clique), shown, background(curated, search, st.background_queries))
 
+
+def report_columns(sc: Scores, curated: Curated, st: Settings) -> dict[str, list | np.ndarray]:
+    """report.parquet's columns (REPORT_SCHEMA), one row per generation."""
+    prompts, k = sc.prompts, len(sc.seeds)
     pi = np.repeat(np.arange(len(prompts)), k)
-    flagged, memorized = above(sim, st.threshold), clique >= st.min_clique
-    prompt_mem = memorized.reshape(len(prompts), k).any(axis=1)
-    nearest_keys = [curated.keys[i] for i in idx]
-    columns = {
+    memorized = sc.clique >= st.min_clique
+    nearest_keys = [curated.keys[i] for i in sc.nearest]
+    return {
         "prompt_index": pi, "prompt": [prompts[i].text for i in pi], "prompt_origin": [prompts[i].origin for i in pi],
         "prompt_key": [prompts[i].key for i in pi], "prompt_duplicates": [prompts[i].duplicates for i in pi],
-        "seed": np.tile(seeds, len(prompts)), "nearest_key": nearest_keys,
-        "similarity": [report_similarity(x) for x in sim],
+        "seed": np.tile(sc.seeds, len(prompts)), "nearest_key": nearest_keys,
+        "similarity": [report_similarity(x) for x in sc.similarity],
         "nearest_is_prompt_key": [prompts[p].key == key for p, key in zip(pi, nearest_keys)],
-        "flagged": flagged, "clique_size": clique, "memorized": memorized, "prompt_memorized": prompt_mem[pi]}
+        "flagged": above(sc.similarity, st.threshold), "clique_size": sc.clique, "memorized": memorized,
+        "prompt_memorized": memorized.reshape(len(prompts), k).any(axis=1)[pi]}
+
+
+def write_pairs(path: Path, sc: Scores, curated: Curated, ae: Autoencoder, threshold: float) -> dict[str, int]:
+    """pairs.png: the most similar flagged generations beside their nearest training images; returns
+    how many training images came from their source, a decoded latent, or nowhere."""
+    k, origins, pairs = len(sc.seeds), {}, []
+    for c, g, img in sc.shown:
+        key = curated.keys[sc.nearest[g]]
+        train_img, origins[key] = training_image(curated, key, ae)
+        label = f"seed {sc.seeds[g % k]}  sim {c:.3f}\n{sc.prompts[g // k].text}"
+        pairs.append((Image.fromarray(img), train_img, label,
+                      key + {"latent": "\n(decoded latent)", "missing": "\n(unreadable)"}.get(origins[key], "")))
+    flagged = int(above(sc.similarity, threshold).sum())
+    note = f"{flagged} of {len(sc.similarity)} generations above SSCD {threshold:g}" + (
+        f"; the {len(sc.shown)} most similar: generation | nearest training image" if sc.shown else "")
+    write_atomic(path, lambda tmp: pairs_sheet(tmp, pairs, note))
+    return {f"from_{o}": sum(v == o for v in origins.values()) for o in ("source", "latent", "missing")}
+
+
+def write_report(sc: Scores, m: Models, curated: Curated, output: Path, st: Settings,
+                 log: Callable[[str], None] = print, started: float | None = None) -> dict:
+    """OUTPUT/{report.parquet, pairs.png, summary.json}; returns the summary."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    columns = report_columns(sc, curated, st)
     table = pa.table({n: pa.array(columns[n], REPORT_SCHEMA.field(n).type) for n in REPORT_SCHEMA.names},
                      schema=REPORT_SCHEMA)
     write_atomic(output / "report.parquet", lambda tmp: pq.write_table(table, tmp))
+    from_origin = write_pairs(output / "pairs.png", sc, curated, m.ae, st.threshold)
 
-    origins: dict[str, str] = {}
-    pairs = []
-    for c, g, img in shown:
-        key = nearest_keys[g]
-        train_img, origins[key] = training_image(curated, key, ae)
-        pairs.append((Image.fromarray(img), train_img, f"seed {seeds[g % k]}  sim {c:.3f}\n{prompts[g // k].text}",
-                      key + {"latent": "\n(decoded latent)", "missing": "\n(unreadable)"}.get(origins[key], "")))
-    note = f"{int(flagged.sum())} of {len(sim)} generations above SSCD {st.threshold:g}" + (
-        f"; the {len(shown)} most similar: generation | nearest training image" if shown else "")
-    write_atomic(output / "pairs.png", lambda tmp: pairs_sheet(tmp, pairs, note))
-
-    bg = background(curated, search, st.background_queries)
+    prompts, sim, clique, pi = sc.prompts, sc.similarity, sc.clique, columns["prompt_index"]
+    flagged, memorized = columns["flagged"], columns["memorized"]
+    prompt_mem = memorized.reshape(len(prompts), len(sc.seeds)).any(axis=1)
     summary = {
-        "checkpoint": str(step), "step": state["step"], "weights": st.weights, "curated": str(curated.root),
-        "settings": {**asdict(st), "size": list(size), "steps": steps, "cfg": cfg, "shift": shift,
-                     "seed_values": seeds},
+        "checkpoint": str(m.step), "step": m.state["step"], "weights": st.weights, "curated": str(curated.root),
+        "settings": {**asdict(st), "size": list(sc.size), "steps": sc.steps, "cfg": sc.cfg, "shift": sc.shift,
+                     "seed_values": sc.seeds},
         "sscd": {"location": curated.sscd_location, "preprocess": curated.preprocess.record()},
         "generations": len(sim), "prompts": len(prompts), "training_images": len(curated.keys),
         "retrieval": {
             "threshold": st.threshold, "flagged": int(flagged.sum()), "fraction_flagged": float(flagged.mean()),
             "nearest_is_prompt_key": int(sum(columns["nearest_is_prompt_key"])),
-            "similarity": percentiles(sim), "background": percentiles(bg), "background_queries": len(bg)},
+            "similarity": percentiles(sim), "background": percentiles(sc.background),
+            "background_queries": len(sc.background)},
         "clique": {
             "eps": st.eps, "min_clique": st.min_clique, "grid": st.grid,
             "memorized_generations": int(memorized.sum()), "memorized_prompts": int(prompt_mem.sum()),
             "fraction_prompts_memorized": float(prompt_mem.mean()), "largest_clique": int(clique.max())},
-        "pairs_png": {"shown": len(shown), **{f"from_{o}": sum(v == o for v in origins.values())
-                                              for o in ("source", "latent", "missing")}},
+        "pairs_png": {"shown": len(sc.shown), **from_origin},
         "per_prompt": [
             {"prompt": p.text, "origin": p.origin, "key": p.key, "duplicates": p.duplicates,
              "flagged": int(flagged[pi == i].sum()), "max_similarity": report_similarity(sim[pi == i].max()),
              "largest_clique": int(clique[pi == i].max()), "memorized": bool(prompt_mem[i])}
             for i, p in enumerate(prompts)],
-        "seconds": round(time.time() - t0, 1),
+        "seconds": round(time.time() - (started or time.time()), 1),
     }
     write_atomic(output / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
     r, c = summary["retrieval"], summary["clique"]
@@ -483,6 +407,21 @@ def run(checkpoint: str | Path, curated: Curated, prompts: list[Prompt], output:
         f"{r['similarity']}; training background {r['background']}); clique: {c['memorized_prompts']}/"
         f"{len(prompts)} prompts memorized (cliques >= {st.min_clique} at eps {st.eps:g}); wrote {output}")
     return summary
+
+
+def run(checkpoint: str | Path, curated: Curated, prompts: list[Prompt], output: Path,
+        settings: Settings = Settings(), log: Callable[[str], None] = print) -> dict:
+    """The check: load the models, generate and score, write OUTPUT/{report.parquet, summary.json,
+    pairs.png}; returns the summary."""
+    started, st = time.time(), settings
+    if st.min_clique > st.seeds:
+        raise MemorizationError(f"a clique of {st.min_clique} needs at least that many seeds per prompt, "
+                                f"got {st.seeds}")
+    if not prompts:
+        raise MemorizationError("no prompts")
+    models = load_models(checkpoint, curated.sscd_location, st)
+    scores = generate_and_score(models, curated, prompts, st, log)
+    return write_report(scores, models, curated, output, st, log, started)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -527,7 +466,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="generations per forward batch")
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     p.add_argument("--sscd", help="SSCD model to use instead of the one stats.json names (same weights!)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto: cuda when available)")
     p.add_argument("--no-verify", action="store_true", help="skip the content-hash check of AE and encoders")
     p.set_defaults(func=run_cli)
     return p
@@ -544,10 +483,11 @@ def run_cli(args) -> int:
                             shift=args.shift, size=tuple(args.size) if args.size else None,
                             threshold=args.threshold, eps=args.eps, min_clique=args.min_clique,
                             background_queries=args.background_queries, max_pairs=args.max_pairs,
-                            batch_size=args.batch_size, weights=args.weights, device=args.device,
+                            batch_size=args.batch_size, weights=args.weights, device=resolve_device(args.device),
                             verify=not args.no_verify)
         run(args.checkpoint, curated, prompts, Path(args.output), settings)
     except MemorizationError as e:
         print(f"flowcurate memorization: {e}", file=sys.stderr)
         return 2
     return 0
+

@@ -1,8 +1,9 @@
 """`flowcurate sample`: images from a trained run, and the helpers training uses for its sample grids.
 
-The conditioning record names the autoencoder and text encoders the shards were made with; they are
-loaded from there (a `tiny://` source resolves to the tiny-model cache), and their content hashes are
-checked, so a grid is never decoded with another AE than the one the latents came from.
+The conditioning record names the autoencoder and text encoders the shards were made with; the command
+resolves their sources once at its entry (`model_paths`: a `tiny://` source becomes the tiny-model
+cache's folder), the loaders take those paths and check the content hashes, so a grid is never decoded
+with another AE than the one the latents came from.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 
 from flowcurate.formats import shards as S
+from flowcurate.formats.config import resolve_device
 from flowcurate.models.autoencoder import Autoencoder
 from flowcurate.models.conditioning import folder_hash
 from flowcurate.models.mmdit import MMDiT, MMDiTConfig
@@ -29,43 +31,53 @@ class ModelMismatch(RuntimeError):
     pass
 
 
-def model_source(record: S.Conditioning, role: str) -> tuple[str, dict]:
-    """Resolved folder of the AE (`role="autoencoder"`) or a text encoder, and its record entry."""
-    entry = record.json["autoencoder"] if role == "autoencoder" else record.json["text_encoders"][role]
-    source = entry["source"]
-    if source.startswith("tiny://"):
-        from flowcurate.models.tiny import resolve_tiny
-
-        source = resolve_tiny(source, log=lambda *a: None)
-    return source, entry
+ENCODERS = ("clip_l", "clip_g", "t5")
+MODEL_ROLES = ("autoencoder", *ENCODERS)
 
 
-def _verify(source: str, entry: dict, what: str) -> None:
-    found = folder_hash(source, entry["subfolder"], entry.get("revision"))
+def record_entry(record: S.Conditioning, role: str) -> dict:
+    """The record's entry of the AE (`role="autoencoder"`) or of a text encoder: source, subfolder, hash."""
+    return record.json["autoencoder"] if role == "autoencoder" else record.json["text_encoders"][role]
+
+
+def model_paths(record: S.Conditioning, roles: tuple[str, ...] = MODEL_ROLES) -> dict[str, str]:
+    """role -> where its weights are, as the loaders take them: the record's source, a `tiny://` source
+    resolved to the tiny-model cache (each distinct source once; built if needed). Commands call this at
+    their entry, with the roles they need."""
+    from flowcurate.models.tiny import resolve_tiny
+
+    sources = {role: record_entry(record, role)["source"] for role in roles}
+    resolved = {src: resolve_tiny(src, log=lambda *a: None) for src in sorted(set(sources.values()))}
+    return {role: resolved[src] for role, src in sources.items()}
+
+
+def _verify(path: str, entry: dict, what: str) -> None:
+    found = folder_hash(path, entry["subfolder"], entry.get("revision"))
     if found != entry["content_hash"]:
-        raise ModelMismatch(f"{what} at {source}/{entry['subfolder']} has content {found}, but the conditioning "
+        raise ModelMismatch(f"{what} at {path}/{entry['subfolder']} has content {found}, but the conditioning "
                             f"record says {entry['content_hash']}: these are not the weights the shards were "
                             "made with (pass --no-verify to use them anyway)")
 
 
-def load_autoencoder(record: S.Conditioning, device: str = "cpu", verify: bool = True) -> Autoencoder:
-    source, entry = model_source(record, "autoencoder")
+def load_autoencoder(record: S.Conditioning, path: str, device: str = "cpu", verify: bool = True) -> Autoencoder:
+    """The record's AE from `path` (`model_paths(record)["autoencoder"]`), its content hash checked."""
+    entry = record_entry(record, "autoencoder")
     if verify:
-        _verify(source, entry, "autoencoder")
+        _verify(path, entry, "autoencoder")
     quiet_hf_logging()
-    return Autoencoder.load(source, revision=entry.get("revision"), subfolder=entry["subfolder"], device=device)
+    return Autoencoder.load(path, revision=entry.get("revision"), subfolder=entry["subfolder"], device=device)
 
 
-def load_text_encoders(record: S.Conditioning, device: str = "cpu", verify: bool = True):
+def load_text_encoders(record: S.Conditioning, paths: dict[str, str], device: str = "cpu", verify: bool = True):
+    """The record's three text encoders from `paths` (`model_paths(record)`), their content hashes checked."""
     from flowcurate.models.text_encoders import TextEncoders
 
     quiet_hf_logging()
-    source, _ = model_source(record, "t5")
     if verify:
-        for role in ("clip_l", "clip_g", "t5"):
-            _verify(*model_source(record, role), role)
-    t5 = record.json["text_encoders"]["t5"]
-    return TextEncoders.load(source, revision=t5.get("revision"), t5_length=t5["max_length"], device=device)
+        for role in ENCODERS:
+            _verify(paths[role], record_entry(record, role), role)
+    t5 = record_entry(record, "t5")
+    return TextEncoders.load(paths["t5"], revision=t5.get("revision"), t5_length=t5["max_length"], device=device)
 
 
 def load_model(step: Path, which: str = "ema", device: str = "cpu") -> tuple[MMDiT, dict]:
@@ -120,7 +132,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the run's)")
     p.add_argument("--shift", type=float, help="timestep shift (default: the run's)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto: cuda when available)")
     p.add_argument("--no-verify", action="store_true", help="skip the content-hash check of AE and encoders")
     p.set_defaults(func=run_cli)
     return p
@@ -142,11 +154,14 @@ def sampling_settings(train: dict, steps: int | None, cfg: float | None, shift: 
 
 
 def run_cli(args) -> int:
-    step, record, model, state = load_run(args.checkpoint, args.weights, args.device)
+    device = resolve_device(args.device)
+    step, record, model, state = load_run(args.checkpoint, args.weights, device)
     steps, cfg, shift = sampling_settings(state["config"]["train"], args.steps, args.cfg, args.shift)
-    ae = load_autoencoder(record, args.device, verify=not args.no_verify)
+    # the AE always; the text encoders only for prompts of the user's (the record holds its own encoded)
+    paths = model_paths(record, MODEL_ROLES if args.prompt else ("autoencoder",))
+    ae = load_autoencoder(record, paths["autoencoder"], device, verify=not args.no_verify)
     if args.prompt:
-        te = load_text_encoders(record, args.device, verify=not args.no_verify)
+        te = load_text_encoders(record, paths, device, verify=not args.no_verify)
         cond, empty = te.encode(args.prompt), te.encode([""])
         prompts = args.prompt
     else:

@@ -7,6 +7,11 @@ conditioning (trainer/data.py), t ~ the configured density then shifted, eps ~ N
 update. t and eps are drawn for the whole global batch from one generator on every rank and sliced,
 so N ranks see exactly what one process sees.
 
+`train(launch)` takes a `TrainLaunch`: the TOML config plus what only this launch knows (paths, device,
+loader workers, compile, gradient checkpointing). `launch_from_args` builds it from the command line,
+and every checkpoint's state.json keeps it (`config`, `launch`) with the settings that fix the stream
+of batches (`data_order`).
+
 The run folder: `conditioning.json/.npz` (a copy of the shards' record), `log.jsonl`, `loss.png`,
 `samples/step-NNNNNN.png`, `checkpoints/step-NNNNNN/`. Rerunning the same command on a run folder
 with checkpoints resumes from the latest; on CPU the result is bit-identical to an uninterrupted run.
@@ -22,6 +27,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,16 +35,61 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from flowcurate.formats import shards as S
-from flowcurate.formats.config import load_config, override, to_dict
+from flowcurate.formats.config import Config, load_config, override, resolve_device, to_dict
 from flowcurate.formats.hashing import stable_hash
-from flowcurate.models.mmdit import MMDiT, mmdit_config
+from flowcurate.models.mmdit import MMDiT, MMDiTConfig, mmdit_config
 from flowcurate.models.mmdit_diffusers import from_pretrained_diffusers
 from flowcurate.trainer import checkpoint as C
 from flowcurate.trainer.data import Augment, CuratedShards, DataError, loader, open_record, resolve_shards
 from flowcurate.trainer.flow import flow_loss, sample_t, validation_loss
 
-CRASH_ENV = "FLOWCURATE_CRASH_AFTER_STEP"  # tests: die abruptly after this step, as a killed job would
+# ------------------------------------------------------------------------------------------------------
+# The launch: what one `flowcurate train` command asked for
 
+@dataclass(frozen=True)
+class TrainLaunch:
+    """One launch of the trainer. `config` is the recipe (the TOML schema after the CLI's overrides: model,
+    optimiser, batch size, seed, split, shuffle buffer, ...), the same whichever machine runs it; the
+    other fields are what only this launch knows: its paths and the machine it runs on. Built from
+    argparse by `launch_from_args` and saved in every checkpoint's state.json (`config` and `launch`)."""
+
+    config: Config
+    # pipeline output folder, shards folder, brace spec, glob or URLs joined by "::"
+    shards: str
+    # the run folder (resumed from its latest checkpoint when it has one)
+    output: str
+    # validation shards (None: the val split of an output folder, else no validation)
+    val_shards: str | None = None
+    # conditioning.json (None: the record found beside the shards)
+    conditioning: str | None = None
+    # diffusers SD3Transformer2DModel to start from instead of a fresh initialisation
+    init_from: str | None = None
+    # "auto" (formats.config.resolve_device), "cpu", "cuda", ...; under torchrun "cuda" means the local rank's GPU
+    device: str = "auto"
+    # DataLoader worker processes per rank (part of the data order: each reads every W-th shard)
+    workers: int = 0
+    # torch.compile the model (faster GPU steps, same maths)
+    compile: bool = False
+    # recompute each joint block in the backward pass: memory for compute, same maths
+    gradient_checkpointing: bool = False
+
+
+def launch_record(launch: TrainLaunch) -> dict:
+    """state.json's `launch`: every field but the config (stored beside it as `config`)."""
+    return {f.name: getattr(launch, f.name) for f in dataclasses.fields(launch) if f.name != "config"}
+
+
+def data_order(launch: TrainLaunch, world: int, split: str) -> dict:
+    """state.json's `data_order`: what fixes the stream of batches. A run resumed with other values
+    would not replay the batches the interrupted run saw. `split` is the mode the loader chose
+    (`split_requested` may be "auto")."""
+    tc = launch.config.train
+    return {"batch_size": tc.batch_size, "world_size": world, "split": split, "split_requested": tc.split,
+            "workers": launch.workers, "shuffle_buffer": tc.shuffle_buffer, "seed": tc.seed}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Helpers
 
 def setup_distributed(device: str) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -130,105 +181,157 @@ def evaluate(model, urls, record, batch_size: int, device, autocast) -> tuple[fl
     return float(sum(per_t) / len(per_t)), per_t
 
 
-def train(args) -> Path:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world = setup_distributed(device)
-    if device == "cuda" and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    cfg = load_config(args.config)
-    cfg = override(cfg, "train", max_steps=args.max_steps, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                   batch_size=args.batch_size, sample_every=args.sample_every, lr=args.lr)
-    tc = cfg.train
-    run = Path(args.output)
-    urls, found = resolve_shards(args.shards, "train")
-    val_urls, _ = resolve_shards(args.val_shards or args.shards, "val") if (args.val_shards or
-                                                                             Path(args.shards).is_dir()) else ([], None)
-    record = open_record(args.conditioning or found, urls)
+@dataclass(frozen=True)
+class Run:
+    """Where a launch reads and writes: the run folder, the shard URLs and the conditioning record."""
+
+    folder: Path
+    urls: list[str]
+    val_urls: list[str]
+    record: S.Conditioning
+
+
+def open_run(launch: TrainLaunch, rank: int, world: int) -> Run:
+    """The launch's shards and record; rank 0 creates the run folder and its copy of the record."""
+    urls, found = resolve_shards(launch.shards, "train")
+    val_spec = launch.val_shards or (launch.shards if Path(launch.shards).is_dir() else None)
+    val_urls = resolve_shards(val_spec, "val")[0] if val_spec else []
+    record = open_record(launch.conditioning or found, urls)
+    folder = Path(launch.output)
     if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        copy_record(record, run)
+        folder.mkdir(parents=True, exist_ok=True)
+        copy_record(record, folder)
     if world > 1:
         dist.barrier()
+    return Run(folder, urls, val_urls, record)
 
+
+def build_models(launch: TrainLaunch, record: S.Conditioning, device: str) -> tuple[MMDiT, MMDiT, MMDiTConfig]:
+    """(model, EMA copy, its config): the config's size with the record's widths, seeded, or the
+    `init_from` weights; the EMA starts equal to the model."""
+    tc = launch.config.train
     mc = mmdit_config(tc.model, context_dim=record.context_width, pooled_dim=record.pooled_width,
                       in_channels=record.latent_channels)
     torch.manual_seed(tc.seed)
     model = MMDiT(mc).to(device)
-    if args.init_from:
-        model = from_pretrained_diffusers(args.init_from).to(device)
+    if launch.init_from:
+        model = from_pretrained_diffusers(launch.init_from).to(device)
         mc = model.config
-    if args.gradient_checkpointing:
+    if launch.gradient_checkpointing:
         model.gradient_checkpointing = True
     ema = MMDiT(mc).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
+    return model, ema, mc
+
+
+def grid_autoencoder(record: S.Conditioning, path: str, device: str):
+    """The record's autoencoder (at `path`) for sample grids, or None (with a warning) when it is not
+    the one the latents were made with: grids need that exact AE, training does not."""
+    from flowcurate.trainer.sample import ModelMismatch, load_autoencoder
+
+    try:
+        return load_autoencoder(record, path, device)
+    except (ModelMismatch, OSError) as e:
+        print(f"warning: sample grids disabled: {e}", file=sys.stderr)
+        return None
+
+
+def step_noise(tc, step: int, shape: tuple[int, ...], world: int, rank: int, split: str):
+    """(t, eps) for this rank's `shape[0]` samples of `step`. They come from a generator seeded by
+    (seed, step[, rank]): nothing to save, and a resumed run draws what an uninterrupted one draws. In
+    `global` mode every rank draws the global batch and keeps its slice, so N ranks see exactly what
+    one process sees."""
+    b = shape[0]
+    n = b * world if split == "global" else b
+    gen = step_generator(tc.seed, step, 0 if split == "global" else rank)
+    t = sample_t(n, tc.timestep_density, tc.logit_mean, tc.logit_std, shift=tc.shift, generator=gen)
+    eps = torch.randn((n, *shape[1:]), generator=gen)
+    lo = rank * b if split == "global" else 0
+    return t[lo:lo + b], eps[lo:lo + b]
+
+
+def mean_over_ranks(value: torch.Tensor, world: int) -> float:
+    value = value.detach().clone()
+    if world > 1:
+        dist.all_reduce(value)
+        value /= world
+    return value.item()
+
+
+def validate_and_show(run: Run, ema, ae, tc, step: int, sample_size, device: str, autocast) -> None:
+    """Validation loss (logged), a sample grid of the record's validation prompts, the loss plot."""
+    record, log = run.record, run.folder / "log.jsonl"
+    if run.val_urls:
+        val, per_t = evaluate(ema, run.val_urls, record, max(1, tc.batch_size), device, autocast)
+        log_line(log, {"step": step, "val_loss": val, "val_loss_by_t": per_t})
+    if ae is not None and sample_size is not None:
+        from flowcurate.trainer.sample import generate, grid
+
+        cond, empty = record.prompt_parts("validation"), record.prompt_parts("empty")
+        seeds = list(range(len(record.json["prompts"]["validation"])))
+        with autocast:
+            images = generate(ema, ae, cond, empty, sample_size, seeds, tc.sample_steps, tc.shift, tc.cfg_scale)
+        (run.folder / "samples").mkdir(exist_ok=True)
+        grid(images).save(run.folder / "samples" / f"step-{step:06d}.png")
+    plot_losses(log, run.folder / "loss.png")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Training
+
+def train(launch: TrainLaunch) -> Path:
+    tc = launch.config.train
+    device = resolve_device(launch.device)
+    rank, world = setup_distributed(device)
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    run = open_run(launch, rank, world)
+    record, folder = run.record, run.folder
+
+    model, ema, mc = build_models(launch, record, device)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, eps=tc.adam_eps, weight_decay=tc.weight_decay)
     step = 0
-    resume = C.latest(run)
+    resume = C.latest(folder)
     if resume is not None:
-        state = C.load(resume, model, ema, opt, device)
-        step = state["step"]
+        step = C.load(resume, model, ema, opt, device)["step"]
         if rank == 0:
             print(f"resuming from {resume} (step {step})", file=sys.stderr)
 
     use_bf16 = tc.mixed_precision and device.startswith("cuda") and torch.cuda.is_bf16_supported()
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16)
     net = DistributedDataParallel(model) if world > 1 else model
-    if args.compile:  # measured on an H200, depth 24, bf16: 1.7x the eager step (BENCHMARKS.md)
+    if launch.compile:  # optional: the same maths, faster GPU steps once compiled
         net = torch.compile(net)
     augment = Augment(tc.orig_caption_prob, tc.text_drop_prob)
-    ds = CuratedShards(urls, record, tc.batch_size, seed=tc.seed, augment=augment, rank=rank, world_size=world,
-                       split=args.split, num_workers=args.workers, shuffle_buffer=args.shuffle_buffer,
+    ds = CuratedShards(run.urls, record, tc.batch_size, seed=tc.seed, augment=augment, rank=rank, world_size=world,
+                       split=tc.split, num_workers=launch.workers, shuffle_buffer=tc.shuffle_buffer,
                        skip_batches=step)
-    log_path, sample_size = run / "log.jsonl", None
     ae = None
-    if rank == 0 and tc.sample_every > 0 and "validation.t5" in record.arrays:
-        from flowcurate.trainer.sample import ModelMismatch, load_autoencoder
+    if rank == 0 and tc.sample_every > 0 and "validation.t5" in record.arrays:  # grids need the record's AE
+        from flowcurate.trainer.sample import model_paths
 
-        try:
-            ae = load_autoencoder(record, device)
-        except (ModelMismatch, OSError) as e:  # grids need the record's exact AE; training does not
-            print(f"warning: sample grids disabled: {e}", file=sys.stderr)
-    crash_at = int(os.environ.get(CRASH_ENV, "-1"))
-    t0, seen = time.time(), 0
+        ae = grid_autoencoder(record, model_paths(record, ("autoencoder",))["autoencoder"], device)
+    sample_size = None
 
-    def state_json() -> dict:
-        return {"config": to_dict(cfg), "model_config": dataclasses.asdict(mc), "data_position": step,
-                "world_size": world, "conditioning": record.hash,
-                "sample_size": sample_size, "shards": args.shards}
+    def state() -> dict:  # state.json beside the weights
+        return {"config": to_dict(launch.config), "launch": launch_record(launch),
+                "data_order": data_order(launch, world, ds.split), "model_config": dataclasses.asdict(mc),
+                "data_position": step, "world_size": world, "conditioning": record.hash,
+                "sample_size": sample_size, "shards": launch.shards}
 
     def periodic() -> None:
-        if val_urls:
-            val, per_t = evaluate(ema, val_urls, record, max(1, tc.batch_size), device, autocast)
-            log_line(log_path, {"step": step, "val_loss": val, "val_loss_by_t": per_t})
-        if ae is not None and sample_size is not None:
-            from flowcurate.trainer.sample import generate, grid
-
-            cond, empty = record.prompt_parts("validation"), record.prompt_parts("empty")
-            seeds = list(range(len(record.json["prompts"]["validation"])))
-            with autocast:
-                images = generate(ema, ae, cond, empty, sample_size, seeds, tc.sample_steps, tc.shift, tc.cfg_scale)
-            (run / "samples").mkdir(exist_ok=True)
-            grid(images).save(run / "samples" / f"step-{step:06d}.png")
-        plot_losses(log_path, run / "loss.png")
+        validate_and_show(run, ema, ae, tc, step, sample_size, device, autocast)
 
     model.train()
-    for batch in loader(ds, args.workers):
+    t0, seen = time.time(), 0
+    for batch in loader(ds, launch.workers):
         if step >= tc.max_steps:
             break
         x0 = batch["latents"].to(device)
         if sample_size is None:
             down = record.json["autoencoder"]["downsample"]
             sample_size = [x0.shape[-2] * down, x0.shape[-1] * down]
-        # t and eps come from a generator seeded by (seed, step[, rank]): nothing to save, and a resumed
-        # run draws what an uninterrupted one draws. In `global` mode every rank draws the global batch
-        # and keeps its slice, so N ranks see exactly what one process sees.
-        b = len(x0)
-        n = b * world if ds.split == "global" else b
-        gen = step_generator(tc.seed, step, 0 if ds.split == "global" else rank)
-        t = sample_t(n, tc.timestep_density, tc.logit_mean, tc.logit_std, shift=tc.shift, generator=gen)
-        eps = torch.randn((n, *x0.shape[1:]), generator=gen)
-        lo = rank * b if ds.split == "global" else 0
-        t, eps = t[lo:lo + b].to(device), eps[lo:lo + b].to(device)
+        t, eps = (a.to(device) for a in step_noise(tc, step, tuple(x0.shape), world, rank, ds.split))
         for g in opt.param_groups:
             g["lr"] = learning_rate(tc, step)
         with autocast:
@@ -242,32 +345,44 @@ def train(args) -> Path:
         opt.step()
         update_ema(ema, model, min(tc.ema_decay, (1 + step) / (10 + step)))
         step += 1
-        seen += b * world
+        seen += len(x0) * world
         if step % tc.log_every == 0 or step == tc.max_steps:
-            value = loss.detach().clone()
-            if world > 1:
-                dist.all_reduce(value)
-                value /= world
+            value = mean_over_ranks(loss, world)
             if rank == 0:
-                dt = time.time() - t0
-                log_line(log_path, {"step": step, "loss": value.item(), "grad_norm": float(grad_norm),
-                                    "lr": opt.param_groups[0]["lr"], "samples_per_s": seen / max(dt, 1e-9)})
+                log_line(folder / "log.jsonl", {"step": step, "loss": value, "grad_norm": float(grad_norm),
+                                             "lr": opt.param_groups[0]["lr"],
+                                             "samples_per_s": seen / max(time.time() - t0, 1e-9)})
         if rank == 0 and tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0:
-            C.save(run, step, model, ema, opt, state_json(), keep=tc.keep_checkpoints)
+            C.save(folder, step, model, ema, opt, state(), keep=tc.keep_checkpoints)
         if rank == 0 and tc.sample_every > 0 and step % tc.sample_every == 0:
             periodic()
-        if step == crash_at:
-            os._exit(17)
     if rank == 0:
-        if C.latest(run) is None or C.read_state(C.latest(run))["step"] != step:
-            C.save(run, step, model, ema, opt, state_json(), keep=tc.keep_checkpoints)
+        if C.latest(folder) is None or C.read_state(C.latest(folder))["step"] != step:
+            C.save(folder, step, model, ema, opt, state(), keep=tc.keep_checkpoints)
         if tc.sample_every == 0 or step % tc.sample_every:
             periodic()
-        print(f"trained {step} steps; run folder {run}")
+        print(f"trained {step} steps; run folder {folder}")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return run
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------------
+# CLI: the only place argparse meets the trainer
+
+def launch_from_args(args: argparse.Namespace) -> TrainLaunch:
+    cfg = override(load_config(args.config), "train", max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
+                   seed=args.seed, batch_size=args.batch_size, sample_every=args.sample_every, lr=args.lr,
+                   split=args.split, shuffle_buffer=args.shuffle_buffer)
+    return TrainLaunch(config=cfg, shards=args.shards, output=args.output, val_shards=args.val_shards,
+                       conditioning=args.conditioning, init_from=args.init_from, device=args.device,
+                       workers=args.workers, compile=args.compile, gradient_checkpointing=args.gradient_checkpointing)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    train(launch_from_args(args))
+    return 0
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -294,14 +409,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--init-from", help="diffusers SD3Transformer2DModel folder to start from (official weights)")
-    p.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto: cuda when available)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank")
-    p.add_argument("--shuffle-buffer", type=int, default=256)
-    p.add_argument("--split", default="auto", choices=("auto", "global", "shards", "resampled"),
-                   help="how ranks share the shards (trainer/data.py)")
+    p.add_argument("--shuffle-buffer", type=int, help="samples in each worker's shuffle buffer (default: the "
+                                                      "config's, 256)")
+    p.add_argument("--split", choices=("auto", "global", "shards", "resampled"),
+                   help="how ranks share the shards (default: the config's, auto; trainer/data.py)")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU: ~1.7x faster steps)")
-    p.set_defaults(func=lambda a: (train(a), 0)[1])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (faster GPU steps)")
+    p.set_defaults(func=run_cli)
     return p
 
 

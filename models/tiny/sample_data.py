@@ -4,7 +4,7 @@
     DIR/raw/00000.parquet      one row per sample (img2dataset's per-shard metadata table)
     DIR/raw/00000_stats.json   per-shard counts, as img2dataset writes them
     DIR/truth.json             what was planted: duplicate groups (with copy kinds) and, per broken
-                               key, the rejection reason the pipeline must give (DESIGN.md vocabulary)
+                               key, the rejection reason the pipeline must give (formats/manifest.py)
 
 Images are procedural scenes (`flowcurate.models.tiny.procedural`) of varied size and aspect with truthful captions.
 Planted near-duplicates are copies of an original (`exact` byte-identical file, `reencode`, `resize`,
@@ -36,7 +36,7 @@ from flowcurate.models.tiny.procedural import (
     render,
 )
 
-BROKEN_KINDS = {  # kind -> the rejection reason DESIGN.md's vocabulary gives it
+BROKEN_KINDS = {  # kind -> the rejection reason the vocabulary (formats/manifest.py) gives it
     "truncated_jpeg": "truncated",
     "zero_bytes": "empty_file",
     "not_an_image": "undecodable",

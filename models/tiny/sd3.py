@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
 # ---------------------------------------------------------------------------------------------------------
-# Sizes. SD3's real widths: CLIP-L 768, CLIP-G 1280, T5 4096, pooled 2048 (sd3_facts §3.1).
+# Sizes. SD3's real widths: CLIP-L 768, CLIP-G 1280, T5 4096, pooled 2048.
 
 CLIP_L = dict(hidden_size=32, projection_dim=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu")
@@ -60,13 +60,13 @@ VAE = dict(in_channels=3, out_channels=3, latent_channels=16,
            # 4 groups keep 4-16 channels per group; with one channel per group the final GroupNorm acts as
            # an instance norm and strips each image's mean colour, which the decoder then cannot restore.
            norm_num_groups=4, act_fn="silu", sample_size=64, mid_block_add_attention=False,
-           scaling_factor=1.5305, shift_factor=0.0609,  # SD3's constants (sd3_facts §4)
+           scaling_factor=1.5305, shift_factor=0.0609,  # SD3's constants
            use_quant_conv=False, use_post_quant_conv=False)  # as in SD3's converted VAE
 SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 CLIP_MAX_LENGTH = 77
 RESOLUTION = 64  # pixels; = TRANSFORMER["sample_size"] * 8
 
-# The widths the conditioning contract depends on (DESIGN.md "Curated shards": Wl, Wl', Wg, Wg', Wt).
+# The widths the conditioning contract depends on (docs/architecture.md "Shards": Wl, Wl', Wg, Wg', Wt).
 WIDTHS = {
     "clip_l": CLIP_L["hidden_size"], "clip_l_pooled": CLIP_L["projection_dim"],
     "clip_g": CLIP_G["hidden_size"], "clip_g_pooled": CLIP_G["projection_dim"],
@@ -226,13 +226,10 @@ def _write_clip_files(folder: Path, vocab: list[str], merges: list[tuple[str, st
 # The autoencoder: briefly fitted on procedural images.
 
 AE_STEPS = 500  # fixed, never a time budget: the build is deterministic for a seed
-# Batch 32 costs about as much wall time as 16 with torch's two threads here (small convolutions leave a
-# thread idle), and reached 20.1 dB in 450 steps where batch 16 reached 19.4 dB in 500.
+# 32: no slower per step than 16 on two threads, and it fits better (BENCHMARKS.md, "Tiny models")
 AE_BATCH = 32
 AE_CROP = 32  # training crops (pixels, a multiple of 8): 4x cheaper per sample than whole 64x64 images
-# Measured here: at 1e-3 and 2e-3 this GroupNorm network oscillates and cannot even fit 8 flat colours
-# (about 13 dB after 150 steps; 29 dB at 3e-4); on procedural images 3e-4 (batch 16) reached 19.7 dB
-# after 350 steps where 2e-3 reached 15.4 dB.
+# rates of 1e-3 and above make this GroupNorm network oscillate (BENCHMARKS.md, "Tiny models")
 AE_LR = 4e-4
 AE_WARMUP = 20
 AE_POOL = 2048  # images rendered once; flips, 90-degree turns and crops make the rest

@@ -2,7 +2,7 @@
 
     python tests/data/make_golden.py            # writes tests/data/golden/
 
-The fixture pins the shard format of DESIGN.md "Data contracts" for the trainer's reader and the
+The fixture pins the shard format (docs/architecture.md "Data contracts") for the trainer's reader and the
 pipeline's round-trip test: conditioning.json/.npz, shards/train-000000.tar, shards/val-000000.tar and
 shards/index.json, written through `flowcurate.formats.shards` exactly as the pipeline writes them. Eight samples:
 six 64x64 and two 48x64 (H x W), so aspect buckets are exercised. Regenerate it only when the format
