@@ -61,10 +61,6 @@ def split_of(key: str, val_fraction: float) -> str:
     return "val" if stable_hash("split", key) < val_fraction * 2.0**64 else "train"
 
 
-def shard_of(key: str, n_shards: int) -> int:
-    return stable_hash("shard", key) % max(1, n_shards)
-
-
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
