@@ -341,7 +341,6 @@ def test_validation_and_edge_sizes():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_torch_engines_give_identical_pairs(precision):
-    pytest.importorskip("torch")
     x, keys = planted(n=400, d=64, seed=12)
     ref_pairs, ref_cos = search_cluster(x, T, engine=Engine())
     assert len(ref_pairs) > 100

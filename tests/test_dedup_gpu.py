@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-
+import torch
 from test_dedup_gpu_batching import blobs, objective  # noqa: E402  (tests/ is on sys.path under pytest)
 from test_dedup_gpu_batching import data as near_copies  # noqa: E402
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 import flowcurate.dedup.device as device  # noqa: E402
 from flowcurate.dedup import kmeans  # noqa: E402

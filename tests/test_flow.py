@@ -116,8 +116,9 @@ def test_shifted_logit_normal_is_logit_normal_with_m_plus_log_alpha():
 
 @pytest.fixture(scope="module")
 def scheduler_cls():
-    module = pytest.importorskip("diffusers.schedulers.scheduling_flow_match_euler_discrete")
-    return module.FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler
 
 
 def test_shift_matches_diffusers_training_table(scheduler_cls):
