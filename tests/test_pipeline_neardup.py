@@ -57,10 +57,9 @@ def test_decisions_equal_the_dedup_core(clusters, exact):
     x, keys, w, h = _data()
     items = _items(x, keys, w, h)
     items = items[::-1]  # arrival order must not matter
-    kw = dict(threshold=0.6, clusters=clusters, assign=3, assign_margin=0.1, kmeans_sample=120, exact=exact)
-    got = _run(items, **kw)
-    ref = find_duplicates(x, keys, 0.6, pixels=(w * h).astype(np.float64), clusters=clusters, assign=3,
-                          assign_margin=0.1, kmeans_sample=120, exact=exact)
+    kw = dict(clusters=str(clusters), assign=3, assign_margin=0.1, kmeans_sample=120, exact=exact)
+    got = _run(items, threshold=0.6, **kw)
+    ref = find_duplicates(x, keys, DedupConfig(threshold=0.6, **kw), pixels=(w * h).astype(np.float64))
     names = ref.status_names()
     want_dup = {ref.keys[i]: (ref.keys[ref.duplicate_of[i]], report_similarity(ref.similarity[i]))
                 for i in range(len(keys)) if names[i] == "duplicate"}
