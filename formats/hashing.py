@@ -1,16 +1,14 @@
 """Stable hashes of keys, one per named purpose (hashlib, never Python's salted `hash()`).
 
 Every caller names what the hash is for; each purpose keeps its own algorithm and salt, so the
-values (and with them every split, shard, chunk, k-means sample and noise draw) stay what they were
+values (and with them every split, k-means sample and noise draw) stay what they were
 when each purpose was introduced, and no two purposes are correlated.
 
 | purpose          | used for                                                  | algorithm              |
 |------------------|-----------------------------------------------------------|------------------------|
 | `split`          | train/val split of kept keys                              | sha256("split:" + key) |
-| `shard`          | shard of a kept key within its split                      | sha256("shard:" + key) |
 | `sample`         | the trainer's per-sample random stream (caption choice)   | sha256("sample:" + key)|
 | `kmeans_sample`  | which keys train the dedup k-means                        | blake2b, person "fc-kmeans" |
-| `chunk`          | hash buckets of the pipeline's deterministic chunks       | blake2b, person "chunks" |
 | `noise`          | the trainer's per-step noise generator (key "seed:step:stream") | sha256(key)      |
 """
 
@@ -19,8 +17,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
-_SHA_PREFIX = {"split": "split:", "shard": "shard:", "sample": "sample:", "noise": ""}
-_BLAKE_PERSON = {"kmeans_sample": b"fc-kmeans", "chunk": b"chunks"}
+_SHA_PREFIX = {"split": "split:", "sample": "sample:", "noise": ""}
+_BLAKE_PERSON = {"kmeans_sample": b"fc-kmeans"}
 PURPOSES = (*_SHA_PREFIX, *_BLAKE_PERSON)
 
 

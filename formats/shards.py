@@ -27,6 +27,7 @@ import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -60,10 +61,6 @@ def split_of(key: str, val_fraction: float) -> str:
     return "val" if stable_hash("split", key) < val_fraction * 2.0**64 else "train"
 
 
-def shard_of(key: str, n_shards: int) -> int:
-    return stable_hash("shard", key) % max(1, n_shards)
-
-
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
@@ -91,19 +88,42 @@ def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
+class SampleWriter:
+    """Samples appended one at a time to a WebDataset tar stream: members `{key}.{name}` sorted by name,
+    fixed headers (mtime 0, uid/gid 0, mode 0644), so equal inputs give equal bytes. Use as a context
+    manager, or call `close()`; the file object stays open (its owner closes it)."""
+
+    def __init__(self, fileobj: BinaryIO):
+        self._tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)
+        self.count = 0
+
+    def add(self, sample: Mapping[str, bytes]) -> None:
+        key = sample["__key__"]
+        if "." in key or "/" in key:
+            raise ShardFormatError(f"sample key {key!r} contains '.' or '/'")
+        for name in sorted(k for k in sample if not k.startswith("__")):
+            info = tarfile.TarInfo(f"{key}.{name}")
+            info.size, info.mtime, info.mode = len(sample[name]), 0, 0o644
+            self._tar.addfile(info, io.BytesIO(sample[name]))
+        self.count += 1
+
+    def close(self) -> None:
+        self._tar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
 def tar_bytes(samples: Iterable[Mapping[str, bytes]]) -> bytes:
-    """A WebDataset tar: samples sorted by `__key__`, members `{key}.{name}` sorted by name, fixed
-    headers (mtime 0, uid/gid 0, mode 0644), so equal inputs give equal bytes."""
+    """A WebDataset tar of the samples sorted by `__key__` (`SampleWriter`), as bytes."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+    with SampleWriter(buf) as w:
         for sample in sorted(samples, key=lambda s: s["__key__"]):
-            key = sample["__key__"]
-            if "." in key or "/" in key:
-                raise ShardFormatError(f"sample key {key!r} contains '.' or '/'")
-            for name in sorted(k for k in sample if not k.startswith("__")):
-                info = tarfile.TarInfo(f"{key}.{name}")
-                info.size, info.mtime, info.mode = len(sample[name]), 0, 0o644
-                tf.addfile(info, io.BytesIO(sample[name]))
+            w.add(sample)
     return buf.getvalue()
 
 

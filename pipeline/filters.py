@@ -1,14 +1,13 @@
 """Model-based filters: CLIP image embedding -> a small head -> a score, as SD3 filtered its data
 (aesthetic and NSFW scores, SD3 paper section 5.1) with LAION's predictors on user-supplied weights.
 
-    result = accepted | ApplyFilters([Filter("aesthetic", clip, "sac+logos+ava1-l14-linearMSE.pth", min=5.0)])
-    result["kept"]       # Accepted items that passed every filter
-    result["rejected"]   # manifest rows: filtered:<name> (out of range), failed:filter:<name> (dead letters)
+    [pipeline] filters = [{name = "aesthetic", clip = "openai/clip-vit-large-patch14",
+                           head = "sac+logos+ava1-l14-linearMSE.pth", min = 5.0}]
 
-Size and aspect are not here: validation rejects them (`too_small`, `bad_aspect`). Each filter runs on
-deterministic chunks (`flowcurate.pipeline.chunks`) of the items the previous filters kept, so scores do not depend
-on the runner. Scores go to Beam Metrics (distribution `flowcurate_filters/<name>`, score * 1000); the
-manifest keeps its schema (`formats/manifest.py`).
+Filters run in pass 1 (`flowcurate.pipeline.pass1`), in order, on the chunk's training views, before
+any dedup: a filtered input never enters dedup, so every `duplicate_of` names a kept key. A rejected
+input's row reads `filtered:<name>`; a chunk whose scoring raised reads `failed:filter:<name>`. Size
+and aspect are not here: validation rejects them (`too_small`, `bad_aspect`).
 
 The head is LAION's shape (https://github.com/christophschuhmann/improved-aesthetic-predictor):
 Linear layers applied in order on the L2-normalised CLIP image embedding, no activations (its Dropouts
@@ -22,12 +21,7 @@ import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import apache_beam as beam
-from apache_beam.ml.inference.base import ModelHandler, RunInference
-
-from flowcurate.formats.manifest import FILTERED_PREFIX
-from flowcurate.pipeline.chunks import Chunk, Chunks
-from flowcurate.pipeline.stages import Accepted, failed_rows, manifest_row
+from apache_beam.ml.inference.base import ModelHandler
 
 METRICS_NAMESPACE = "flowcurate_filters"
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -95,11 +89,8 @@ class Scorer:
 
 
 class ScoreModelHandler(ModelHandler):
-    """RunInference handler: each element is a `Chunk` of `Accepted`; each yields a list of
-    (Accepted, score) in chunk order. Score = head(normalise(CLIP image_embeds(a.image))).
-
-    Every chunk runs as one batch on its own (`max_batch_size` 1), so scores do not depend on how Beam
-    groups elements. Weights load on the worker, in `load_model`."""
+    """Elements: lists of (H, W, 3) uint8 training views -> lists of scores, in order.
+    Score = head(normalise(CLIP image_embeds(image))). Weights load on the worker, in `load_model`."""
 
     def __init__(self, clip_location: str, head_path: str, device: str = "auto"):
         super().__init__()
@@ -127,84 +118,32 @@ class ScoreModelHandler(ModelHandler):
                              f"{self.clip_location} embeds {clip.config.projection_dim}")
         return Scorer(processor, clip, head)
 
-    def run_inference(self, batch: Sequence[Chunk], model, inference_args=None):
+    def run_inference(self, batch: Sequence[list], model, inference_args=None):
         import torch
 
         if model.error is not None:
             raise RuntimeError(f"filter model did not load: {model.error!r}") from model.error
         processor, clip, head = model.processor, model.clip, model.head
-        out = []
-        for chunk in batch:
-            pixels = processor(images=[a.image for a in chunk.items], return_tensors="pt")["pixel_values"]
+        for images in batch:
+            pixels = processor(images=list(images), return_tensors="pt")["pixel_values"]
             with torch.inference_mode():
                 emb = clip(pixel_values=pixels.to(self.device)).image_embeds.float()
                 emb = emb / emb.norm(dim=-1, keepdim=True)  # as LAION's predictors were trained
-                scores = head(emb)[:, 0].cpu().tolist()
-            out.append([(a, float(s)) for a, s in zip(chunk.items, scores)])
-        return out
-
-    def batch_elements_kwargs(self):
-        return {"max_batch_size": 1}  # a chunk is already the batch (flowcurate.pipeline.chunks)
+                yield [float(s) for s in head(emb)[:, 0].cpu().tolist()]
 
     def get_metrics_namespace(self) -> str:
         return METRICS_NAMESPACE
 
 
-class _Decide(beam.DoFn):
-    """A scored chunk -> kept Accepted items, and `filtered:<name>` rows (tagged 'rejected')."""
-
-    def __init__(self, f: Filter):
-        self.f = f
-        self.scores = beam.metrics.Metrics.distribution(METRICS_NAMESPACE, f.name)
-        self.rejected = beam.metrics.Metrics.counter(METRICS_NAMESPACE, f"{f.name}_rejected")
-
-    def process(self, scored: list[tuple[Accepted, float]]):
-        for a, score in scored:
-            if score == score:
-                self.scores.update(int(round(score * 1000)))
-            if self.f.rejects(score):
-                self.rejected.inc()
-                yield beam.pvalue.TaggedOutput(ApplyFilters.REJECTED, manifest_row(
-                    a.key, a.source, "rejected", reason=f"{FILTERED_PREFIX}{self.f.name}", width=a.width,
-                    height=a.height))
-            else:
-                yield a
-
-
-class ApplyFilters(beam.PTransform):
-    """PCollection[Accepted] -> {'kept': Accepted, 'rejected': manifest rows}.
-
-    Filters run in order, each on what the previous kept. batch_size: items per model batch (chunk).
-    accelerator: a Beam accelerator resource hint for the model steps (e.g. "type:nvidia-l4;count:1")."""
-
-    KEPT, REJECTED = "kept", "rejected"
-
-    def __init__(self, filters: Sequence[Filter], batch_size: int = 32, accelerator: str | None = None):
-        super().__init__()
-        self.filters = [f if isinstance(f, Filter) else Filter(**f) for f in filters]
-        names = [f.name for f in self.filters]
-        for f in self.filters:
-            if not _NAME.fullmatch(f.name or ""):
-                raise ValueError(f"filter name {f.name!r}: use letters, digits, '_', '-', '.'")
-            if f.min is None and f.max is None:
-                raise ValueError(f"filter {f.name!r} has neither min nor max")
-        if len(set(names)) != len(names):
-            raise ValueError(f"filter names repeat: {names}")
-        self.batch_size, self.accelerator = batch_size, accelerator
-
-    def expand(self, accepted):
-        if not self.filters:
-            return {self.KEPT: accepted, self.REJECTED: accepted.pipeline | "NoFilters" >> beam.Create([])}
-        kept, rejected = accepted, []
-        for f in self.filters:
-            score = RunInference(ScoreModelHandler(f.clip, f.head, f.device))
-            if self.accelerator:
-                score = score.with_resource_hints(accelerator=self.accelerator)
-            chunks = kept | f"{f.name}Chunks" >> Chunks(lambda a: a.key, self.batch_size)
-            scored, failed = chunks | f"{f.name}Score" >> score.with_exception_handling()
-            decided = (scored | f"{f.name}Decide" >> beam.ParDo(_Decide(f))
-                       .with_outputs(self.REJECTED, main=self.KEPT))
-            rejected += [decided[self.REJECTED],
-                         failed.failed_inferences | f"{f.name}Failed" >> beam.FlatMap(failed_rows(f"filter:{f.name}", sizes=True))]
-            kept = decided[self.KEPT]
-        return {self.KEPT: kept, self.REJECTED: rejected | "FilterRejected" >> beam.Flatten()}
+def check_filters(filters: Sequence) -> list[Filter]:
+    """The `[pipeline] filters` tables as `Filter`s, checked (names usable in a reason, unique; a bound each)."""
+    out = [f if isinstance(f, Filter) else Filter(**f) for f in filters]
+    names = [f.name for f in out]
+    for f in out:
+        if not _NAME.fullmatch(f.name or ""):
+            raise ValueError(f"filter name {f.name!r}: use letters, digits, '_', '-', '.'")
+        if f.min is None and f.max is None:
+            raise ValueError(f"filter {f.name!r} has neither min nor max")
+    if len(set(names)) != len(names):
+        raise ValueError(f"filter names repeat: {names}")
+    return out

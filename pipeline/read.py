@@ -1,19 +1,18 @@
-"""Reading raw inputs as Beam transforms: every input becomes exactly one `RawItem`.
+"""Reading raw inputs: the sorted list of input files, and one file's items in reading order.
 
-Inputs (docs/architecture.md "Raw input"): img2dataset / WebDataset tars (`{key}.jpg|png|webp`, optional `.txt`
-alt text), image folders or globs (caption from a sibling `.txt`), Parquet with image bytes (columns
-remappable). Any path Beam's FileSystems read (local, gs://, s3://, hdfs://). Files are matched with
-`fileio.MatchAll`, spread with `Reshuffle`, and read in one streaming pass each.
+Inputs: img2dataset / WebDataset tars (`{key}.jpg|png|webp`, optional `.txt` alt text), image folders
+or globs (caption from a sibling `.txt`), Parquet with image bytes (columns remappable; read one row
+group at a time). Any path Beam's FileSystems read (local, gs://, s3://, hdfs://).
 
-Accounting: a tar sample without an image -> `missing_image`; a damaged tar -> what is readable plus
-one `{shard}#truncated` row (`unreadable_archive_tail`); a key seen again -> `{key}~2`, `~3`, ...
-(`duplicate_key`; the first by source keeps the key, so the result does not depend on arrival order).
-Archive member names are sanitised (`flowcurate.formats.tars.sanitize_key`) and never used as file paths.
+`read_items(path, root)` yields every input of one file as a `RawItem`, in the file's order, so the
+n-th item of a file is the same item on every read (pass 2 re-reads files by that ordinal). A tar
+sample without an image -> `missing_image`; a damaged tar -> what is readable plus one
+`{stem}#truncated` item (`unreadable_archive_tail`). Archive member names are sanitised
+(`flowcurate.formats.tars.sanitize_key`) and never used as file paths.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import posixpath
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
-from flowcurate.formats.manifest import DUPLICATE_KEY, MISSING_IMAGE, UNREADABLE_ARCHIVE_TAIL
+from flowcurate.formats.manifest import MISSING_IMAGE, UNREADABLE_ARCHIVE_TAIL
 from flowcurate.formats.tars import IMAGE_EXTS, TarTail, iter_tar, sanitize_key
 
 PARQUET_EXTS = ("parquet",)
@@ -89,54 +88,56 @@ def read_image(path: str, root: str) -> RawItem:
 
 def read_parquet(path: str, key_column: str = "key", image_column: str = "image",
                  caption_column: str = "caption") -> Iterator[RawItem]:
+    """One row group at a time (memory bounded by a row group), only the columns named."""
     import pyarrow.parquet as pq
 
     with FileSystems.open(path) as fh:
-        table = pq.read_table(io.BytesIO(fh.read()))
-    names = table.column_names
-    if image_column not in names:  # e.g. img2dataset's per-shard metadata Parquet beside its tars
-        logging.warning("%s: no image column %r (columns %s): not an image input, skipped", path, image_column, names)
-        SKIPPED_FILES.inc()
-        return
-    keys = table.column(key_column).to_pylist() if key_column in names else [None] * table.num_rows
-    captions = table.column(caption_column).to_pylist() if caption_column in names else [None] * table.num_rows
-    for i, (key, data, cap) in enumerate(zip(keys, table.column(image_column).to_pylist(), captions)):
-        key = sanitize_key(str(key)) if key is not None else f"{sanitize_key(posixpath.basename(path))}_{i:09d}"
-        yield RawItem(key, f"{path}#{i}", data or None, cap, None if data else MISSING_IMAGE)
+        pf = pq.ParquetFile(fh)
+        names = pf.schema_arrow.names
+        if image_column not in names:  # e.g. img2dataset's per-shard metadata Parquet beside its tars
+            logging.warning("%s: no image column %r (columns %s): not an image input, skipped", path,
+                            image_column, names)
+            SKIPPED_FILES.inc()
+            return
+        columns = [c for c in (key_column, image_column, caption_column) if c in names]
+        stem = sanitize_key(posixpath.basename(path))
+        i = 0
+        for g in range(pf.num_row_groups):
+            table = pf.read_row_group(g, columns=columns)
+            n = table.num_rows
+            keys = table.column(key_column).to_pylist() if key_column in names else [None] * n
+            caps = table.column(caption_column).to_pylist() if caption_column in names else [None] * n
+            for key, data, cap in zip(keys, table.column(image_column).to_pylist(), caps):
+                key = sanitize_key(str(key)) if key is not None else f"{stem}_{i:09d}"
+                yield RawItem(key, f"{path}#{i}", data or None, cap, None if data else MISSING_IMAGE)
+                i += 1
+            del table
 
 
-class _ReadFile(beam.DoFn):
-    def __init__(self, key_column: str, image_column: str, caption_column: str):
-        self.columns = (key_column, image_column, caption_column)
-
-    def process(self, element: tuple[str, str]):
-        path, root = element
-        ext = _ext(path)
-        if ext == "tar":
-            yield from read_tar(path)
-        elif ext in IMAGE_EXTS:
-            yield read_image(path, root)
-        elif ext in PARQUET_EXTS:
-            yield from read_parquet(path, *self.columns)
-        # other files (.txt captions, .json, stats) are not inputs of their own
+def read_items(path: str, root: str, columns: tuple[str, str, str] = ("key", "image", "caption")) -> Iterator[RawItem]:
+    """Every input of one file, in the file's order. `columns`: Parquet key, image and caption columns."""
+    ext = _ext(path)
+    if ext == "tar":
+        yield from read_tar(path)
+    elif ext in IMAGE_EXTS:
+        yield read_image(path, root)
+    elif ext in PARQUET_EXTS:
+        yield from read_parquet(path, *columns)
+    # other files (.txt captions, .json, stats) are not inputs of their own
 
 
-def _number_repeats(key_items: tuple[str, list[RawItem]]) -> Iterator[RawItem]:
-    key, items = key_items
-    items = sorted(items, key=lambda it: (it.source, it.reason or ""))
-    yield items[0]
-    for i, it in enumerate(items[1:], start=2):
-        yield RawItem(f"{key}~{i}", it.source, None, it.caption, DUPLICATE_KEY)
+def is_input(path: str) -> bool:
+    ext = _ext(path)
+    return ext == "tar" or ext in IMAGE_EXTS or ext in PARQUET_EXTS
 
 
-class ReadRaw(beam.PTransform):
-    """--input specs -> PCollection[RawItem], one per input item, keys unique."""
+class ListInputs(beam.PTransform):
+    """--input specs -> one element: the sorted list of (path, root) of every input file (a file's
+    index in it is part of its items' ids). Small: one entry per file, not per image."""
 
-    def __init__(self, specs: list[str], key_column: str = "key", image_column: str = "image",
-                 caption_column: str = "caption"):
+    def __init__(self, specs: list[str]):
         super().__init__()
         self.patterns = [input_patterns(s) for s in specs]
-        self.columns = (key_column, image_column, caption_column)
 
     def expand(self, pbegin):
         roots = sorted({r for _, r in self.patterns}, key=len, reverse=True)
@@ -149,12 +150,7 @@ class ReadRaw(beam.PTransform):
             | "Patterns" >> beam.Create([p for p, _ in self.patterns])
             | "Match" >> fileio.MatchAll()
             | "Paths" >> beam.Map(lambda m: with_root(m.path))
-            | "Distinct" >> beam.Distinct()
-            | "Spread" >> beam.Reshuffle()
-            | "ReadFiles" >> beam.ParDo(_ReadFile(*self.columns))
-            | "ByKey" >> beam.Map(lambda it: (it.key, it))
-            | "GroupKeys" >> beam.GroupByKey()
-            | "NumberRepeats" >> beam.FlatMap(_number_repeats)
+            | "Inputs" >> beam.Filter(lambda pr: is_input(pr[0]))
+            | "Sorted" >> beam.combiners.ToList()
+            | "Distinct" >> beam.Map(lambda files: sorted(set(files)))
         )
-
-

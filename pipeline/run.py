@@ -1,158 +1,63 @@
 """`flowcurate run`: raw image shards -> curated training shards, one Beam graph for every runner.
 
-    read -> validate -> exact dedup -> [filters] -> SSCD embed -> near-dup dedup -> caption -> encode -> write
+    input files -> pass 1 (per file: read, validate, filters, pixel hash, SSCD) -> small records
+                -> decide (repeated keys, exact and near duplicates, keep rule) -> kept records
+                -> pass 2 (per file with kept items: re-read, caption, encode, write shard parts)
 
-Stage order and contracts: docs/architecture.md. Every input ends as exactly one manifest row (kept, duplicate
-or rejected with a reason); expensive stages run only on survivors; model stages see deterministic
-chunks (`flowcurate.pipeline.chunks`), so reruns in one mode give byte-identical shards. An unexpected error on
-one element becomes a dead letter (`with_exception_handling`) and a `failed:<stage>` row: the bundle
-and the run go on.
+Shuffles carry keys, ids, sizes, hashes and descriptors, never pixels, so memory and shuffle volume do
+not grow with the images' resolution. Every input ends as exactly one manifest row (kept, duplicate or
+rejected with a reason). Model batches are chunks formed inside one file, so reruns give
+byte-identical shards and the worker count changes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import posixpath
 import sys
 import time
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import DirectOptions
 
 from flowcurate.captioning.handler import CaptionModelHandler
 from flowcurate.formats.config import to_dict
 from flowcurate.formats.manifest import EMBEDDINGS_SCHEMA, FAILED_PREFIX, MANIFEST_SCHEMA
-from flowcurate.formats.shards import (
-    INDEX_JSON,
-    RECORD_JSON,
-    encode_sample,
-    index_doc,
-    record_bytes,
-    record_files,
-    shard_name,
-    shard_of,
-    split_of,
-)
+from flowcurate.formats.shards import RECORD_JSON
+from flowcurate.formats.tars import sanitize_key
 from flowcurate.models.sscd import SSCDPreprocess
-from flowcurate.pipeline.chunks import Chunk, Chunks
-from flowcurate.pipeline.encode import Captioned, EncodeModelHandler, Kept
-from flowcurate.pipeline.filters import ApplyFilters
-from flowcurate.pipeline.neardup import NearDupDedup, SSCDModelHandler
+from flowcurate.pipeline.decide import Decide
+from flowcurate.pipeline.filters import check_filters
+from flowcurate.pipeline.handlers import EncodeModelHandler
 from flowcurate.pipeline.options import Launch, OptionsError, launch_options
-from flowcurate.pipeline.read import ReadRaw
-from flowcurate.pipeline.stages import ExactDedup, Validate, failed_rows, manifest_row
+from flowcurate.pipeline.pass1 import Pass1, Pass1Settings
+from flowcurate.pipeline.pass2 import PARTS, Pass2, Pass2Settings
+from flowcurate.pipeline.read import ListInputs
+from flowcurate.pipeline.records import ORDINAL_BITS, Item, file_index_of, item_id
+from flowcurate.pipeline.shuffles import shuffle_bytes
 from flowcurate.pipeline.validate import aspect_buckets
 from flowcurate.pipeline.write import (
-    PARTS_DIR,
-    concat_parts,
+    STATS_JSON,
+    count_row,
     delete_tree,
+    embedding_record,
     join,
+    make_conditioning,
     read_file,
-    write_file,
-    write_json,
-    write_part,
+    shard_offsets,
+    write_index,
+    write_shard,
+    write_stats,
 )
 
-STATS_JSON = "stats.json"
-
-
-def make_conditioning(_, sd3: str, *, revision, t5_length, store_dtype, ae_dtype, te_dtype, prompts, label,
-                      out: str) -> str:
-    """Encode the record (empty + validation prompts) once per run, write it, return its content hash."""
-    from flowcurate.models.autoencoder import Autoencoder
-    from flowcurate.models.conditioning import record_parts
-    from flowcurate.models.text_encoders import TextEncoders, quiet_hf_logging
-
-    quiet_hf_logging()
-    ae = Autoencoder.load(sd3, revision=revision, dtype=ae_dtype)
-    te = TextEncoders.load(sd3, revision=revision, t5_length=t5_length, dtype=te_dtype)
-    doc, arrays = record_parts(sd3, ae, te, revision=revision, store_dtype=store_dtype,
-                               validation_prompts=prompts, ae_dtype=ae_dtype, te_dtype=te_dtype, label=label)
-    _, files, digest = record_files(doc, arrays)
-    for name, data in files.items():
-        write_file(join(out, name), data)
-    return digest
-
-
-def _caption_pairs(chunk: Chunk):
-    return chunk, [(k.item.image, k.item.caption) for k in chunk.items]
-
-
-def _captioned(kv) -> Chunk:
-    chunk, captions = kv
-    items = []
-    for k, cap in zip(chunk.items, captions):
-        notes = list(cap.notes)
-        orig = k.item.caption
-        if not orig:
-            orig = cap.text
-            notes.append("orig_caption_missing")
-        items.append(Captioned(k, orig, cap.text, tuple(dict.fromkeys(notes))))
-    return Chunk(chunk.group, chunk.index, items)
-
-
-def _sample(e, conditioning: str, store_dtype: str):
-    c = e.captioned
-    a = c.kept.item
-    notes = list(c.notes) + (["caption_truncated_77"] if e.truncated else [])
-    meta = {"source": a.source, "width": a.width, "height": a.height, "crop": list(a.crop),
-            "resolution": list(a.resolution), "caption": {"orig": c.orig, "syn": c.syn}}
-    sample = encode_sample(a.key, e.latent_mean, e.latent_logvar, e.encodings, meta, conditioning, store_dtype)
-    row = manifest_row(a.key, a.source, "kept", cluster=c.kept.cluster, width=a.width, height=a.height,
-                       caption_original=a.caption, caption_synthetic=c.syn, notes=notes, shard=c.kept.shard)
-    return sample, row
-
-
-def _write_chunk(element, out: str, conditioning: str, store_dtype: str):
-    """(Chunk, [Encoded]) -> the part tar; yields ('part', (shard, (index, path, n))) and manifest rows."""
-    chunk, encoded = element
-    made = [_sample(e, conditioning, store_dtype) for e in encoded]
-    path = write_part(out, chunk.group, chunk.index, [s for s, _ in made])
-    yield beam.pvalue.TaggedOutput("parts", (chunk.group, (chunk.index, path, len(made))))
-    for _, row in made:
-        yield row
-
-
-def _write_shard(kv, out: str):
-    shard, parts = kv
-    parts = sorted(parts)
-    concat_parts(out, shard, [p for _, p, _ in parts])
-    return shard, sum(n for _, _, n in parts)
-
-
-def _write_index(counts: list, out: str, conditioning: str) -> dict:
-    doc = index_doc(dict(counts), conditioning)
-    write_file(join(out, "shards", INDEX_JSON), record_bytes(doc))
-    delete_tree(join(out, "shards", PARTS_DIR))
-    return doc
-
-
-def _count_row(row: dict) -> dict:
-    label = row["status"] if row["status"] != "rejected" else f"rejected:{row['reason']}"
-    beam.metrics.Metrics.counter("flowcurate", label).inc()
-    return row
-
-
-def _stats(counts: list, out: str, info: dict) -> dict:
-    by_status: dict[str, int] = {}
-    reasons: dict[str, int] = {}
-    for (status, reason), n in counts:
-        by_status[status] = by_status.get(status, 0) + n
-        if reason:
-            reasons[reason] = reasons.get(reason, 0) + n
-    doc = {**info, "inputs": sum(by_status.values()),
-           "status": {s: by_status.get(s, 0) for s in ("kept", "duplicate", "rejected")},
-           "reasons": dict(sorted(reasons.items()))}
-    write_json(join(out, STATS_JSON), doc)
-    return doc
-
-
-def _embedding_record(e) -> dict:
-    a = e.item
-    return {"key": a.key, "embedding": [float(v) for v in e.vector], "width": a.width, "height": a.height}
+AsSingleton = beam.pvalue.AsSingleton
+def _file_failed(dead) -> Item:
+    """Pass 1 raised on a whole file (a bug, not bad input): one rejected row says which file."""
+    (file_index, path, _), _error = dead[0], dead[1]
+    stem = sanitize_key(posixpath.basename(path))
+    return Item(item_id(file_index, (1 << ORDINAL_BITS) - 1), f"{stem}#failed", path, f"{FAILED_PREFIX}pass1")
 
 
 def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
@@ -160,85 +65,61 @@ def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
     cfg, o = launch.config, launch.ours
     pc, dd, m = cfg.pipeline, cfg.dedup, cfg.models
     out = o.output.rstrip("/")
-    AsSingleton = beam.pvalue.AsSingleton  # noqa: N806
-    device = pc.device
 
-    def on_accelerator(transform):  # GPU hints for the model steps only (a command-line hint hits every step)
+    def hinted(transform):  # a GPU hint on a whole pass: never splits what the pass fuses
         return transform.with_resource_hints(accelerator=o.model_accelerator) if o.model_accelerator else transform
 
-    raw = p | "Read" >> ReadRaw(o.input, o.key_column, o.image_column, o.caption_column)
     pre = SSCDPreprocess(dd.sscd_size, tuple(dd.mean), tuple(dd.std))
-    buckets = aspect_buckets(pc.resolution, pc.max_aspect) if pc.aspect_buckets else None
-    validated = (raw | "Validate" >> beam.ParDo(Validate(pc.resolution, pc.min_size, pc.max_aspect, pc.max_pixels,
-                                                         buckets, sscd=pre))
-                 .with_outputs(Validate.REJECTED, main="ok")
-                 .with_exception_handling(main_tag="ok", dead_letter_tag="failed"))
-    failed = [validated.failed | "ValidateFailed" >> beam.FlatMap(
-        lambda d: [manifest_row(d[0].key, d[0].source, "rejected", reason=f"{FAILED_PREFIX}validate")])]
-    exact = validated.ok | "ExactDedup" >> ExactDedup()
-    # optional model-based filters (aesthetic, NSFW, ...) on user-supplied weights: filtered:<name> rows
-    filtered = exact.kept | "Filters" >> ApplyFilters(
-        [{"device": device, **f} for f in pc.filters], pc.batch_size, o.model_accelerator)
+    buckets = tuple(aspect_buckets(pc.resolution, pc.max_aspect)) if pc.aspect_buckets else None
+    columns = (o.key_column, o.image_column, o.caption_column)
+    filters = tuple(check_filters([{"device": pc.device, **f} for f in pc.filters]))
+    validation = dict(resolution=pc.resolution, min_size=pc.min_size, max_aspect=pc.max_aspect,
+                      max_pixels=pc.max_pixels, buckets=buckets)
 
-    # SSCD on deterministic chunks, then near-duplicate removal over the dedup core
-    sscd_chunks = filtered["kept"] | "SSCDChunks" >> Chunks(lambda a: a.key, pc.batch_size)
-    embedded, sscd_failed = (sscd_chunks | "SSCD" >> on_accelerator(RunInference(
-        SSCDModelHandler(m.sscd, pre, device)).with_exception_handling()))
-    failed.append(sscd_failed.failed_inferences | "SSCDFailed" >> beam.FlatMap(failed_rows("sscd")))
-    embedded = embedded | "Embedded" >> beam.FlatMap(lambda xs: xs)
-    near = embedded | "NearDup" >> NearDupDedup(dd)
+    files = p | "ListInputs" >> ListInputs(o.input)
+    indexed = (files
+               | "Enumerate" >> beam.FlatMap(lambda fs: [(i, path, root) for i, (path, root) in enumerate(fs)])
+               | "Spread" >> beam.Reshuffle())
+    pass1 = (indexed | "Pass1" >> hinted(beam.ParDo(Pass1(Pass1Settings(
+        **validation, sscd_location=m.sscd, sscd_preprocess=pre, chunk=pc.batch_size, device=pc.device,
+        filters=filters, columns=columns))).with_exception_handling()))
+    items = ((pass1.good, pass1.bad | "FileFailed" >> beam.Map(_file_failed)) | "Items" >> beam.Flatten())
 
-    # shard assignment: split by key hash, shard count from the split's size
-    val_fraction, shard_size = pc.val_fraction, pc.shard_size
-    split = near["kept"] | "Split" >> beam.Map(lambda ec: (split_of(ec[0].item.key, val_fraction), ec))
-    counts = (split | "SplitKeys" >> beam.Keys() | "SplitCounts" >> beam.combiners.Count.PerElement()
-              | "SplitDict" >> beam.combiners.ToDict())
+    decided = items | "Decide" >> Decide(dd, pc.val_fraction)
+    kept = decided["kept"]
+    offsets = (kept
+               | "FileSplit" >> beam.Map(lambda k: ((file_index_of(k.id), k.split), 1))
+               | "KeptPerFile" >> beam.CombinePerKey(sum)
+               | "KeptCounts" >> beam.combiners.ToList()
+               | "Offsets" >> beam.Map(shard_offsets, pc.shard_size))
+    conditioning = (p | "RecordSeed" >> beam.Create([None])
+                    | "Conditioning" >> beam.Map(make_conditioning, cfg, launch.sd3_label, out))
 
-    def to_kept(sec, counts):
-        s, (e, cluster) = sec
-        n = math.ceil(counts.get(s, 0) / shard_size)
-        return Kept(e.item, cluster, shard_name(s, shard_of(e.item.key, n)))
-
-    kept = split | "Shard" >> beam.Map(to_kept, AsSingleton(counts))
-    chunks = kept | "ShardChunks" >> Chunks(lambda k: k.item.key, pc.batch_size, group=lambda k: k.shard)
-
-    captioner = KeyedModelHandler(CaptionModelHandler(
+    captioner = CaptionModelHandler(
         m.captioner, revision=m.captioner_revision, prompt=pc.caption_prompt,
         max_new_tokens=pc.caption_max_new_tokens, batch_size=pc.caption_batch_size,
-        trust_remote_code=m.trust_remote_code, device=device, share_model=pc.share_models))
-    captioned, cap_failed = (chunks | "CaptionInputs" >> beam.Map(_caption_pairs)
-                             | "Caption" >> on_accelerator(RunInference(captioner).with_exception_handling()))
-    failed.append(cap_failed.failed_inferences | "CaptionFailed" >> beam.FlatMap(failed_rows("caption")))
-    captioned = captioned | "Captioned" >> beam.Map(_captioned)
-
-    encoder = KeyedModelHandler(EncodeModelHandler(
-        m.sd3, revision=m.sd3_revision, t5_length=pc.t5_max_length, ae_dtype=pc.ae_dtype,
-        te_dtype=pc.text_encoder_dtype, device=device, share_model=pc.share_models))
-    encoded, enc_failed = (captioned | "EncodeInputs" >> beam.Map(lambda c: (c, c))
-                           | "Encode" >> on_accelerator(RunInference(encoder).with_exception_handling()))
-    failed.append(enc_failed.failed_inferences | "EncodeFailed" >> beam.FlatMap(failed_rows("encode")))
-
-    conditioning = (p | "RecordSeed" >> beam.Create([None])
-                    | "Conditioning" >> beam.Map(
-                        make_conditioning, m.sd3, revision=m.sd3_revision, t5_length=pc.t5_max_length,
-                        store_dtype=pc.store_dtype, ae_dtype=pc.ae_dtype, te_dtype=pc.text_encoder_dtype,
-                        prompts=list(pc.validation_prompts), label=launch.sd3_label, out=out))
-    written = (encoded | "WriteParts" >> beam.FlatMap(_write_chunk, out, AsSingleton(conditioning), pc.store_dtype)
-               .with_output_types(Any).with_outputs("parts", main="rows"))
-    shards = (written.parts | "PartsByShard" >> beam.GroupByKey()
-              | "WriteShards" >> beam.Map(_write_shard, out))
+        trust_remote_code=m.trust_remote_code, device=pc.device, share_model=pc.share_models)
+    encoder = EncodeModelHandler(m.sd3, revision=m.sd3_revision, t5_length=pc.t5_max_length, ae_dtype=pc.ae_dtype,
+                                 te_dtype=pc.text_encoder_dtype, device=pc.device, share_model=pc.share_models)
+    settings2 = Pass2Settings(out=out, **validation, chunk=pc.batch_size, shard_size=pc.shard_size,
+                              store_dtype=pc.store_dtype, captioner=captioner, encoder=encoder, columns=columns)
+    written = (kept
+               | "ByFile" >> beam.Map(lambda k: (file_index_of(k.id), k))
+               | "GroupByFile" >> beam.GroupByKey()
+               | "Pass2" >> hinted(beam.ParDo(Pass2(settings2), AsSingleton(files), AsSingleton(offsets),
+                                              AsSingleton(conditioning))
+                                   .with_output_types(Any).with_outputs(PARTS, main="rows")))
+    shards = (written[PARTS] | "PartsByShard" >> beam.GroupByKey()
+              | "WriteShards" >> beam.Map(write_shard, out))
     index = (shards | "ShardCounts" >> beam.combiners.ToList()
-             | "WriteIndex" >> beam.Map(_write_index, out, AsSingleton(conditioning)))
+             | "WriteIndex" >> beam.Map(write_index, out, AsSingleton(conditioning)))
 
-    rows = ((validated[Validate.REJECTED], exact[ExactDedup.DUPLICATES], filtered["rejected"],
-             near[NearDupDedup.DUPLICATES],
-             near[NearDupDedup.REJECTED], written.rows, *failed)
-            | "AllRows" >> beam.Flatten()
-            | "Count" >> beam.Map(_count_row))
+    rows = ((decided["rows"], written.rows) | "AllRows" >> beam.Flatten() | "Count" >> beam.Map(count_row))
     rows | "WriteManifest" >> beam.io.WriteToParquet(
         join(out, "manifest", "part"), MANIFEST_SCHEMA, file_name_suffix=".parquet")
-    embedded | "EmbeddingRecords" >> beam.Map(_embedding_record) | "WriteEmbeddings" >> beam.io.WriteToParquet(
-        join(out, "embeddings", "part"), EMBEDDINGS_SCHEMA, file_name_suffix=".parquet")
+    (decided["embedded"] | "EmbeddingRecords" >> beam.Map(embedding_record)
+     | "WriteEmbeddings" >> beam.io.WriteToParquet(join(out, "embeddings", "part"), EMBEDDINGS_SCHEMA,
+                                                    file_name_suffix=".parquet"))
 
     info = {"config": to_dict(cfg), "inputs_spec": list(o.input), "runner": launch.runner,
             "sscd": {"location": m.sscd, "preprocess": pre.record()},
@@ -247,8 +128,8 @@ def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
     stats = (rows | "StatusReason" >> beam.Map(lambda r: (r["status"], r["reason"] or ""))
              | "CountStatus" >> beam.combiners.Count.PerElement()
              | "StatusList" >> beam.combiners.ToList()
-             | "WriteStats" >> beam.Map(_stats, out, info))
-    return {"rows": rows, "stats": stats, "index": index, "conditioning": conditioning}
+             | "WriteStats" >> beam.Map(write_stats, out, info))
+    return {"rows": rows, "stats": stats, "index": index, "conditioning": conditioning, "items": items}
 
 
 def prepare_output(out: str, overwrite: bool) -> None:
@@ -280,6 +161,10 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     except Exception:  # a remote runner still writing, or OUT not readable from here
         return None
     stats["wall_s"] = round(time.perf_counter() - t0, 1)
+    try:  # the in-process runner's sampled sizes; other runners show theirs in their own UI
+        stats["shuffle_bytes"] = shuffle_bytes(p, result)
+    except Exception:  # noqa: BLE001  (no monitoring infos on this runner)
+        stats["shuffle_bytes"] = None
     return stats
 
 

@@ -1,33 +1,34 @@
 """Writing OUT through Beam's FileSystems (local paths, gs://, s3://, ...), each file under a temporary
 name and renamed, so a reader never sees half a file:
 
-    OUT/conditioning.json + .npz      the conditioning record (flowcurate.formats.shards), written once per run
+    OUT/conditioning.json + .npz       the conditioning record, written once per run
     OUT/shards/{train,val}-NNNNNN.tar  curated samples; OUT/shards/index.json
-    OUT/manifest/part-*.parquet       one row per input (MANIFEST_SCHEMA)
-    OUT/embeddings/part-*.parquet     SSCD descriptors of every embedded image (dedup's schema)
-    OUT/stats.json                    counts per status and reason, and what produced them
+    OUT/manifest/part-*.parquet        one row per input
+    OUT/embeddings/part-*.parquet      SSCD descriptors of the inputs near-duplicate search saw
+    OUT/stats.json                     counts per status and reason, and what produced them
 
-Shards are assembled in two steps so no worker holds a whole shard in one element: each chunk of a
-shard (key-ordered, `flowcurate.pipeline.chunks`) is written as a part tar under OUT/shards/.parts/, then the
-parts are concatenated in chunk order into the shard. The result equals `flowcurate.formats.shards.tar_bytes`
-over all of the shard's samples (sorted by key, fixed headers), so reruns give byte-identical shards.
+Shards are contiguous ranges of the kept inputs in (input file, reading order), `shard_size` each.
+Pass 2 streams each input file's samples into part tars, one per (shard, file), under
+OUT/shards/.parts/; a shard made of one part is renamed into place, otherwise its parts are
+concatenated in file order. Reruns give byte-identical shards.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 import tarfile
 import uuid
 
+import apache_beam as beam
+import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from flowcurate.formats.shards import tar_bytes
+from flowcurate.formats.config import Config
+from flowcurate.formats.shards import INDEX_JSON, SampleWriter, index_doc, record_bytes, record_files
 
 PARTS_DIR = ".parts"
-
-
+STATS_JSON = "stats.json"
 
 
 def join(*parts: str) -> str:
@@ -36,7 +37,7 @@ def join(*parts: str) -> str:
 
 def write_file(path: str, data: bytes) -> str:
     """Write `data` to `path` under a temporary name, then rename it into place."""
-    tmp = join(posixpath.dirname(path) or ".", f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
+    tmp = _tmp(path)
     with FileSystems.create(tmp) as fh:
         fh.write(data)
     FileSystems.rename([tmp], [path])
@@ -53,20 +54,47 @@ def delete_tree(path: str) -> None:
         FileSystems.delete([path])
 
 
-def write_part(out: str, shard: str, index: int, samples: list[dict]) -> str:
-    """One chunk's samples as a tar under OUT/shards/.parts/{shard}/ -> its path."""
-    return write_file(join(out, "shards", PARTS_DIR, shard, f"{index:06d}.tar"), tar_bytes(samples))
+def _tmp(path: str) -> str:
+    return join(posixpath.dirname(path) or ".", f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
+
+
+class PartWriter:
+    """Samples streamed into OUT/shards/.parts/{shard}/{file_index:09d}.tar (one sample held at a time)."""
+
+    def __init__(self, out: str, shard: str, file_index: int):
+        self.shard, self.file_index = shard, file_index
+        self.path = join(out, "shards", PARTS_DIR, shard, f"{file_index:09d}.tar")
+        self._tmp = _tmp(self.path)
+        self._fh = FileSystems.create(self._tmp)
+        self._writer = SampleWriter(self._fh)
+
+    @property
+    def count(self) -> int:
+        return self._writer.count
+
+    def add(self, sample: dict) -> None:
+        self._writer.add(sample)
+
+    def close(self) -> tuple[str, tuple[int, str, int]]:
+        """Finish the part and rename it into place -> (shard, (file_index, path, samples))."""
+        self._writer.close()
+        self._fh.close()
+        FileSystems.rename([self._tmp], [self.path])
+        return self.shard, (self.file_index, self.path, self.count)
 
 
 def concat_parts(out: str, shard: str, parts: list[str]) -> str:
-    """Concatenate part tars (given in chunk order) into OUT/shards/{shard}; delete the parts."""
+    """Join part tars (given in file order) into OUT/shards/{shard}; a single part is renamed."""
     path = join(out, "shards", shard)
-    tmp = join(out, "shards", f".{shard}.tmp-{uuid.uuid4().hex}")
+    if len(parts) == 1:
+        FileSystems.rename(parts, [path])
+        return path
+    tmp = _tmp(path)
     with FileSystems.create(tmp) as fh:
         with tarfile.open(fileobj=fh, mode="w|", format=tarfile.USTAR_FORMAT) as dst:
             for part in parts:
-                with tarfile.open(fileobj=io.BytesIO(read_file(part)), mode="r") as src:
-                    for info in src.getmembers():
+                with FileSystems.open(part) as pf, tarfile.open(fileobj=pf, mode="r|") as src:
+                    for info in src:
                         dst.addfile(info, src.extractfile(info))
     FileSystems.rename([tmp], [path])
     FileSystems.delete(parts)
@@ -75,3 +103,73 @@ def concat_parts(out: str, shard: str, parts: list[str]) -> str:
 
 def write_json(path: str, doc: dict) -> str:
     return write_file(path, (json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+# ------------------------------------------------------------------------------------------ run outputs
+
+def make_conditioning(_, cfg: Config, label: str | None, out: str) -> str:
+    """Encode the record (empty + validation prompts) once per run, write it, return its content hash."""
+    from flowcurate.models.autoencoder import Autoencoder
+    from flowcurate.models.conditioning import record_parts
+    from flowcurate.models.text_encoders import TextEncoders, quiet_hf_logging
+
+    m, pc = cfg.models, cfg.pipeline
+    quiet_hf_logging()
+    ae = Autoencoder.load(m.sd3, revision=m.sd3_revision, dtype=pc.ae_dtype)
+    te = TextEncoders.load(m.sd3, revision=m.sd3_revision, t5_length=pc.t5_max_length, dtype=pc.text_encoder_dtype)
+    doc, arrays = record_parts(m.sd3, ae, te, revision=m.sd3_revision, store_dtype=pc.store_dtype,
+                               validation_prompts=list(pc.validation_prompts), ae_dtype=pc.ae_dtype,
+                               te_dtype=pc.text_encoder_dtype, label=label)
+    _, files, digest = record_files(doc, arrays)
+    for name, data in files.items():
+        write_file(join(out, name), data)
+    return digest
+
+
+def shard_offsets(counts: list, shard_size: int) -> dict:
+    """[((file_index, split), kept)] -> {(file_index, split): position of the file's first kept item in
+    its split}: the kept items of a split, in (file, reading order), fill shards of `shard_size`."""
+    offsets, running = {}, {}
+    for (fi, split), n in sorted(counts):
+        offsets[(fi, split)] = running.get(split, 0)
+        running[split] = running.get(split, 0) + n
+    return offsets
+
+
+def write_shard(kv, out: str):
+    shard, parts = kv
+    parts = sorted(parts)
+    concat_parts(out, shard, [p for _, p, _ in parts])
+    return shard, sum(n for _, _, n in parts)
+
+
+def write_index(counts: list, out: str, conditioning: str) -> dict:
+    doc = index_doc(dict(counts), conditioning)
+    write_file(join(out, "shards", INDEX_JSON), record_bytes(doc))
+    delete_tree(join(out, "shards", PARTS_DIR))
+    return doc
+
+
+def count_row(row: dict) -> dict:
+    label = row["status"] if row["status"] != "rejected" else f"rejected:{row['reason']}"
+    beam.metrics.Metrics.counter("flowcurate", label).inc()
+    return row
+
+
+def write_stats(counts: list, out: str, info: dict) -> dict:
+    by_status: dict[str, int] = {}
+    reasons: dict[str, int] = {}
+    for (status, reason), n in counts:
+        by_status[status] = by_status.get(status, 0) + n
+        if reason:
+            reasons[reason] = reasons.get(reason, 0) + n
+    doc = {**info, "inputs": sum(by_status.values()),
+           "status": {s: by_status.get(s, 0) for s in ("kept", "duplicate", "rejected")},
+           "reasons": dict(sorted(reasons.items()))}
+    write_json(join(out, STATS_JSON), doc)
+    return doc
+
+
+def embedding_record(named_emb) -> dict:
+    n, emb = named_emb
+    return {"key": n.key, "embedding": np.frombuffer(emb, np.float32).tolist(), "width": n.width, "height": n.height}

@@ -23,11 +23,9 @@ def blake(person: bytes, key: str) -> int:
 @pytest.mark.parametrize("key", KEYS)
 def test_each_purpose_keeps_its_algorithm_and_salt(key):
     assert stable_hash("split", key) == sha("split:", key)
-    assert stable_hash("shard", key) == sha("shard:", key)
     assert stable_hash("sample", key) == sha("sample:", key)
     assert stable_hash("noise", key) == sha("", key)
     assert stable_hash("kmeans_sample", key) == blake(b"fc-kmeans", key)
-    assert stable_hash("chunk", key) == blake(b"chunks", key)
     assert len({stable_hash(p, key) for p in PURPOSES}) == len(PURPOSES)  # purposes are independent
 
 

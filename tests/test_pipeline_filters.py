@@ -1,10 +1,12 @@
-"""pipeline/filters.py: a tiny random CLIP + user heads score as a direct computation does, and
-ApplyFilters on the FnApiRunner keeps, rejects (`filtered:<name>`) and dead-letters (`failed:filter:<name>`)
-every input exactly once."""
+"""pipeline/filters.py: a tiny random CLIP + user heads score as a direct computation does, and the
+filters in pass 1 (FnApiRunner) keep, reject (`filtered:<name>`) and dead-letter (`failed:filter:<name>`)
+every input exactly once, before any dedup."""
 
 from __future__ import annotations
 
+import io
 import pickle
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -15,12 +17,15 @@ import torch
 import transformers
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
+from PIL import Image
 from safetensors.torch import save_file
 
 from flowcurate.formats.manifest import is_reason
-from flowcurate.pipeline.chunks import Chunk
-from flowcurate.pipeline.filters import ApplyFilters, Filter, ScoreModelHandler, load_head
-from flowcurate.pipeline.stages import Accepted
+from flowcurate.models.sscd import SSCDPreprocess
+from flowcurate.models.tiny import ensure_tiny_models
+from flowcurate.pipeline.filters import Filter, ScoreModelHandler, check_filters, load_head
+from flowcurate.pipeline.pass1 import Pass1, Pass1Settings
+from flowcurate.pipeline.validate import validate
 
 
 def _images(n: int, colour: int, seed: int) -> list[np.ndarray]:
@@ -33,9 +38,19 @@ def _images(n: int, colour: int, seed: int) -> list[np.ndarray]:
     return out
 
 
-def _accepted(prefix: str, images) -> list[Accepted]:
-    return [Accepted(f"{prefix}{i:02d}", f"src/{prefix}{i}", None, im, 64 + i, 48, (0, 0, 64, 48), (32, 40), "h")
-            for i, im in enumerate(images)]
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Sample:
+    """An input image as the pass sees it: key, png bytes, the validated 32x32 training view, sizes."""
+
+    def __init__(self, key: str, image: np.ndarray):
+        self.key, self.png = key, _png(image)
+        v = validate(self.png, resolution=32, min_size=16)
+        self.image, self.width, self.height = v.image, v.width, v.height
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +75,9 @@ def _embed(clip_dir, images) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def data(clip_dir):
-    red, blue = _images(6, 0, 1), _images(5, 2, 2)
-    return _accepted("r", red), _accepted("b", blue)
+    red = [Sample(f"r{i:02d}", im) for i, im in enumerate(_images(6, 0, 1))]
+    blue = [Sample(f"b{i:02d}", im) for i, im in enumerate(_images(5, 2, 2))]
+    return red, blue
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +95,7 @@ def probe(clip_dir, data, tmp_path_factory) -> Path:
 
 def _score(handler, items):
     model = handler.load_model()
-    (out,) = handler.run_inference([Chunk("g", 0, items)], model)
+    (out,) = handler.run_inference([[a.image for a in items]], model)
     return out
 
 
@@ -87,12 +103,10 @@ def test_probe_scores_equal_the_direct_computation(clip_dir, data, probe):
     red, blue = data
     items = red + blue
     got = _score(ScoreModelHandler(str(clip_dir), str(probe), "cpu"), items)
-    assert [a.key for a, _ in got] == [a.key for a in items]
     head = load_head(str(probe))
     want = head(_embed(clip_dir, [a.image for a in items]))[:, 0].tolist()
-    np.testing.assert_allclose([s for _, s in got], want, rtol=1e-5, atol=1e-6)
-    assert all(s > 0 for _, s in got[:len(red)]) and all(s < 0 for _, s in got[len(red):])
-    assert ScoreModelHandler(str(clip_dir), str(probe)).batch_elements_kwargs() == {"max_batch_size": 1}
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert all(s > 0 for s in got[:len(red)]) and all(s < 0 for s in got[len(red):])
 
 
 def test_laion_mlp_head_loads_and_scores(clip_dir, data, tmp_path):
@@ -107,7 +121,7 @@ def test_laion_mlp_head_loads_and_scores(clip_dir, data, tmp_path):
     head = load_head(str(path))
     assert [m.in_features for m in head] == sizes[:-1]
     items = data[0][:3]
-    got = [s for _, s in _score(ScoreModelHandler(str(clip_dir), str(path), "auto"), items)]
+    got = _score(ScoreModelHandler(str(clip_dir), str(path), "auto"), items)
     x = _embed(clip_dir, [a.image for a in items])
     for idx in (0, 2, 4, 6, 7):  # LAION's MLP has no activations; Dropout is the identity at inference
         x = x @ mlp[f"layers.{idx}.weight"].T + mlp[f"layers.{idx}.bias"]
@@ -122,27 +136,36 @@ def test_bad_heads_are_refused(tmp_path):
     with pytest.raises(ValueError, match="one score"):
         load_head(str(tmp_path / "y.safetensors"))
     with pytest.raises(ValueError, match="neither"):
-        ApplyFilters([Filter("x", "c", "h")])
+        check_filters([Filter("x", "c", "h")])
     with pytest.raises(ValueError, match="repeat"):
-        ApplyFilters([Filter("x", "c", "h", min=0), Filter("x", "c", "h", max=1)])
+        check_filters([Filter("x", "c", "h", min=0), {"name": "x", "clip": "c", "head": "h", "max": 1}])
 
 
 def _run(items, filters, batch_size=4):
+    """Pass 1 with `filters` over a tar of `items` -> kept items, rejected rows (as items), score metrics."""
     out = Path(tempfile.mkdtemp())
+    with tarfile.open(out / "in.tar", "w") as tar:
+        for a in items:
+            info = tarfile.TarInfo(f"{a.key}.png")
+            info.size = len(a.png)
+            tar.addfile(info, io.BytesIO(a.png))
+    s = Pass1Settings(resolution=32, min_size=16, max_aspect=3.0, max_pixels=10**8, buckets=None,
+                      sscd_location=str(ensure_tiny_models(0) / "sscd.torchscript.pt"),
+                      sscd_preprocess=SSCDPreprocess(64), chunk=batch_size, device="cpu", filters=tuple(filters))
     p = TestPipeline(runner="FnApiRunner")
-    r = p | beam.Create(items, reshuffle=False) | ApplyFilters(filters, batch_size=batch_size)
-    for name in ("kept", "rejected"):
-        (r[name] | f"{name}L" >> beam.combiners.ToList()
-         | f"{name}W" >> beam.Map(lambda xs, f=str(out / name): Path(f).write_bytes(pickle.dumps(xs))))
+    (p | beam.Create([(0, str(out / "in.tar"), str(out))]) | beam.ParDo(Pass1(s)) | beam.combiners.ToList()
+     | beam.Map(lambda xs, f=str(out / "items"): Path(f).write_bytes(pickle.dumps(xs))))
     result = p.run()
     result.wait_until_finish()
-    got = {n: pickle.loads((out / n).read_bytes()) for n in ("kept", "rejected")}
+    items_out = pickle.loads((out / "items").read_bytes())
+    got = {"kept": [it for it in items_out if it.reason is None],
+           "rejected": [it for it in items_out if it.reason is not None]}
     got["scores"] = {d.key.metric.name: d.committed for d in result.metrics().query(
         MetricsFilter().with_namespace("flowcurate_filters"))["distributions"]}
     return got
 
 
-def test_apply_filters_keeps_red_and_rejects_blue(clip_dir, data, probe):
+def test_filters_in_pass1_keep_red_and_reject_blue(clip_dir, data, probe):
     red, blue = data
     items = (red + blue)[::-1]
     red_scores = load_head(str(probe))(_embed(clip_dir, [a.image for a in red]))[:, 0].tolist()
@@ -151,14 +174,16 @@ def test_apply_filters_keeps_red_and_rejects_blue(clip_dir, data, probe):
     got = _run(items, [Filter("aesthetic", str(clip_dir), str(probe), min=0.0, device="cpu"),
                        Filter("nsfw", str(clip_dir), str(probe), max=cut)])
     assert sorted(a.key for a in got["kept"]) == sorted(a.key for a in red if a.key not in high)
-    rows = {r["key"]: r for r in got["rejected"]}
+    rows = {r.key: r for r in got["rejected"]}
     assert len(rows) == len(got["rejected"]) == len(blue) + len(high)
-    assert {k: (r["status"], r["reason"]) for k, r in rows.items()} == {
-        **{a.key: ("rejected", "filtered:aesthetic") for a in blue}, **{k: ("rejected", "filtered:nsfw") for k in high}}
+    assert {k: r.reason for k, r in rows.items()} == {
+        **{a.key: "filtered:aesthetic" for a in blue}, **{k: "filtered:nsfw" for k in high}}
     assert got["scores"]["aesthetic"].count == len(items) and got["scores"]["nsfw"].count == len(red)
     assert abs(got["scores"]["nsfw"].max - round(max(red_scores) * 1000)) <= 1  # batches differ from here
-    assert all((rows[a.key]["width"], rows[a.key]["height"], rows[a.key]["source"]) == (a.width, a.height, a.source)
-               for a in blue)
+    assert all((rows[a.key].width, rows[a.key].height) == (a.width, a.height) for a in blue)
+    # every score is on the item's record, in filter order; filtered items have no SSCD descriptor
+    assert all([n for n, _ in it.scores] == ["aesthetic", "nsfw"] for it in got["kept"])
+    assert all(rows[a.key].embedding is None and [n for n, _ in rows[a.key].scores] == ["aesthetic"] for a in blue)
     assert is_reason("filtered:aesthetic")
 
 
@@ -166,7 +191,7 @@ def test_missing_head_becomes_failed_rows(clip_dir, data, tmp_path):
     items = data[0] + data[1]
     got = _run(items, [Filter("aesthetic", str(clip_dir), str(tmp_path / "nope.safetensors"), min=0.0)])
     assert not got["kept"]
-    assert sorted((r["key"], r["reason"]) for r in got["rejected"]) == sorted(
+    assert sorted((r.key, r.reason) for r in got["rejected"]) == sorted(
         (a.key, "failed:filter:aesthetic") for a in items)
     assert is_reason("failed:filter:aesthetic")
 

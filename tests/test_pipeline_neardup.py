@@ -1,6 +1,6 @@
-"""pipeline/neardup.py on the FnApiRunner: near-duplicate decisions equal `flowcurate dedup`'s core
-(`flowcurate.dedup.core.find_duplicates`) on the same descriptors, clustered and exact, and bad descriptors are
-rejected rows."""
+"""pipeline/decide.py on the FnApiRunner: near-duplicate decisions over pass-1 records equal `flowcurate
+dedup`'s core (`flowcurate.dedup.core.find_duplicates`) on the same descriptors, clustered and exact, and bad
+descriptors are rejected rows."""
 
 from __future__ import annotations
 
@@ -16,17 +16,18 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from flowcurate.dedup.core import STATUS, find_duplicates
 from flowcurate.dedup.report import report_similarity
 from flowcurate.formats.config import DedupConfig
-from flowcurate.models.tiny.planted import generate
-from flowcurate.pipeline.neardup import Embedded, NearDupDedup
-from flowcurate.pipeline.stages import Accepted
+from flowcurate.pipeline.decide import Decide
+from flowcurate.pipeline.records import Item, item_id
 
 
 def _data(n=400, d=32, seed=0):
-    """`flowcurate.models.tiny.planted` rows (clustered: topics for k-means to find), a seventh of them
-    near-copies at cosines 0.5-1, with unique keys and image sizes."""
-    x = np.empty((n, d), np.float32)
-    generate(x, "clustered", seed, fraction=1 / 7, bins=((0.5, 1.0),))
-    rng = np.random.default_rng([seed, 7])
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((6, d))
+    x = centres[rng.integers(0, 6, n)] * 0.8 + rng.standard_normal((n, d))
+    m = n // 7
+    src, dst = rng.choice(n, m, replace=False), rng.choice(n, m, replace=False)
+    x[dst] = x[src] + rng.standard_normal((m, d)) * rng.uniform(0.05, 0.6, (m, 1)) * np.sqrt(d) / 4
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     keys = [f"k{rng.integers(1e9):09d}{i}" for i in range(n)]
     w = rng.integers(32, 96, n)
     h = rng.integers(32, 96, n)
@@ -34,36 +35,38 @@ def _data(n=400, d=32, seed=0):
 
 
 def _items(x, keys, w, h):
-    tiny = np.zeros((1, 1, 3), np.uint8)
-    return [Embedded(Accepted(k, f"src/{k}", None, tiny, int(a), int(b), (0, 0, int(a), int(b)), (1, 1), "h"), v)
-            for k, v, a, b in zip(keys, x, w, h)]
+    return [Item(item_id(i // 50, i % 50), k, f"src/{k}", None, int(a), int(b), (0, 0, int(a), int(b)),
+                 f"hash{i}", v.astype(np.float32).tobytes())
+            for i, (k, v, a, b) in enumerate(zip(keys, x, w, h))]
 
 
-def _run(items, cfg: DedupConfig):
+def _run(items, threshold=0.5, **kw):
     out = Path(tempfile.mkdtemp())
     with TestPipeline(runner="FnApiRunner") as p:
-        r = p | beam.Create(items, reshuffle=False) | NearDupDedup(cfg)
-        for name in ("kept", "duplicates", "rejected"):
+        r = p | beam.Create(items, reshuffle=False) | Decide(DedupConfig(threshold=threshold, **kw), 0.0)
+        for name in ("kept", "rows"):
             (r[name] | f"{name}L" >> beam.combiners.ToList()
              | f"{name}W" >> beam.Map(lambda xs, f=str(out / name): Path(f).write_bytes(pickle.dumps(xs))))
-    return {n: pickle.loads((out / n).read_bytes()) for n in ("kept", "duplicates", "rejected")}
+    got = {n: pickle.loads((out / n).read_bytes()) for n in ("kept", "rows")}
+    return {"kept": got["kept"], "duplicates": [r for r in got["rows"] if r["status"] == "duplicate"],
+            "rejected": [r for r in got["rows"] if r["status"] == "rejected"]}
 
 
-@pytest.mark.parametrize("clusters,exact", [("4", False), ("auto", False), ("1", True)])
+@pytest.mark.parametrize("clusters,exact", [(4, False), ("auto", False), (1, True)])
 def test_decisions_equal_the_dedup_core(clusters, exact):
     x, keys, w, h = _data()
     items = _items(x, keys, w, h)
     items = items[::-1]  # arrival order must not matter
-    cfg = DedupConfig(threshold=0.6, clusters=clusters, assign=3, assign_margin=0.1, kmeans_sample=120, exact=exact)
-    got = _run(items, cfg)
-    ref = find_duplicates(x, keys, cfg, pixels=(w * h).astype(np.float64))
+    kw = dict(clusters=str(clusters), assign=3, assign_margin=0.1, kmeans_sample=120, exact=exact)
+    got = _run(items, threshold=0.6, **kw)
+    ref = find_duplicates(x, keys, DedupConfig(threshold=0.6, **kw), pixels=(w * h).astype(np.float64))
     names = ref.status_names()
     want_dup = {ref.keys[i]: (ref.keys[ref.duplicate_of[i]], report_similarity(ref.similarity[i]))
                 for i in range(len(keys)) if names[i] == "duplicate"}
     got_dup = {r["key"]: (r["duplicate_of"], r["similarity"]) for r in got["duplicates"]}
     assert want_dup and got_dup == want_dup
-    assert {e.item.key for e, _ in got["kept"]} == {k for k, s in zip(ref.keys, names) if s == "kept"}
-    clusters_got = {e.item.key: c for e, c in got["kept"]}
+    assert {k.key for k in got["kept"]} == {k for k, s in zip(ref.keys, names) if s == "kept"}
+    clusters_got = {k.key: k.cluster for k in got["kept"]}
     assert all(clusters_got[k] == ref.cluster[i] for i, k in enumerate(ref.keys) if k in clusters_got)
     assert not got["rejected"] and set(STATUS) >= set(names)
 
@@ -72,6 +75,6 @@ def test_bad_descriptors_become_rejected_rows():
     x, keys, w, h = _data(n=30)
     x[3] = 0
     x[7, 0] = np.nan
-    got = _run(_items(x, keys, w, h), DedupConfig(threshold=0.6))
+    got = _run(_items(x, keys, w, h), threshold=0.6)
     assert {r["key"]: r["reason"] for r in got["rejected"]} == {keys[3]: "bad_embedding", keys[7]: "bad_embedding"}
     assert len(got["kept"]) + len(got["duplicates"]) + len(got["rejected"]) == 30

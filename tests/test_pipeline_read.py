@@ -1,5 +1,6 @@
-"""pipeline/read.py on Beam's FnApiRunner: tars (with a damaged one), image folders with captions and
-Parquet with image bytes; every input is one RawItem, keys are unique and safe, repeats are numbered."""
+"""pipeline/read.py: the input list on Beam's FnApiRunner, then each file's items: tars (with a damaged
+one), image folders with captions and Parquet with image bytes (row group by row group); every input is
+one RawItem, keys are safe, and with `decide.number_repeats` unique."""
 
 from __future__ import annotations
 
@@ -16,16 +17,27 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from flowcurate.models.tiny.procedural import jpeg_bytes, random_image
 from flowcurate.models.tiny.sample_data import write_sample_data
-from flowcurate.pipeline.read import ReadRaw, input_patterns, read_tar
+from flowcurate.pipeline.decide import number_repeats
+from flowcurate.pipeline.read import ListInputs, input_patterns, read_items, read_tar
+
+
+def list_inputs(specs) -> list[tuple[str, str]]:
+    """Run ListInputs on the FnApiRunner; the list comes back through a pickle file."""
+    out = Path(tempfile.mkdtemp()) / "files.pkl"
+    with TestPipeline(runner="FnApiRunner") as p:
+        (p | ListInputs([str(s) for s in specs])
+         | beam.Map(lambda xs, path=str(out): Path(path).write_bytes(pickle.dumps(list(xs)))))
+    return pickle.loads(out.read_bytes())
 
 
 def run(specs, **kw):
-    """Run ReadRaw on the FnApiRunner; the items come back through a pickle file."""
-    out = Path(tempfile.mkdtemp()) / "items.pkl"
-    with TestPipeline(runner="FnApiRunner") as p:
-        (p | ReadRaw([str(s) for s in specs], **kw) | beam.combiners.ToList()
-         | beam.Map(lambda xs, path=str(out): Path(path).write_bytes(pickle.dumps(list(xs)))))
-    return pickle.loads(out.read_bytes())
+    """Every input of every listed file, repeated keys numbered as the pipeline numbers them."""
+    by_key: dict[str, list] = {}
+    for path, root in list_inputs(specs):
+        for raw in read_items(path, root, **kw):
+            by_key.setdefault(raw.key, []).append(raw)
+    return [raw._replace(key=key, reason="duplicate_key" if repeat else raw.reason)
+            for key, raws in by_key.items() for raw, key, repeat in number_repeats(key, raws)]
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +106,14 @@ def test_read_tar_streams_without_seeking(tmp_path, write_tar):
     write_tar(tmp_path / "s.tar", [("k1.jpg", jpg), ("k1.json", json.dumps({}).encode()), ("k2.txt", b"no image")])
     got = list(read_tar(str(tmp_path / "s.tar")))
     assert [(g.key, g.reason) for g in got] == [("k1", None), ("k2", "missing_image")]
+
+
+def test_parquet_is_read_one_row_group_at_a_time(tmp_path):
+    """Row groups stream in order with global row numbers; the file is never read whole."""
+    rows = [{"key": f"r{i:03d}", "image": bytes([i % 256]) * 50, "caption": f"c{i}"} for i in range(250)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "g.parquet", row_group_size=40)
+    assert pq.ParquetFile(tmp_path / "g.parquet").num_row_groups == 7
+    got = list(read_items(str(tmp_path / "g.parquet"), str(tmp_path)))
+    assert [g.key for g in got] == [r["key"] for r in rows]
+    assert [g.source.rsplit("#", 1)[1] for g in got] == [str(i) for i in range(250)]
+    assert got[123].image == rows[123]["image"] and got[123].caption == "c123"

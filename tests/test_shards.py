@@ -90,13 +90,12 @@ def test_tars_are_byte_identical_sorted_and_readable(tmp_path):
         S.tar_bytes([_sample("a.b")])
 
 
-def test_split_and_shard_hashes_are_stable_and_proportional():
+def test_split_hash_is_stable_and_proportional():
     keys = [f"{i:09d}" for i in range(20000)]
     val = [k for k in keys if S.split_of(k, 0.1) == "val"]
     assert 0.09 < len(val) / len(keys) < 0.11
     assert [S.split_of(k, 0.1) for k in keys[:50]] == [S.split_of(k, 0.1) for k in keys[:50]]
-    counts = np.bincount([S.shard_of(k, 8) for k in keys], minlength=8)
-    assert counts.min() > 2200 and S.shard_name("train", 3) == "train-000003.tar"
+    assert S.shard_name("train", 3) == "train-000003.tar"
 
 
 def test_golden_fixture_follows_the_contract(golden):

@@ -1,0 +1,252 @@
+"""The global decisions, on pass 1's small records only: one decision per input.
+
+    repeated keys      GroupByKey(key): the first by (source, reason) keeps the key, the others become
+                       `{key}~2`, `~3`, ... rejected `duplicate_key`
+    pass-1 rejections  rows as they are (reason from pass 1)
+    exact duplicates   GroupByKey(pixel hash): the first by (more pixels, key) is kept, the others are
+                       `duplicate` rows with similarity 1.0
+    near duplicates    on the exact survivors' SSCD descriptors, as `flowcurate dedup` decides (SD3
+                       App. E.2): count -> k and the k-means sample fraction; the sample chosen by key
+                       hash -> centroids (side input); each item -> its `assign` nearest centroids;
+                       GroupByKey(cluster) -> exact search inside the cluster; all found pairs (integer
+                       ids and cosines: compact) -> SD3 Algorithm 1 once, in priority order
+                       (`resolve_component`); zero or non-finite descriptors -> `bad_embedding`
+    kept               `Kept` records (with split) for pass 2
+
+What crosses the shuffles here is keys, ids, sizes, hashes and (for near-dup search) descriptors as raw
+float32 bytes: never pixels. Decisions equal `flowcurate dedup` on the same descriptors, whatever the
+runner, the worker count or the input order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+import numpy as np
+
+from flowcurate.dedup.assign import assign_clusters
+from flowcurate.dedup.core import valid_rows
+from flowcurate.dedup.engine import make_engine
+from flowcurate.dedup.keep import resolve_component
+from flowcurate.dedup.kmeans import auto_clusters, in_kmeans_sample, kmeans_sample_fraction, train_centroids
+from flowcurate.dedup.numerics import unique_pairs
+from flowcurate.dedup.report import report_similarity
+from flowcurate.dedup.search import search_cluster
+from flowcurate.formats.config import DedupConfig
+from flowcurate.formats.manifest import BAD_EMBEDDING, DUPLICATE_KEY
+from flowcurate.formats.shards import split_of
+from flowcurate.pipeline.records import Item, Kept, manifest_row, rejected_row
+
+AsSingleton = beam.pvalue.AsSingleton
+
+
+class Named(NamedTuple):
+    """An input with its final (unique) key; what the exact and near-duplicate steps carry."""
+
+    id: int
+    key: str
+    source: str
+    pixel_hash: str
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> float:
+        return float(self.width * self.height)
+
+
+# ---------------------------------------------------------------------------------------------- keys
+
+def number_repeats(key: str, items: list) -> list[tuple[object, str, bool]]:
+    """The items read under one key -> (item, final key, is a repeat): the first by (source, reason)
+    keeps the key, the others become `{key}~2`, `~3`, ... (so arrival order does not matter)."""
+    items = sorted(items, key=lambda it: (it.source, it.reason or ""))
+    return [(it, key if i == 1 else f"{key}~{i}", i > 1) for i, it in enumerate(items, start=1)]
+
+
+def _number_repeats(kv):
+    """(key, [slim Items]) -> Named for valid first items; rows for repeats and rejected items (tagged)."""
+    for it, key, repeat in number_repeats(*kv):
+        if repeat:
+            yield beam.pvalue.TaggedOutput("rows", manifest_row(key, it.source, "rejected", reason=DUPLICATE_KEY))
+        elif it.reason is not None:
+            yield beam.pvalue.TaggedOutput("rows", rejected_row(it))
+        else:
+            yield Named(it.id, key, it.source, it.pixel_hash, it.width, it.height)
+
+
+def _slim(it: Item) -> tuple[str, Item]:
+    """The key grouping's element: the item without its descriptor and caption."""
+    return it.key, it._replace(embedding=None, caption=None, scores=())
+
+
+def _resolve_exact(kv):
+    _, group = kv
+    group = sorted(group, key=lambda n: (-n.pixels, n.key))
+    yield group[0]
+    for n in group[1:]:
+        yield beam.pvalue.TaggedOutput("rows", manifest_row(
+            n.key, n.source, "duplicate", duplicate_of=group[0].key, similarity=1.0, width=n.width,
+            height=n.height))
+
+
+# ---------------------------------------------------------------------------------------------- near
+
+class Plan(NamedTuple):
+    k: int  # clusters (1: exact search)
+    fraction: float  # k-means sample fraction
+
+
+def _plan(n: int, dd: DedupConfig) -> Plan:
+    k = 1 if dd.exact else (auto_clusters(n) if dd.clusters in ("auto", None) else max(1, int(dd.clusters)))
+    return Plan(int(k), kmeans_sample_fraction(n, k, dd.kmeans_sample) if k > 1 else 0.0)
+
+
+def _train(sample: list[tuple[str, bytes]], plan: Plan, dd: DedupConfig):
+    if plan.k == 1 or not sample:
+        return None
+    sample = sorted(sample)
+    vectors = np.stack([np.frombuffer(v, np.float32) for _, v in sample])
+    return train_centroids(vectors, [k for k, _ in sample], plan.k, iters=dd.kmeans_iters, seed=dd.seed)
+
+
+class _Assign(beam.DoFn):
+    """Batches of (id, descriptor bytes, pixels) -> (cluster, member) per assigned cluster, and
+    (id, top-1 cluster) on the 'top1' output."""
+
+    TOP1 = "top1"
+
+    def __init__(self, assign: int, assign_margin: float | None):
+        self.assign, self.margin = assign, assign_margin
+
+    def process(self, batch, centroids):
+        if centroids is None:
+            ids = np.zeros((len(batch), 1), np.int32)
+        else:
+            vectors = np.stack([np.frombuffer(v, np.float32) for _, v, _ in batch])
+            ids, _ = assign_clusters(vectors, centroids, self.assign, assign_margin=self.margin, threads=1)
+        for row, member in zip(ids.tolist(), batch):
+            yield beam.pvalue.TaggedOutput(self.TOP1, (member[0], int(row[0])))
+            for c in row:
+                if c >= 0:
+                    yield int(c), member
+
+
+def _search(group, threshold: float, block_rows: int):
+    """One cluster's members -> its above-threshold pairs as (id_a, id_b, cos) triples."""
+    _, members = group
+    members = sorted(members)
+    if len(members) < 2:
+        return []
+    vectors = np.stack([np.frombuffer(v, np.float32) for _, v, _ in members])
+    pairs, cos = search_cluster(vectors, threshold, block_rows=block_rows, engine=make_engine("cpu"),
+                                threads=1)
+    ids = [m[0] for m in members]
+    return [(ids[i], ids[j], float(c)) for (i, j), c in zip(pairs.tolist(), cos.tolist())]
+
+
+def _resolve(pairs: list, nodes: list, priority: str) -> list:
+    """All found pairs (id_a, id_b, cos; repeats allowed) and the paired items (id, key, pixels) ->
+    (id, (kept key, cos)) for every removed item: SD3 Algorithm 1 in priority order."""
+    if not pairs:
+        return []
+    nodes = sorted(nodes, key=lambda n: n[1])  # by key: the priority's tie-break and a fixed order
+    index = {n[0]: i for i, n in enumerate(nodes)}
+    keys = [n[1] for n in nodes]
+    # a pair found in several clusters has one cosine: `unique_pairs` keeps it once, in (i, j) order
+    found, cos = unique_pairs(np.array([[index[a], index[b]] for a, b, _ in pairs], dtype=np.int64),
+                              np.array([c for _, _, c in pairs], dtype=np.float32))
+    px = np.array([n[2] for n in nodes], dtype=np.float64) if priority == "pixels" else None
+    dup_of, sim = resolve_component(keys, found, cos, pixels=px)
+    return [(n[0], (d, s)) for n, d, s in zip(nodes, dup_of, sim.tolist()) if d is not None]
+
+
+def _decide(kv, val_fraction: float):
+    _, g = kv
+    (n,) = g["named"]
+    cluster = g["cluster"][0] if g["cluster"] else None
+    if g["decision"]:
+        kept_key, sim = g["decision"][0]
+        yield beam.pvalue.TaggedOutput("rows", manifest_row(
+            n.key, n.source, "duplicate", duplicate_of=kept_key, similarity=report_similarity(sim),
+            cluster=cluster, width=n.width, height=n.height))
+    else:
+        yield Kept(n.id, n.key, n.source, n.pixel_hash, n.width, n.height, cluster, split_of(n.key, val_fraction))
+
+
+def _bad_or_good(kv):
+    """(id, {named, embedding}) -> (Named, descriptor bytes) for valid descriptors; bad ones as rows;
+    nothing for inputs that are not exact-dedup survivors (duplicates, repeats, rejected)."""
+    _, g = kv
+    for n in g["named"]:
+        (emb,) = g["embedding"]
+        if valid_rows(np.frombuffer(emb, np.float32)[None])[0]:
+            yield n, emb
+        else:
+            yield beam.pvalue.TaggedOutput("rows", manifest_row(
+                n.key, n.source, "rejected", reason=BAD_EMBEDDING, width=n.width, height=n.height))
+
+
+class Decide(beam.PTransform):
+    """PCollection[Item] -> {'rows': manifest rows of every input not kept, 'kept': PCollection[Kept],
+    'embedded': (Named, descriptor bytes) of every exact-dedup survivor with a valid descriptor}."""
+
+    def __init__(self, dedup: DedupConfig, val_fraction: float, assign_batch: int = 1024):
+        super().__init__()
+        if dedup.priority not in ("pixels", "key"):
+            raise ValueError(f"[dedup] priority must be 'pixels' or 'key', got {dedup.priority!r}")
+        self.dd, self.val_fraction, self.assign_batch = dedup, val_fraction, assign_batch
+
+    def expand(self, items):
+        dd = self.dd
+        named = (items
+                 | "SlimByKey" >> beam.Map(_slim)
+                 | "GroupKeys" >> beam.GroupByKey()
+                 | "NumberRepeats" >> beam.FlatMap(_number_repeats).with_output_types(Any)
+                 .with_outputs("rows", main="named"))
+        exact = (named.named
+                 | "ByPixels" >> beam.Map(lambda n: (n.pixel_hash, n))
+                 | "GroupPixels" >> beam.GroupByKey()
+                 | "ExactDedup" >> beam.FlatMap(_resolve_exact).with_output_types(Any).with_outputs("rows", main="kept"))
+
+        embeddings = (items
+                      | "WithEmbedding" >> beam.Filter(lambda it: it.embedding is not None)
+                      | "EmbeddingById" >> beam.Map(lambda it: (it.id, it.embedding)))
+        checked = ({"named": exact.kept | "SurvivorById" >> beam.Map(lambda n: (n.id, n)), "embedding": embeddings}
+                   | "JoinEmbeddings" >> beam.CoGroupByKey()
+                   | "CheckEmbeddings" >> beam.FlatMap(_bad_or_good).with_output_types(Any)
+                   .with_outputs("rows", main="good"))
+        good = checked.good
+
+        plan = (good | "Count" >> beam.combiners.Count.Globally() | "Plan" >> beam.Map(_plan, dd))
+        centroids = (good
+                     | "Sample" >> beam.Filter(lambda ne, p: p.k > 1 and in_kmeans_sample(ne[0].key, p.fraction),
+                                               AsSingleton(plan))
+                     | "SampleKV" >> beam.Map(lambda ne: (ne[0].key, ne[1]))
+                     | "SampleList" >> beam.combiners.ToList()
+                     | "KMeans" >> beam.Map(_train, AsSingleton(plan), dd))
+        assigned = (good
+                    | "Members" >> beam.Map(lambda ne: (ne[0].id, ne[1], ne[0].pixels))
+                    | "AssignBatches" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.assign_batch)
+                    | "Assign" >> beam.ParDo(_Assign(dd.assign, dd.assign_margin), AsSingleton(centroids))
+                    .with_output_types(Any).with_outputs(_Assign.TOP1, main="members"))
+        pairs = (assigned.members
+                 | "ByCluster" >> beam.GroupByKey()
+                 | "Search" >> beam.FlatMap(_search, dd.threshold, dd.block_rows))
+        # the keys and sizes of the paired items only (few): the keep rule's priority order needs them
+        nodes = ({"paired": pairs | "PairedIds" >> beam.FlatMap(lambda p: [(p[0], None), (p[1], None)]),
+                  "node": good | "NodeById" >> beam.Map(lambda ne: (ne[0].id, (ne[0].key, ne[0].pixels)))}
+                 | "JoinNodes" >> beam.CoGroupByKey()
+                 | "Nodes" >> beam.FlatMap(lambda kv: [(kv[0], *kv[1]["node"][0])] if kv[1]["paired"] else []))
+        decisions = (pairs
+                     | "PairList" >> beam.combiners.ToList()
+                     | "KeepRule" >> beam.FlatMap(_resolve, AsSingleton(nodes | "NodeList" >> beam.combiners.ToList()),
+                                                  dd.priority))
+        final = ({"named": good | "GoodById" >> beam.Map(lambda ne: (ne[0].id, ne[0])),
+                  "cluster": assigned[_Assign.TOP1], "decision": decisions}
+                 | "JoinDecisions" >> beam.CoGroupByKey()
+                 | "Decide" >> beam.FlatMap(_decide, self.val_fraction).with_output_types(Any)
+                 .with_outputs("rows", main="kept"))
+        rows = ((named.rows, exact.rows, checked.rows, final.rows) | "DecisionRows" >> beam.Flatten())
+        return {"rows": rows, "kept": final.kept, "embedded": good}

@@ -1,0 +1,160 @@
+"""Pass 1, one input file at a time, in one DoFn (so it is fused by construction; nothing in it crosses
+a shuffle): read -> decode and validate -> filters -> pixel hash -> SSCD, in chunks of consecutive
+valid items of the file -> one small `Item` per input (key, source, sizes, crop, pixel hash, SSCD
+descriptor, original caption, reason, filter scores).
+
+Chunks are formed inside the file, so a model batch does not depend on the runner or the worker count,
+and at most one chunk of decoded pixels is held at a time. Every input gets exactly one `Item`: a
+rejected one carries its reason (`too_small`, `filtered:aesthetic`, `failed:sscd`, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from dataclasses import dataclass
+
+import apache_beam as beam
+
+from flowcurate.formats.images import ImageRejected
+from flowcurate.formats.manifest import FAILED_PREFIX, FILTERED_PREFIX, UNREADABLE_ARCHIVE_TAIL
+from flowcurate.formats.tars import sanitize_key
+from flowcurate.pipeline.filters import METRICS_NAMESPACE as FILTER_METRICS
+from flowcurate.pipeline.filters import Filter, ScoreModelHandler
+from flowcurate.pipeline.handlers import ModelSlot, SSCDModelHandler
+from flowcurate.pipeline.progress import Progress, Timer
+from flowcurate.pipeline.read import read_items
+from flowcurate.pipeline.records import Item, item_id
+from flowcurate.pipeline.validate import Valid, validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Pass1Settings:
+    resolution: int
+    min_size: int
+    max_aspect: float
+    max_pixels: int
+    buckets: tuple | None  # aspect buckets (H, W), or None for the centred square
+    sscd_location: str
+    sscd_preprocess: object  # flowcurate.models.sscd.SSCDPreprocess
+    chunk: int  # valid items per model batch
+    device: str = "auto"
+    filters: tuple[Filter, ...] = ()
+    columns: tuple[str, str, str] = ("key", "image", "caption")  # Parquet key, image, caption columns
+
+
+class _Pending:
+    """A valid item waiting for its chunk's models."""
+
+    __slots__ = ("id", "key", "source", "caption", "valid", "scores")
+
+    def __init__(self, id_, raw, valid: Valid):
+        self.id, self.key, self.source, self.caption, self.valid = id_, raw.key, raw.source, raw.caption, valid
+        self.scores: list[tuple[str, float]] = []
+
+    def item(self, reason: str | None = None, embedding: bytes | None = None) -> Item:
+        v = self.valid
+        return Item(self.id, self.key, self.source, reason, v.width, v.height, tuple(v.crop), v.pixel_hash,
+                    embedding, self.caption, tuple(self.scores))
+
+
+class Pass1(beam.DoFn):
+    """(file_index, path, root) -> one `Item` per input of that file."""
+
+    def __init__(self, settings: Pass1Settings):
+        self.s = settings
+
+    def setup(self):
+        s = self.s
+        self.sscd = ModelSlot(SSCDModelHandler(s.sscd_location, s.sscd_preprocess, s.device))
+        self.sscd.load()
+        self.filters = []
+        for f in s.filters:
+            slot = ModelSlot(ScoreModelHandler(f.clip, f.head, f.device))
+            slot.load()
+            self.filters.append((f, slot))
+        # score distributions per filter (score * 1000), visible in the runner's metrics
+        self.score_metrics = {f.name: beam.metrics.Metrics.distribution(FILTER_METRICS, f.name) for f in s.filters}
+        self.progress = Progress.get("pass 1", ("files", "inputs", "valid", "rejected", "embedded"))
+
+    def process(self, element):
+        with Timer(self.progress):
+            yield from self._process(*element)
+
+    def _process(self, file_index: int, path: str, root: str):
+        chunk: list[_Pending] = []
+        ordinal = -1
+        try:
+            for ordinal, raw in enumerate(read_items(path, root, self.s.columns)):
+                id_ = item_id(file_index, ordinal)
+                self.progress.add("inputs")
+                if raw.reason is not None:
+                    self.progress.add("rejected")
+                    yield Item(id_, raw.key, raw.source, raw.reason, caption=raw.caption)
+                    continue
+                try:
+                    valid = validate(raw.image, resolution=self.s.resolution, min_size=self.s.min_size,
+                                     max_aspect=self.s.max_aspect, max_pixels=self.s.max_pixels,
+                                     buckets=list(self.s.buckets) if self.s.buckets else None,
+                                     sscd=self.s.sscd_preprocess)
+                except ImageRejected as e:
+                    self.progress.add("rejected")
+                    yield Item(id_, raw.key, raw.source, e.reason, caption=raw.caption)
+                    continue
+                except Exception as e:  # noqa: BLE001  (one bad item must not stop the file)
+                    log.warning("%s: validation failed unexpectedly: %r", raw.source, e)
+                    self.progress.add("rejected")
+                    yield Item(id_, raw.key, raw.source, f"{FAILED_PREFIX}validate", caption=raw.caption)
+                    continue
+                chunk.append(_Pending(id_, raw, valid))
+                if len(chunk) >= self.s.chunk:
+                    yield from self._finish(chunk)
+                    chunk = []
+        except Exception as e:  # noqa: BLE001  (the reader itself failed: say where, keep what was read)
+            log.warning("%s: reading stopped after %d items: %r", path, ordinal + 1, e)
+            stem = sanitize_key(posixpath.basename(path).rpartition(".")[0] or posixpath.basename(path))
+            yield Item(item_id(file_index, ordinal + 1), f"{stem}#unreadable", f"{path}@item{ordinal + 1}",
+                       UNREADABLE_ARCHIVE_TAIL)
+        if chunk:
+            yield from self._finish(chunk)
+        self.progress.add("files")
+
+    def _finish(self, chunk: list[_Pending]):
+        """Filters in order, then SSCD on what passed; one Item per pending input."""
+        alive = chunk
+        for f, slot in self.filters:
+            try:
+                scores = slot.run([p.valid.image for p in alive])
+            except Exception as e:  # noqa: BLE001  (a failed chunk: its items get dead-letter rows)
+                log.warning("filter %s failed on a chunk of %d: %r", f.name, len(alive), e)
+                for p in alive:
+                    yield p.item(f"{FAILED_PREFIX}filter:{f.name}")
+                self.progress.add("rejected", len(alive))
+                return
+            passed = []
+            for p, score in zip(alive, scores):
+                p.scores.append((f.name, score))
+                if score == score:  # NaN never passes and is not recorded
+                    self.score_metrics[f.name].update(int(round(score * 1000)))
+                if f.rejects(score):
+                    self.progress.add("rejected")
+                    yield p.item(f"{FILTERED_PREFIX}{f.name}")
+                else:
+                    passed.append(p)
+            alive = passed
+        if not alive:
+            return
+        try:
+            emb = self.sscd.run([p.valid.sscd for p in alive])
+        except Exception as e:  # noqa: BLE001
+            log.warning("SSCD failed on a chunk of %d: %r", len(alive), e)
+            for p in alive:
+                yield p.item(f"{FAILED_PREFIX}sscd")
+            self.progress.add("rejected", len(alive))
+            return
+        for p, vec in zip(alive, emb):
+            yield p.item(embedding=vec.astype("float32").tobytes())
+        self.progress.add("valid", len(alive))
+        self.progress.add("embedded", len(alive))

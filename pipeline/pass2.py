@@ -1,0 +1,160 @@
+"""Pass 2, one input file that has kept items at a time: re-read the file, decode only its kept items
+(the same validation as pass 1, checked against pass 1's pixel hash), caption and encode them in
+chunks of consecutive kept items, and stream the samples into shard parts.
+
+Where a sample goes is fixed before pass 2 starts: the kept inputs of a split, ordered by (input file,
+reading order), are cut into shards of `shard_size`; `offsets[(file_index, split)]` is where this
+file's kept inputs of that split begin. So the shards do not depend on the runner or the worker
+count, and no sample crosses a shuffle. A kept input that cannot be re-read as pass 1 saw it becomes a
+`failed:reread` row; a chunk whose captioning or encoding raised, `failed:caption` / `failed:encode`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import apache_beam as beam
+
+from flowcurate.captioning.handler import CaptionModelHandler
+from flowcurate.formats.images import ImageRejected
+from flowcurate.formats.manifest import FAILED_PREFIX
+from flowcurate.formats.shards import SPLITS, encode_sample, shard_name
+from flowcurate.pipeline.handlers import EncodeInput, EncodeModelHandler, ModelSlot
+from flowcurate.pipeline.progress import Progress, Timer
+from flowcurate.pipeline.read import read_items
+from flowcurate.pipeline.records import Kept, manifest_row, ordinal_of
+from flowcurate.pipeline.validate import validate
+from flowcurate.pipeline.write import PartWriter
+
+log = logging.getLogger(__name__)
+PARTS = "parts"
+
+
+@dataclass(frozen=True)
+class Pass2Settings:
+    out: str
+    resolution: int
+    min_size: int
+    max_aspect: float
+    max_pixels: int
+    buckets: tuple | None
+    chunk: int  # kept items per captioning / encoding batch
+    shard_size: int
+    store_dtype: str
+    captioner: CaptionModelHandler
+    encoder: EncodeModelHandler
+    columns: tuple[str, str, str] = ("key", "image", "caption")
+
+
+def shard_positions(file_index: int, kept: list[Kept], offsets: dict, shard_size: int) -> dict[int, str]:
+    """id -> shard name: the file's kept items of each split, in reading order, continue that split's
+    running position at `offsets[(file_index, split)]`."""
+    out = {}
+    for split in SPLITS:
+        base = offsets.get((file_index, split), 0)
+        for rank, k in enumerate(sorted((k for k in kept if k.split == split), key=lambda k: k.id)):
+            out[k.id] = shard_name(split, (base + rank) // shard_size)
+    return out
+
+
+def _failed(k: Kept, stage: str) -> dict:
+    return manifest_row(k.key, k.source, "rejected", reason=f"{FAILED_PREFIX}{stage}", width=k.width,
+                        height=k.height, cluster=k.cluster)
+
+
+class Pass2(beam.DoFn):
+    """(file_index, [Kept]) + side inputs (input files, offsets, conditioning hash) -> kept manifest rows,
+    and (shard, (file_index, part path, samples)) on the 'parts' output."""
+
+    def __init__(self, settings: Pass2Settings):
+        self.s = settings
+
+    def setup(self):
+        s = self.s
+        self.captioner = ModelSlot(s.captioner)
+        self.encoder = ModelSlot(s.encoder)
+        self.captioner.load()
+        self.encoder.load()
+        self.progress = Progress.get("pass 2", ("files", "kept", "written", "failed"))
+
+    def process(self, element, files, offsets, conditioning):
+        with Timer(self.progress):
+            yield from self._process(*element, files, offsets, conditioning)
+
+    def _process(self, file_index: int, kept: list, files, offsets, conditioning):
+        s = self.s
+        path, root = files[file_index]
+        wanted = {ordinal_of(k.id): k for k in kept}
+        shards = shard_positions(file_index, kept, offsets, s.shard_size)
+        writers: dict[str, PartWriter] = {}
+        chunk: list = []
+        self.progress.add("kept", len(kept))
+        try:
+            for ordinal, raw in enumerate(read_items(path, root, s.columns)):
+                k = wanted.pop(ordinal, None)
+                if k is None:
+                    continue
+                try:
+                    v = validate(raw.image, resolution=s.resolution, min_size=s.min_size, max_aspect=s.max_aspect,
+                                 max_pixels=s.max_pixels, buckets=list(s.buckets) if s.buckets else None)
+                except (ImageRejected, TypeError, ValueError) as e:
+                    log.warning("%s: no longer decodes as in pass 1: %r", k.source, e)
+                    v = None
+                if v is None or v.pixel_hash != k.pixel_hash:
+                    self.progress.add("failed")
+                    yield _failed(k, "reread")
+                    continue
+                chunk.append((k, raw.caption, v))
+                if len(chunk) >= s.chunk:
+                    yield from self._finish(chunk, file_index, shards, writers, conditioning)
+                    chunk = []
+        except Exception as e:  # noqa: BLE001  (the file changed or went away since pass 1)
+            log.warning("%s: re-reading stopped: %r", path, e)
+        if chunk:
+            yield from self._finish(chunk, file_index, shards, writers, conditioning)
+        for k in wanted.values():  # kept in pass 1, not found again
+            self.progress.add("failed")
+            yield _failed(k, "reread")
+        for w in writers.values():
+            yield beam.pvalue.TaggedOutput(PARTS, w.close())
+        self.progress.add("files")
+
+    def _finish(self, chunk: list, file_index: int, shards: dict, writers: dict, conditioning: str):
+        s = self.s
+        try:
+            captions = self.captioner.run([(v.image, caption) for _, caption, v in chunk])
+        except Exception as e:  # noqa: BLE001  (a failed chunk: its items get dead-letter rows)
+            log.warning("captioning failed on a chunk of %d: %r", len(chunk), e)
+            self.progress.add("failed", len(chunk))
+            yield from (_failed(k, "caption") for k, _, _ in chunk)
+            return
+        texts = []
+        for (_, caption, _), cap in zip(chunk, captions):
+            notes = list(cap.notes)
+            if not caption:  # no original caption: the synthetic one serves as both
+                notes.append("orig_caption_missing")
+            texts.append((caption or cap.text, cap.text, tuple(dict.fromkeys(notes))))
+        try:
+            encoded = self.encoder.run([EncodeInput(v.image, orig, syn) for (_, _, v), (orig, syn, _) in zip(chunk, texts)])
+        except Exception as e:  # noqa: BLE001
+            log.warning("encoding failed on a chunk of %d: %r", len(chunk), e)
+            self.progress.add("failed", len(chunk))
+            yield from (_failed(k, "encode") for k, _, _ in chunk)
+            return
+        for (k, caption, v), (orig, syn, notes), e in zip(chunk, texts, encoded):
+            shard = shards[k.id]
+            split = shard.split("-", 1)[0]
+            w = writers.get(split)
+            if w is None or w.shard != shard:
+                if w is not None:
+                    yield beam.pvalue.TaggedOutput(PARTS, w.close())
+                w = writers[split] = PartWriter(s.out, shard, file_index)
+            meta = {"source": k.source, "width": v.width, "height": v.height, "crop": list(v.crop),
+                    "resolution": list(v.resolution), "caption": {"orig": orig, "syn": syn}}
+            w.add(encode_sample(k.key, e.latent_mean, e.latent_logvar, e.encodings, meta, conditioning,
+                                s.store_dtype))
+            notes = list(notes) + (["caption_truncated_77"] if e.truncated else [])
+            yield manifest_row(k.key, k.source, "kept", cluster=k.cluster, width=v.width, height=v.height,
+                               caption_original=caption, caption_synthetic=syn, notes=notes, shard=shard)
+        self.progress.add("written", len(chunk))

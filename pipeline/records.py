@@ -1,0 +1,86 @@
+"""The pipeline's records: one flat, named record per phase.
+
+    pass 1   Item      one per input: what reading, validation, the filters and SSCD found
+    decide   Kept      one per kept input: where pass 2 finds it again and what it becomes
+    any      manifest rows (dicts, `manifest_row`), one per input in the end
+
+No record holds pixels or image bytes: records are what crosses the graph's shuffles, so a shuffle's
+size does not depend on the images' resolution. Pixels live only inside a pass, one chunk at a time.
+An input is identified by `id = file_index << 32 | ordinal` (its file's place in the sorted input list
+and its place in that file's reading order): unique, compact, the same on every rerun.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from flowcurate.formats.manifest import MANIFEST_SCHEMA
+
+MANIFEST_FIELDS = tuple(MANIFEST_SCHEMA.names)
+ORDINAL_BITS = 32
+
+
+def item_id(file_index: int, ordinal: int) -> int:
+    return (file_index << ORDINAL_BITS) | ordinal
+
+
+def file_index_of(id_: int) -> int:
+    return id_ >> ORDINAL_BITS
+
+
+def ordinal_of(id_: int) -> int:
+    return id_ & ((1 << ORDINAL_BITS) - 1)
+
+
+class Item(NamedTuple):
+    """Pass 1's record of one input."""
+
+    id: int
+    key: str  # sanitised key as read (repeated keys are numbered later, by `decide`)
+    source: str  # "uri#member" (tar), "uri" (image file), "uri#row" (Parquet): enough to find it again
+    reason: str | None = None  # rejected in pass 1 (rejection vocabulary), else None
+    width: int | None = None  # after EXIF transpose
+    height: int | None = None
+    crop: tuple[int, int, int, int] | None = None  # left, top, right, bottom in the original's pixels
+    pixel_hash: str | None = None  # exact-duplicate key
+    embedding: bytes | None = None  # SSCD descriptor, float32 raw bytes (compact in shuffles)
+    caption: str | None = None  # the original caption (alt text)
+    scores: tuple[tuple[str, float], ...] = ()  # (filter name, score) in filter order
+
+    @property
+    def pixels(self) -> float:
+        return float((self.width or 0) * (self.height or 0))
+
+    def vector(self) -> np.ndarray:
+        return np.frombuffer(self.embedding, dtype=np.float32)
+
+
+class Kept(NamedTuple):
+    """A kept input on its way to pass 2: re-read by `id` from its file, checked against `pixel_hash`."""
+
+    id: int
+    key: str  # the final key (unique)
+    source: str
+    pixel_hash: str
+    width: int
+    height: int
+    cluster: int | None  # top-1 k-means cluster
+    split: str  # "train" or "val"
+
+
+def manifest_row(key: str, source: str, status: str, **fields) -> dict:
+    """A manifest row with every column (None where not given)."""
+    row = dict.fromkeys(MANIFEST_FIELDS)
+    row.update({"key": key, "source": source, "status": status, "notes": [], **fields})
+    unknown = set(row) - set(MANIFEST_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown manifest fields {sorted(unknown)}")
+    return row
+
+
+def rejected_row(item: Item, reason: str | None = None, key: str | None = None) -> dict:
+    """The rejected row of a pass-1 item (sizes where they are known)."""
+    return manifest_row(key or item.key, item.source, "rejected", reason=reason or item.reason,
+                        width=item.width, height=item.height)
