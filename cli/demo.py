@@ -28,9 +28,7 @@ def _step(i: int, text: str) -> float:
 def run_demo(output: Path, n: int = 512, seed: int = 0, train_steps: int = TRAIN_STEPS) -> dict[str, Path]:
     """Run the journey into `output`; returns the paths it printed (each exists)."""
     from flowcurate.pipeline.run import run as curate
-    from flowcurate.trainer.train import (
-        main as trainer_main,  # python -m flowcurate.trainer train|sample|memorization
-    )
+    from flowcurate.trainer.cli import main as trainer_main  # python -m flowcurate.trainer train|sample|...
 
     output = Path(output).resolve()
     t0 = time.perf_counter()

@@ -13,9 +13,7 @@ from pathlib import Path
 
 from flowcurate.dedup.cli import add_parser as add_dedup_parser
 from flowcurate.models.cli import add_parsers as add_model_parsers
-from flowcurate.trainer.memorization import add_parser as add_memorization_parser
-from flowcurate.trainer.sample import add_parser as add_sample_parser
-from flowcurate.trainer.train import add_parser as add_train_parser
+from flowcurate.trainer.cli import add_memorization_parser, add_sample_parser, add_train_parser
 
 EPILOG = """\
 examples:

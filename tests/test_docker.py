@@ -206,7 +206,7 @@ def test_every_package_reaches_the_image_through_an_allowlist(dockerfile):
 # ---- docs/deploy.md: every command line parses -----------------------------------------------------
 
 def trainer_parser() -> argparse.ArgumentParser:
-    from flowcurate.trainer.train import add_parser
+    from flowcurate.trainer.cli import add_train_parser as add_parser
 
     parser = argparse.ArgumentParser(prog="python -m flowcurate.trainer")
     add_parser(parser.add_subparsers(dest="command", required=True))

@@ -131,7 +131,7 @@ COMMON = ["--seeds", "8", "--min-clique", "4", "--steps", "16", "--cfg", "1", "-
 @pytest.fixture(scope="module")
 def runs(curated, tmp_path_factory):
     """(overfit run, untrained run): the same model config and record; the second never trained."""
-    from flowcurate.trainer.train import main as train
+    from flowcurate.trainer.cli import main as train
 
     root = tmp_path_factory.mktemp("runs")
     cfg = root / "c.toml"
@@ -266,7 +266,7 @@ def test_help_and_a_folder_without_an_sscd_record(curated, tmp_path, capsys):
     import shutil
 
     from flowcurate.cli.main import main as flowcurate
-    from flowcurate.trainer.train import main as trainer_main
+    from flowcurate.trainer.cli import main as trainer_main
 
     with pytest.raises(SystemExit) as e:
         trainer_main(["memorization", "--help"])

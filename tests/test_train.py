@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from flowcurate.formats import shards as S
 from flowcurate.trainer import checkpoint as C
-from flowcurate.trainer.train import main
+from flowcurate.trainer.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--sample-every", "0"]

@@ -2,6 +2,6 @@
 
 import sys
 
-from flowcurate.trainer.train import main
+from flowcurate.trainer.cli import main
 
 sys.exit(main())

@@ -27,7 +27,6 @@ the manifest's `source`, or the training latent decoded with the AE when it cann
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -426,51 +425,6 @@ def run(checkpoint: str | Path, curated: Curated, prompts: list[Prompt], output:
 
 # ------------------------------------------------------------------------------------------------------
 # CLI
-
-def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "memorization", help="check a trained model for memorized training images (SD3 App. E.3)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Generate K images per prompt with a trained run and test them: SSCD retrieval against "
-                    "the training images of the curated folder (flagged above --threshold) and SD3's clique "
-                    "test (Algorithm 2: cliques of >= --min-clique generations closer than --eps in tiled l2).",
-        epilog="examples:\n"
-               "  flowcurate memorization --checkpoint run/ --curated out/ --output report/\n"
-               "  flowcurate memorization --checkpoint run/checkpoints/step-004000 --curated out/ \\\n"
-               "      --output report/ --top-duplicated 100 --random-prompts 100 --seeds 32 --steps 28 --cfg 5\n"
-               "  flowcurate memorization --checkpoint run/ --curated out/ --prompts prompts.txt --output report/\n"
-               "writes report/report.parquet (one row per generation), report/summary.json, report/pairs.png")
-    p.add_argument("--checkpoint", required=True, help="run folder (its latest step) or a step folder")
-    p.add_argument("--curated", required=True, help="the curated folder the run was trained from (flowcurate run's "
-                                                    "OUT: manifest/, embeddings/, shards/, stats.json)")
-    p.add_argument("--output", required=True, help="report folder")
-    p.add_argument("--prompts", help="prompt file, one a line (default: captions of training images, below)")
-    p.add_argument("--top-duplicated", type=int, default=32,
-                   help="captions of the N training images with the most near-duplicates (default 32)")
-    p.add_argument("--random-prompts", type=int, default=32, help="plus N random training captions (default 32)")
-    p.add_argument("--prompt-seed", type=int, default=0, help="seed of the random caption sample")
-    p.add_argument("--seeds", type=int, default=16, help="generations per prompt, K (default 16; SD3 used 500)")
-    p.add_argument("--first-seed", type=int, default=0, help="seeds FIRST .. FIRST+K-1, the same for every prompt")
-    p.add_argument("--steps", type=int, help="Euler steps (default: the run's sample_steps)")
-    p.add_argument("--cfg", type=float, help="guidance scale (default: the run's)")
-    p.add_argument("--shift", type=float, help="timestep shift (default: the run's)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image size (default: the run's)")
-    p.add_argument("--threshold", type=float, default=THRESHOLD, help="SSCD cosine above which a generation is "
-                                                                      "flagged (default 0.5)")
-    p.add_argument("--eps", type=float, default=EPS, help="tiled-l2 edge threshold (default 0.15)")
-    p.add_argument("--min-clique", type=int, default=MIN_CLIQUE, help="clique size T that marks memorization "
-                                                                       "(default 10)")
-    p.add_argument("--background-queries", type=int, default=10_000,
-                   help="training images whose top-1 training neighbour makes the background (default 10000)")
-    p.add_argument("--max-pairs", type=int, default=30, help="flagged pairs shown in pairs.png (default 30)")
-    p.add_argument("--batch-size", type=int, default=32, help="generations per forward batch")
-    p.add_argument("--weights", choices=("ema", "model"), default="ema")
-    p.add_argument("--sscd", help="SSCD model to use instead of the one stats.json names (same weights!)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto: cuda when available)")
-    p.add_argument("--no-verify", action="store_true", help="skip the content-hash check of AE and encoders")
-    p.set_defaults(func=run_cli)
-    return p
-
 
 def run_cli(args) -> int:
     try:

@@ -8,7 +8,6 @@ with another AE than the one the latents came from.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -112,30 +111,6 @@ def grid(images: np.ndarray, cols: int | None = None) -> Image.Image:
     for i, img in enumerate(images):
         canvas.paste(Image.fromarray(img), ((i % cols) * (w + 2), (i // cols) * (h + 2)))
     return canvas
-
-
-def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "sample", help="generate an image grid from a trained run (EMA weights)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Generate images with a trained MM-DiT; prompts are encoded with the text encoders "
-                    "named in the run's conditioning record and decoded with its autoencoder.",
-        epilog="examples:\n  flowcurate sample --checkpoint run/ --prompt 'a red circle' --output grid.png\n"
-               "  flowcurate sample --checkpoint run/checkpoints/step-000400 --prompt 'a' --prompt 'b' \\\n"
-               "      --seeds 4 --cfg 3 --steps 28 --output grid.png")
-    p.add_argument("--checkpoint", required=True, help="run folder (its latest step) or a step folder")
-    p.add_argument("--prompt", action="append", help="prompt (repeatable); default: the record's validation prompts")
-    p.add_argument("--output", required=True, help="PNG grid to write (a JSON beside it lists prompts and seeds)")
-    p.add_argument("--seeds", type=int, default=1, help="images per prompt (seeds 0..N-1)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image size (default: the run's)")
-    p.add_argument("--steps", type=int, help="Euler steps (default: the run's sample_steps)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the run's)")
-    p.add_argument("--shift", type=float, help="timestep shift (default: the run's)")
-    p.add_argument("--weights", choices=("ema", "model"), default="ema")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto: cuda when available)")
-    p.add_argument("--no-verify", action="store_true", help="skip the content-hash check of AE and encoders")
-    p.set_defaults(func=run_cli)
-    return p
 
 
 def load_run(checkpoint, weights: str, device: str):

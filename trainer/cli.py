@@ -1,0 +1,138 @@
+"""The trainer's subcommands as argparse parsers: `train`, `sample`, `memorization`.
+
+Building these parsers imports nothing heavy (no torch), so `flowcurate --help` and each `--help` are
+instant; a command's module is imported only when the command runs. `python -m flowcurate.trainer`
+runs them alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _lazy(module: str):
+    """The command's `run_cli(args)`, imported when the command runs."""
+    def run(args) -> int:
+        return importlib.import_module(module).run_cli(args)
+    return run
+
+
+def add_train_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train", help="train the MM-DiT on curated shards (one process or torchrun DDP)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train the rectified-flow MM-DiT on curated shards: one process, or torchrun for DDP.",
+        epilog="examples:\n"
+               "  flowcurate train --shards out/ --config tiny --output run/ --max-steps 400\n"
+               "  flowcurate train --shards 'out/shards/train-{000000..000031}.tar' --config sd3 --output run/\n"
+               "  torchrun --nproc_per_node 8 -m flowcurate.trainer train --shards out/ --config sd3 --output run/\n"
+               "  flowcurate train --shards out/ --config sd3 --output run/ \\\n"
+               "      --init-from stabilityai/stable-diffusion-3-medium-diffusers/transformer   # fine-tune\n"
+               "Rerun the same command on an existing run folder to resume from its latest checkpoint.")
+    p.add_argument("--shards", required=True, help="pipeline output folder, shards folder, brace spec, glob or URLs")
+    p.add_argument("--val-shards", help="validation shards (default: the val split of an output folder)")
+    p.add_argument("--conditioning", help="conditioning.json (default: found beside the shards)")
+    p.add_argument("--config", default="tiny", help="preset name (tiny, sd3) or TOML path")
+    p.add_argument("--output", required=True, help="run folder (resumed when it has checkpoints)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--sample-every", type=int, help="steps between validation loss + sample grid (0: at the end)")
+    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--init-from", help="diffusers SD3Transformer2DModel folder to start from (official weights)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto: cuda when available)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank")
+    p.add_argument("--shuffle-buffer", type=int, help="samples in each worker's shuffle buffer (default: the "
+                                                      "config's, 256)")
+    p.add_argument("--split", choices=("auto", "global", "shards", "resampled"),
+                   help="how ranks share the shards (default: the config's, auto; trainer/data.py)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (faster GPU steps)")
+    p.set_defaults(func=_lazy("flowcurate.trainer.train"))
+    return p
+
+
+def add_sample_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "sample", help="generate an image grid from a trained run (EMA weights)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Generate images with a trained MM-DiT; prompts are encoded with the text encoders "
+                    "named in the run's conditioning record and decoded with its autoencoder.",
+        epilog="examples:\n  flowcurate sample --checkpoint run/ --prompt 'a red circle' --output grid.png\n"
+               "  flowcurate sample --checkpoint run/checkpoints/step-000400 --prompt 'a' --prompt 'b' \\\n"
+               "      --seeds 4 --cfg 3 --steps 28 --output grid.png")
+    p.add_argument("--checkpoint", required=True, help="run folder (its latest step) or a step folder")
+    p.add_argument("--prompt", action="append", help="prompt (repeatable); default: the record's validation prompts")
+    p.add_argument("--output", required=True, help="PNG grid to write (a JSON beside it lists prompts and seeds)")
+    p.add_argument("--seeds", type=int, default=1, help="images per prompt (seeds 0..N-1)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image size (default: the run's)")
+    p.add_argument("--steps", type=int, help="Euler steps (default: the run's sample_steps)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the run's)")
+    p.add_argument("--shift", type=float, help="timestep shift (default: the run's)")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto: cuda when available)")
+    p.add_argument("--no-verify", action="store_true", help="skip the content-hash check of AE and encoders")
+    p.set_defaults(func=_lazy("flowcurate.trainer.sample"))
+    return p
+
+
+def add_memorization_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "memorization", help="check a trained model for memorized training images (SD3 App. E.3)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Generate K images per prompt with a trained run and test them: SSCD retrieval against "
+                    "the training images of the curated folder (flagged above --threshold) and SD3's clique "
+                    "test (Algorithm 2: cliques of >= --min-clique generations closer than --eps in tiled l2).",
+        epilog="examples:\n"
+               "  flowcurate memorization --checkpoint run/ --curated out/ --output report/\n"
+               "  flowcurate memorization --checkpoint run/checkpoints/step-004000 --curated out/ \\\n"
+               "      --output report/ --top-duplicated 100 --random-prompts 100 --seeds 32 --steps 28 --cfg 5\n"
+               "  flowcurate memorization --checkpoint run/ --curated out/ --prompts prompts.txt --output report/\n"
+               "writes report/report.parquet (one row per generation), report/summary.json, report/pairs.png")
+    p.add_argument("--checkpoint", required=True, help="run folder (its latest step) or a step folder")
+    p.add_argument("--curated", required=True, help="the curated folder the run was trained from (flowcurate run's "
+                                                    "OUT: manifest/, embeddings/, shards/, stats.json)")
+    p.add_argument("--output", required=True, help="report folder")
+    p.add_argument("--prompts", help="prompt file, one a line (default: captions of training images, below)")
+    p.add_argument("--top-duplicated", type=int, default=32,
+                   help="captions of the N training images with the most near-duplicates (default 32)")
+    p.add_argument("--random-prompts", type=int, default=32, help="plus N random training captions (default 32)")
+    p.add_argument("--prompt-seed", type=int, default=0, help="seed of the random caption sample")
+    p.add_argument("--seeds", type=int, default=16, help="generations per prompt, K (default 16; SD3 used 500)")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds FIRST .. FIRST+K-1, the same for every prompt")
+    p.add_argument("--steps", type=int, help="Euler steps (default: the run's sample_steps)")
+    p.add_argument("--cfg", type=float, help="guidance scale (default: the run's)")
+    p.add_argument("--shift", type=float, help="timestep shift (default: the run's)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="image size (default: the run's)")
+    p.add_argument("--threshold", type=float, default=0.5, help="SSCD cosine above which a generation is "
+                                                                      "flagged (default 0.5)")
+    p.add_argument("--eps", type=float, default=0.15, help="tiled-l2 edge threshold (default 0.15)")
+    p.add_argument("--min-clique", type=int, default=10, help="clique size T that marks memorization "
+                                                                       "(default 10)")
+    p.add_argument("--background-queries", type=int, default=10_000,
+                   help="training images whose top-1 training neighbour makes the background (default 10000)")
+    p.add_argument("--max-pairs", type=int, default=30, help="flagged pairs shown in pairs.png (default 30)")
+    p.add_argument("--batch-size", type=int, default=32, help="generations per forward batch")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema")
+    p.add_argument("--sscd", help="SSCD model to use instead of the one stats.json names (same weights!)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto: cuda when available)")
+    p.add_argument("--no-verify", action="store_true", help="skip the content-hash check of AE and encoders")
+    p.set_defaults(func=_lazy("flowcurate.trainer.memorization"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flowcurate.trainer")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_sample_parser(sub)
+    add_memorization_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
