@@ -89,6 +89,9 @@ class PipelineConfig:
 class DedupConfig:
     # cosine similarity above which two SSCD descriptors are near-duplicates (SD3 App. E.2: 0.5)
     threshold: float = 0.5
+    # remove near-duplicates (SSCD); false: exact-pixel duplicates only (`flowcurate run`; the ablation
+    # that shows what near-duplicate removal buys, SD3 App. E)
+    near: bool = True
     # k-means clusters: "auto" (exact search up to 20k items, 4M on a GPU, else about 4 sqrt(N)) or a number
     clusters: str = "auto"
     # nearest centroids each item may join (more: higher recall, more search time); measured at 1M with

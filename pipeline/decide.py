@@ -172,7 +172,11 @@ def _decide(kv, val_fraction: float):
             n.key, n.source, "duplicate", duplicate_of=kept_key, similarity=report_similarity(sim),
             cluster=cluster, width=n.width, height=n.height))
     else:
-        yield Kept(n.id, n.key, n.source, n.pixel_hash, n.width, n.height, cluster, split_of(n.key, val_fraction))
+        yield kept_record(n, cluster, val_fraction)
+
+
+def kept_record(n: Named, cluster: int | None, val_fraction: float) -> Kept:
+    return Kept(n.id, n.key, n.source, n.pixel_hash, n.width, n.height, cluster, split_of(n.key, val_fraction))
 
 
 def _bad_or_good(kv):
@@ -218,6 +222,10 @@ class Decide(beam.PTransform):
                    | "CheckEmbeddings" >> beam.FlatMap(_bad_or_good).with_output_types(Any)
                    .with_outputs("rows", main="good"))
         good = checked.good
+        if not dd.near:  # exact duplicates only: every exact survivor with a valid descriptor is kept
+            kept = good | "KeptAll" >> beam.Map(lambda ne, vf: kept_record(ne[0], None, vf), self.val_fraction)
+            rows = (named.rows, exact.rows, checked.rows) | "DecisionRows" >> beam.Flatten()
+            return {"rows": rows, "kept": kept, "embedded": good}
 
         plan = (good | "Count" >> beam.combiners.Count.Globally() | "Plan" >> beam.Map(_plan, dd))
         centroids = (good

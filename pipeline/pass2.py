@@ -1,6 +1,8 @@
 """Pass 2, one input file that has kept items at a time: re-read the file, decode only its kept items
 (the same validation as pass 1, checked against pass 1's pixel hash), caption and encode them in
-chunks of consecutive kept items, and stream the samples into shard parts.
+chunks of consecutive kept items, and stream the samples into shard parts. Each kept input also gets
+the SSCD descriptor of its training crop (`OUT/crop_embeddings/`), the view a generation is compared
+with in the memorization check (SSCD of the whole original is what dedup used).
 
 Where a sample goes is fixed before pass 2 starts: the kept inputs of a split, ordered by (input file,
 reading order), are cut into shards of `shard_size`; `offsets[(file_index, split)]` is where this
@@ -20,7 +22,7 @@ from flowcurate.captioning.handler import CaptionModelHandler
 from flowcurate.formats.images import ImageRejected
 from flowcurate.formats.manifest import FAILED_PREFIX
 from flowcurate.formats.shards import SPLITS, encode_sample, shard_name
-from flowcurate.pipeline.handlers import EncodeInput, EncodeModelHandler, ModelSlot
+from flowcurate.pipeline.handlers import EncodeInput, EncodeModelHandler, ModelSlot, SSCDModelHandler
 from flowcurate.pipeline.progress import Progress, Timer
 from flowcurate.pipeline.read import read_items
 from flowcurate.pipeline.records import Kept, manifest_row, ordinal_of
@@ -29,6 +31,7 @@ from flowcurate.pipeline.write import PartWriter
 
 log = logging.getLogger(__name__)
 PARTS = "parts"
+CROPS = "crops"
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Pass2Settings:
     store_dtype: str
     captioner: CaptionModelHandler
     encoder: EncodeModelHandler
+    sscd: SSCDModelHandler  # the training crop's descriptor
     columns: tuple[str, str, str] = ("key", "image", "caption")
 
 
@@ -65,7 +69,7 @@ def _failed(k: Kept, stage: str) -> dict:
 
 class Pass2(beam.DoFn):
     """(file_index, [Kept]) + side inputs (input files, offsets, conditioning hash) -> kept manifest rows,
-    and (shard, (file_index, part path, samples)) on the 'parts' output."""
+    (shard, (file_index, part path, samples)) on the 'parts' output and crop-descriptor rows on 'crops'."""
 
     def __init__(self, settings: Pass2Settings):
         self.s = settings
@@ -74,8 +78,9 @@ class Pass2(beam.DoFn):
         s = self.s
         self.captioner = ModelSlot(s.captioner)
         self.encoder = ModelSlot(s.encoder)
-        self.captioner.load()
-        self.encoder.load()
+        self.sscd = ModelSlot(s.sscd)
+        for slot in (self.captioner, self.encoder, self.sscd):
+            slot.load()
         self.progress = Progress.get("pass 2", ("files", "kept", "written", "failed"))
 
     def process(self, element, files, offsets, conditioning):
@@ -97,7 +102,8 @@ class Pass2(beam.DoFn):
                     continue
                 try:
                     v = validate(raw.image, resolution=s.resolution, min_size=s.min_size, max_aspect=s.max_aspect,
-                                 max_pixels=s.max_pixels, buckets=list(s.buckets) if s.buckets else None)
+                                 max_pixels=s.max_pixels, buckets=list(s.buckets) if s.buckets else None,
+                                 sscd=s.sscd.preprocess, sscd_crop=True)
                 except (ImageRejected, TypeError, ValueError) as e:
                     log.warning("%s: no longer decodes as in pass 1: %r", k.source, e)
                     v = None
@@ -137,12 +143,13 @@ class Pass2(beam.DoFn):
             texts.append((caption or cap.text, cap.text, tuple(dict.fromkeys(notes))))
         try:
             encoded = self.encoder.run([EncodeInput(v.image, orig, syn) for (_, _, v), (orig, syn, _) in zip(chunk, texts)])
+            crops = self.sscd.run([v.sscd for _, _, v in chunk])
         except Exception as e:  # noqa: BLE001
             log.warning("encoding failed on a chunk of %d: %r", len(chunk), e)
             self.progress.add("failed", len(chunk))
             yield from (_failed(k, "encode") for k, _, _ in chunk)
             return
-        for (k, caption, v), (orig, syn, notes), e in zip(chunk, texts, encoded):
+        for (k, caption, v), (orig, syn, notes), e, crop in zip(chunk, texts, encoded, crops):
             shard = shards[k.id]
             split = shard.split("-", 1)[0]
             w = writers.get(split)
@@ -157,4 +164,7 @@ class Pass2(beam.DoFn):
             notes = list(notes) + (["caption_truncated_77"] if e.truncated else [])
             yield manifest_row(k.key, k.source, "kept", cluster=k.cluster, width=v.width, height=v.height,
                                caption_original=caption, caption_synthetic=syn, notes=notes, shard=shard)
+            left, top, right, bottom = v.crop
+            yield beam.pvalue.TaggedOutput(CROPS, {"key": k.key, "embedding": crop.astype("float32").tolist(),
+                                                   "width": right - left, "height": bottom - top})
         self.progress.add("written", len(chunk))

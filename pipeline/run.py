@@ -30,15 +30,16 @@ from flowcurate.formats.tars import sanitize_key
 from flowcurate.models.sscd import SSCDPreprocess
 from flowcurate.pipeline.decide import Decide
 from flowcurate.pipeline.filters import check_filters
-from flowcurate.pipeline.handlers import EncodeModelHandler
+from flowcurate.pipeline.handlers import EncodeModelHandler, SSCDModelHandler
 from flowcurate.pipeline.options import Launch, OptionsError, launch_options
 from flowcurate.pipeline.pass1 import Pass1, Pass1Settings
-from flowcurate.pipeline.pass2 import PARTS, Pass2, Pass2Settings
+from flowcurate.pipeline.pass2 import CROPS, PARTS, Pass2, Pass2Settings
 from flowcurate.pipeline.read import ListInputs
 from flowcurate.pipeline.records import ORDINAL_BITS, Item, file_index_of, item_id
 from flowcurate.pipeline.shuffles import shuffle_bytes
 from flowcurate.pipeline.validate import aspect_buckets
 from flowcurate.pipeline.write import (
+    CROP_EMBEDDINGS,
     STATS_JSON,
     count_row,
     delete_tree,
@@ -102,13 +103,14 @@ def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
     encoder = EncodeModelHandler(m.sd3, revision=m.sd3_revision, t5_length=pc.t5_max_length, ae_dtype=pc.ae_dtype,
                                  te_dtype=pc.text_encoder_dtype, device=pc.device, share_model=pc.share_models)
     settings2 = Pass2Settings(out=out, **validation, chunk=pc.batch_size, shard_size=pc.shard_size,
-                              store_dtype=pc.store_dtype, captioner=captioner, encoder=encoder, columns=columns)
+                              store_dtype=pc.store_dtype, captioner=captioner, encoder=encoder,
+                              sscd=SSCDModelHandler(m.sscd, pre, pc.device), columns=columns)
     written = (kept
                | "ByFile" >> beam.Map(lambda k: (file_index_of(k.id), k))
                | "GroupByFile" >> beam.GroupByKey()
                | "Pass2" >> hinted(beam.ParDo(Pass2(settings2), AsSingleton(files), AsSingleton(offsets),
                                               AsSingleton(conditioning))
-                                   .with_output_types(Any).with_outputs(PARTS, main="rows")))
+                                   .with_output_types(Any).with_outputs(PARTS, CROPS, main="rows")))
     shards = (written[PARTS] | "PartsByShard" >> beam.GroupByKey()
               | "WriteShards" >> beam.Map(write_shard, out))
     index = (shards | "ShardCounts" >> beam.combiners.ToList()
@@ -120,6 +122,9 @@ def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
     (decided["embedded"] | "EmbeddingRecords" >> beam.Map(embedding_record)
      | "WriteEmbeddings" >> beam.io.WriteToParquet(join(out, "embeddings", "part"), EMBEDDINGS_SCHEMA,
                                                     file_name_suffix=".parquet"))
+
+    written[CROPS] | "WriteCropEmbeddings" >> beam.io.WriteToParquet(
+        join(out, CROP_EMBEDDINGS, "part"), EMBEDDINGS_SCHEMA, file_name_suffix=".parquet")
 
     info = {"config": to_dict(cfg), "inputs_spec": list(o.input), "runner": launch.runner,
             "sscd": {"location": m.sscd, "preprocess": pre.record()},
@@ -136,7 +141,7 @@ def prepare_output(out: str, overwrite: bool) -> None:
     """Refuse to mix runs: an OUT holding shards or a manifest needs --overwrite (which clears them)."""
     from apache_beam.io.filesystems import FileSystems
 
-    old = [join(out, d) for d in ("shards", "manifest", "embeddings", STATS_JSON, RECORD_JSON)]
+    old = [join(out, d) for d in ("shards", "manifest", "embeddings", CROP_EMBEDDINGS, STATS_JSON, RECORD_JSON)]
     present = [d for d in old if FileSystems.exists(d)]
     if present and not overwrite:
         raise OptionsError(f"{out} already holds a curated run ({', '.join(present)}); "

@@ -35,7 +35,7 @@ class Valid:
     resolution: tuple[int, int]  # (H, W) of `image`
     pixel_hash: str  # "sha256:..." of the decoded original (exact-duplicate detection)
     mode: str  # the original's mode, e.g. "CMYK"
-    sscd: np.ndarray | None = None  # (S, S, 3) uint8: the whole original resized for SSCD (square, as SSCD recommends)
+    sscd: np.ndarray | None = None  # (S, S, 3) uint8 for SSCD (square): the whole original, or the training crop
 
 
 def aspect_buckets(resolution: int, max_aspect: float = 3.0, multiple: int = SIDE_MULTIPLE) -> list[tuple[int, int]]:
@@ -74,10 +74,12 @@ def pixel_hash(img: Image.Image) -> str:
 
 def validate(data: bytes, *, resolution: int = 256, min_size: int = 64, max_aspect: float = 3.0,
              max_pixels: int = DEFAULT_MAX_PIXELS, buckets: list[tuple[int, int]] | None = None,
-             sscd: SSCDPreprocess | None = None) -> Valid:
+             sscd: SSCDPreprocess | None = None, sscd_crop: bool = False) -> Valid:
     """Raw image bytes -> `Valid`, or raise `ImageRejected` (reason from the vocabulary). With `sscd`,
     also the EXIF-corrected original resized for the SSCD model (`SSCDPreprocess.resize`), made here
-    while the decoded original is at hand, so no later stage decodes the bytes again."""
+    while the decoded original is at hand, so no later stage decodes the bytes again. With
+    `sscd_crop`, the training crop (the `crop` box, before the resize) instead: the view that the
+    memorization check compares generated images with."""
     d = decode_image(data, max_pixels)
     w, h = d.width, d.height
     if min(w, h) < min_size:
@@ -88,4 +90,4 @@ def validate(data: bytes, *, resolution: int = 256, min_size: int = 64, max_aspe
     box = centre_crop_box(w, h, th, tw)
     out = d.image.resize((tw, th), Image.Resampling.BICUBIC, box=box, reducing_gap=None)
     return Valid(np.asarray(out, dtype=np.uint8), w, h, box, (th, tw), pixel_hash(d.image), d.mode,
-                 sscd.resize(d.image) if sscd is not None else None)
+                 None if sscd is None else sscd.resize(d.image.crop(box) if sscd_crop else d.image))

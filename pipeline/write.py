@@ -5,6 +5,7 @@ name and renamed, so a reader never sees half a file:
     OUT/shards/{train,val}-NNNNNN.tar  curated samples; OUT/shards/index.json
     OUT/manifest/part-*.parquet        one row per input
     OUT/embeddings/part-*.parquet      SSCD descriptors of the inputs near-duplicate search saw
+    OUT/crop_embeddings/part-*.parquet SSCD descriptors of each kept input's training crop
     OUT/stats.json                     counts per status and reason, and what produced them
 
 Shards are contiguous ranges of the kept inputs in (input file, reading order), `shard_size` each.
@@ -29,6 +30,7 @@ from flowcurate.formats.shards import INDEX_JSON, SampleWriter, index_doc, recor
 
 PARTS_DIR = ".parts"
 STATS_JSON = "stats.json"
+CROP_EMBEDDINGS = "crop_embeddings"  # SSCD of each kept input's training crop (memorization)
 
 
 def join(*parts: str) -> str:

@@ -78,3 +78,13 @@ def test_bad_descriptors_become_rejected_rows():
     got = _run(_items(x, keys, w, h), threshold=0.6)
     assert {r["key"]: r["reason"] for r in got["rejected"]} == {keys[3]: "bad_embedding", keys[7]: "bad_embedding"}
     assert len(got["kept"]) + len(got["duplicates"]) + len(got["rejected"]) == 30
+
+
+def test_near_false_keeps_every_exact_survivor():
+    x, keys, w, h = _data(n=60)
+    x[5] = x[4]  # a near copy of 4 (identical descriptor, different pixel hash)
+    got = _run(_items(x, keys, w, h), threshold=0.6, near=False)
+    assert sorted(k.key for k in got["kept"]) == sorted(keys) and not got["duplicates"]
+    assert all(k.cluster is None for k in got["kept"])
+    near = _run(_items(x, keys, w, h), threshold=0.6)
+    assert {keys[4], keys[5]} & {r["key"] for r in near["duplicates"]}

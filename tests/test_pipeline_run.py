@@ -180,6 +180,15 @@ def test_stats_and_embeddings(curated):
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
     disk = json.loads((out / "stats.json").read_text())
     assert disk["sscd"]["preprocess"]["size"] == 320 and disk["status"] == stats["status"]
+    # the training crop's descriptor of every kept input: unit vectors, crop sizes from the shard json
+    crops = {r["key"]: r for r in pq.read_table(out / "crop_embeddings").to_pylist()}
+    assert set(crops) == {k for k, r in rows.items() if r["status"] == "kept"}
+    c = np.asarray([r["embedding"] for r in crops.values()], np.float32)
+    np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1, atol=1e-5)
+    for sample in (s for shard in read_shards(out).values() for s in shard.values()):
+        doc = json.loads(sample["json"])
+        left, top, right, bottom = doc["crop"]
+        assert (crops[doc["key"]]["width"], crops[doc["key"]]["height"]) == (right - left, bottom - top)
 
 
 def test_rerun_is_byte_identical_and_refuses_to_mix(curated, tmp_path):
