@@ -4,7 +4,14 @@ Beam-free: `Captioner`, `Caption`, `clean_caption`. The Beam `ModelHandler` live
 `flowcurate.captioning.handler` (imported on its own so that using the captioner never imports Beam).
 """
 
-from flowcurate.captioning.captioner import CAPTION_FALLBACK, DEFAULT_PROMPT, Caption, Captioner
-from flowcurate.captioning.cleanup import clean_caption
+import importlib
 
 __all__ = ["CAPTION_FALLBACK", "DEFAULT_PROMPT", "Caption", "Captioner", "clean_caption"]
+_HOME = {"clean_caption": "flowcurate.captioning.cleanup"}
+
+
+def __getattr__(name: str):
+    # imported on first use, so `python -m flowcurate.captioning --help` does not wait for torch
+    if name in __all__:
+        return getattr(importlib.import_module(_HOME.get(name, "flowcurate.captioning.captioner")), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

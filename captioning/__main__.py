@@ -8,12 +8,14 @@ run` runs on every kept image), to try a model or a prompt before a pipeline run
 import argparse
 import sys
 
+from flowcurate.formats.args import ArgumentParser
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flowcurate.captioning", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m flowcurate.captioning", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--config", default="tiny", help="preset (tiny, sd3) or TOML: [models] captioner, [pipeline] caption_*")
+    p.add_argument("--config", default="sd3", help="preset (sd3, the default; tiny: offline) or TOML: [models] captioner, [pipeline] caption_*")
     p.add_argument("--model", default=None, help="a hub id or folder (overrides the config's captioner)")
     p.add_argument("--prompt", default=None, help="overrides [pipeline] caption_prompt")
     p.add_argument("--max-new-tokens", type=int, default=None)
@@ -22,13 +24,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from flowcurate.captioning.captioner import Captioner
-    from flowcurate.formats.config import load_config
+    from flowcurate.formats.config import load_config, override
     from flowcurate.formats.images import ImageRejected, decode_image
+    from flowcurate.models.locations import ModelUnavailable, check_available
     from flowcurate.models.text_encoders import quiet_hf_logging
     from flowcurate.models.tiny import resolve_tiny
 
     cfg = load_config(args.config)
-    location = resolve_tiny(args.model or cfg.models.captioner, log=lambda m: print(m, file=sys.stderr))
+    if args.model:
+        cfg = override(cfg, "models", captioner=args.model)
+    try:
+        check_available(cfg, ("captioner",))
+    except ModelUnavailable as e:
+        print(f"python -m flowcurate.captioning: error: {e}", file=sys.stderr)
+        return 2
+    location = resolve_tiny(cfg.models.captioner, log=lambda m: print(m, file=sys.stderr))
     quiet_hf_logging()
     cap = Captioner.load(location, revision=None if args.model else cfg.models.captioner_revision,
                          prompt=args.prompt or cfg.pipeline.caption_prompt,

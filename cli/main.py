@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from flowcurate.dedup.cli import add_parser as add_dedup_parser
+from flowcurate.formats.args import ArgumentParser
 from flowcurate.models.cli import add_parsers as add_model_parsers
 from flowcurate.trainer.cli import add_memorization_parser, add_sample_parser, add_train_parser
 
@@ -48,7 +49,7 @@ def _demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="flowcurate",
         description="SD3-style data curation (captions, SSCD dedup, precomputed latents and text "
                     "encodings) and a compact rectified-flow MM-DiT trainer.",
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  flowcurate config --config sd3\n"
                               "  flowcurate config --config tiny --resolve   # build/resolve tiny:// paths",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="tiny", help="preset name (tiny, sd3) or path to a TOML file")
+    p.add_argument("--config", default="sd3", help="preset name (sd3, the default; tiny) or path to a TOML file")
     p.add_argument("--resolve", action="store_true", help="resolve tiny:// model locations to paths")
     p.set_defaults(func=_config)
 
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "run":  # Beam's PipelineOptions parses run's flags (they pass through)
-        from flowcurate.pipeline.run import main as run_main
+        from flowcurate.pipeline.cli import main as run_main
 
         return run_main(argv[1:])
     parser = build_parser()

@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from flowcurate.formats.args import ArgumentParser
+
 RAW = argparse.RawDescriptionHelpFormatter
 
 EXAMPLES = """\
@@ -137,7 +139,7 @@ _DESCRIPTION = ("SSCD near-duplicate removal as in SD3 App. E.2: embed images wi
 
 
 def build_parser(prog: str = "python -m flowcurate.dedup") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=_DESCRIPTION, epilog=EXAMPLES, formatter_class=RAW)
+    p = ArgumentParser(prog=prog, description=_DESCRIPTION, epilog=EXAMPLES, formatter_class=RAW)
     add_arguments(p)
     p.set_defaults(func=run, prog=prog)
     return p

@@ -16,7 +16,6 @@ model computes from images are never an error: a NaN one is a `bad_embedding` ro
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import sys
 import time
@@ -130,29 +129,21 @@ def _preprocess(cfg: Config):
     return SSCDPreprocess(size=d.sscd_size, mean=tuple(d.mean), std=tuple(d.std))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_model(run: Run) -> Model:
     """run.cfg.models.sscd (a path after `resolve_models`, or a release name / URL, downloaded once)
     -> the model on run.device."""
-    from flowcurate.models.sscd import load_sscd, resolve_sscd
+    from flowcurate.models.sscd import file_sha256, load_sscd, resolve_sscd
 
     t0 = time.perf_counter()
     run.log(f"loading SSCD model {run.location}")
     try:
-        path = resolve_sscd(run.cfg.models.sscd)
+        path = resolve_sscd(run.cfg.models.sscd, run.cfg.models.sscd_sha256)
         net = load_sscd(path, run.device)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         raise InputError(f"cannot load the SSCD model {run.location!r}: {str(e).splitlines()[0]}") from None
     path = Path(path).resolve()
     pre = _preprocess(run.cfg)
-    record = {"location": run.location, "path": str(path), "sha256": _sha256(path), "preprocess": pre.record()}
+    record = {"location": run.location, "path": str(path), "sha256": file_sha256(path), "preprocess": pre.record()}
     return Model(net, pre, record, time.perf_counter() - t0)
 
 

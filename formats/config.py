@@ -35,6 +35,8 @@ class ModelsConfig:
     sd3_revision: str | None = None
     # SSCD TorchScript file: path or URL (loading TorchScript runs its code: use files you trust)
     sscd: str = "https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_mixup.torchscript.pt"
+    # expected sha256 of the SSCD file (checked after download; the released files' digests are built in)
+    sscd_sha256: str | None = None
     # any transformers image-text-to-text VLM (AutoProcessor + AutoModelForImageTextToText)
     captioner: str = "llava-hf/llava-1.5-7b-hf"
     captioner_revision: str | None = None

@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from flowcurate.formats.args import ArgumentParser
+
 RAW = argparse.RawDescriptionHelpFormatter
 
 
@@ -64,7 +66,7 @@ def add_parsers(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flowcurate.models", description="Tiny models and sample data.",
+    parser = ArgumentParser(prog="python -m flowcurate.models", description="Tiny models and sample data.",
                                      epilog="examples:\n  python -m flowcurate.models tiny-models --output m/\n"
                                             "  python -m flowcurate.models sample-data --output data/ --n 64",
                                      formatter_class=RAW)

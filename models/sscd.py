@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import urllib.request
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.error import HTTPError, URLError
+from urllib.request import urlopen
 
 import numpy as np
 import torch
@@ -66,36 +67,113 @@ class SSCDPreprocess:
         return {"resize": "square", "interpolation": "bilinear", **asdict(self)}
 
 
-def resolve_sscd(location: str | os.PathLike) -> Path:
+# sha256 of the released files, checked after every download (independently recorded by several
+# projects; a file whose digest is not known here can be pinned with `[models] sscd_sha256`)
+RELEASE_SHA256 = {"sscd_disc_mixup": "9f26bd4c848cc19b73d2ae92eea6e04886f61a7b764ceb7a13aeee62e6a6db56"}
+DOWNLOAD_ATTEMPTS = 4  # with exponential backoff: 1, 2, 4 s between attempts
+OFFLINE_HINT = "pass --config tiny for the offline tiny models"
+
+
+class DownloadError(OSError):
+    """A download failed for good, or its bytes do not have the expected digest (nothing was kept)."""
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("FLOWCURATE_OFFLINE") == "1"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def release_source(location: str) -> tuple[str, str | None]:
+    """A release name or URL -> (URL, the release's pinned digest or None)."""
+    name = location if location in RELEASES else None
+    url = RELEASE_URL.format(name=location) if name else location
+    if name is None and url.startswith(RELEASE_URL.split("{", 1)[0]):
+        name = url.rsplit("/", 1)[-1].removesuffix(".torchscript.pt")
+    return url, RELEASE_SHA256.get(name or "")
+
+
+def cached_path(url: str) -> Path:
+    name = url.rstrip("/").rsplit("/", 1)[-1] or "sscd.torchscript.pt"
+    return cache_root() / "sscd" / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}"
+
+
+def verified(path: Path, expected: str | None) -> bool:
+    """Whether a cached file has the expected digest (computed once, then remembered beside it)."""
+    if expected is None:
+        return True
+    mark = path.with_name(path.name + ".sha256")
+    if mark.is_file() and mark.read_text().strip() == expected:
+        return True
+    if file_sha256(path) != expected:
+        return False
+    write_atomic(mark, expected.encode())
+    return True
+
+
+def _download(url: str, expected: str | None, tmp: str) -> None:
+    """Stream `url` into `tmp` with retries; refuse bytes whose sha256 is not `expected`."""
+    for attempt in range(DOWNLOAD_ATTEMPTS):
+        digest = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as out, urlopen(url, timeout=60) as resp:
+                for chunk in iter(lambda: resp.read(1 << 20), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+            break
+        except HTTPError as e:
+            if e.code < 500 or attempt == DOWNLOAD_ATTEMPTS - 1:  # 4xx: asking again will not help
+                raise DownloadError(f"SSCD model {url}: HTTP {e.code} {e.reason}") from None
+        except (URLError, OSError) as e:
+            if attempt == DOWNLOAD_ATTEMPTS - 1:
+                raise DownloadError(f"SSCD model {url}: {e} (after {DOWNLOAD_ATTEMPTS} attempts)") from None
+        time.sleep(2 ** attempt)
+    got = digest.hexdigest()
+    if expected is not None and got != expected:
+        raise DownloadError(f"SSCD model {url}: downloaded sha256 {got} does not match the expected {expected}; "
+                            "the file was not kept")
+
+
+def resolve_sscd(location: str | os.PathLike, sha256: str | None = None) -> Path:
     """A local path for `location`: an existing file, a release name, or an http(s) URL (downloaded
-    once into `$FLOWCURATE_CACHE/sscd/`, atomically)."""
+    once into `$FLOWCURATE_CACHE/sscd/`, with retries, checked against `sha256` or the release's pinned
+    digest, and moved into the cache only when whole and matching). A cached file that does not match
+    is downloaded again. Loading TorchScript runs code from the file: this is why the digest matters."""
     location = str(location)
-    if Path(location).expanduser().is_file():
-        return Path(location).expanduser()
-    if location in RELEASES:
-        location = RELEASE_URL.format(name=location)
-    if not location.startswith(("http://", "https://")):
+    local = Path(location).expanduser()
+    if local.is_file():
+        if sha256 is not None and file_sha256(local) != sha256:
+            raise DownloadError(f"SSCD model {local}: sha256 {file_sha256(local)} is not the expected {sha256}")
+        return local
+    url, pinned = release_source(location)
+    if not url.startswith(("http://", "https://")):
         raise FileNotFoundError(f"SSCD model {location!r}: no such file, and not a URL or a release name "
                                 f"({', '.join(sorted(RELEASES))})")
-    name = location.rstrip("/").rsplit("/", 1)[-1] or "sscd.torchscript.pt"
-    digest = hashlib.sha256(location.encode()).hexdigest()[:12]
-    target = cache_root() / "sscd" / f"{digest}-{name}"
+    expected = sha256 or pinned
+    target = cached_path(url)
     if target.is_file():
-        return target
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("FLOWCURATE_OFFLINE") == "1":
-        raise FileNotFoundError(f"SSCD model {location} is not cached at {target} and downloads are off "
-                                "(HF_HUB_OFFLINE/FLOWCURATE_OFFLINE=1)")
-    def download(tmp: str) -> None:
-        with open(tmp, "wb") as out, urllib.request.urlopen(location, timeout=60) as resp:
-            shutil.copyfileobj(resp, out)
-
-    write_atomic(target, download)
+        if verified(target, expected):
+            return target
+        target.unlink()  # a corrupt or substituted cache entry: never served
+    if offline():
+        raise FileNotFoundError(f"SSCD model {url} is not cached at {target} and downloads are off "
+                                f"(HF_HUB_OFFLINE/FLOWCURATE_OFFLINE=1): {OFFLINE_HINT}")
+    write_atomic(target, lambda tmp: _download(url, expected, tmp))
+    if expected is not None:
+        write_atomic(target.with_name(target.name + ".sha256"), expected.encode())
     return target
 
 
-def load_sscd(location: str | os.PathLike, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+def load_sscd(location: str | os.PathLike, device: str | torch.device = "cpu",
+              sha256: str | None = None) -> torch.jit.ScriptModule:
     """Load an SSCD TorchScript model (path, URL or release name) in eval mode on `device`."""
-    model = torch.jit.load(str(resolve_sscd(location)), map_location=device)
+    model = torch.jit.load(str(resolve_sscd(location, sha256)), map_location=device)
     return model.eval()
 
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from flowcurate.pipeline.run import main
+from flowcurate.pipeline.cli import main
 
 sys.exit(main())

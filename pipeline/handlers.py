@@ -56,16 +56,16 @@ class SSCDModelHandler(ModelHandler):
 
     location: an SSCD TorchScript path (resolved by the launcher)."""
 
-    def __init__(self, location: str, preprocess, device: str = "auto"):
+    def __init__(self, location: str, preprocess, device: str = "auto", sha256: str | None = None):
         super().__init__()
-        self.location, self.preprocess, self.device = str(location), preprocess, device
+        self.location, self.preprocess, self.device, self.sha256 = str(location), preprocess, device, sha256
 
     def load_model(self):
         from flowcurate.formats.config import resolve_device
         from flowcurate.models.sscd import load_sscd
 
         self.device = resolve_device(self.device)  # on the worker: "auto" means its own GPU, if any
-        return load_sscd(self.location, self.device)
+        return load_sscd(self.location, self.device, self.sha256)
 
     def run_inference(self, batch, model, inference_args=None):
         import torch

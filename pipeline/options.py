@@ -21,6 +21,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from flowcurate.formats.config import Config, load_config, override
 
 LOCAL_RUNNER = "FnApiRunner"
+MODEL_ROLES = ("sd3", "sscd", "captioner")  # what `flowcurate run` loads
 
 
 class FlowcurateOptions(PipelineOptions):
@@ -30,9 +31,9 @@ class FlowcurateOptions(PipelineOptions):
                             help="raw input: tar glob, image folder or glob, Parquet with image bytes; "
                                  "any path Beam's FileSystems read (repeatable)")
         parser.add_argument("--output", default=None, help="output folder OUT (local path or gs://, s3://, ...)")
-        parser.add_argument("--config", default="tiny", help="preset name (tiny, sd3) or TOML path")
-        parser.add_argument("--input_format", default="auto", choices=("auto", "tars", "images", "parquet"),
-                            help="how to read --input (auto: by extension)")
+        parser.add_argument("--config", default="sd3",
+                            help="preset name (sd3: the paper's real models, the default; tiny: offline tiny "
+                                 "models) or TOML path")
         parser.add_argument("--image_column", default="image", help="Parquet input: the image bytes column")
         parser.add_argument("--caption_column", default="caption", help="Parquet input: the caption column")
         parser.add_argument("--key_column", default="key", help="Parquet input: the key column")
@@ -40,8 +41,9 @@ class FlowcurateOptions(PipelineOptions):
         parser.add_argument("--val_fraction", type=float, default=None, help="override [pipeline] val_fraction")
         parser.add_argument("--dedup_threshold", type=float, default=None, help="override [dedup] threshold")
         parser.add_argument("--model_accelerator", default=None,
-                            help="Beam accelerator resource hint for the SSCD, captioning and encoding steps "
-                                 "only, e.g. 'type:nvidia-l4;count:1;install-nvidia-driver' (Dataflow)")
+                            help="Beam accelerator resource hint for the two passes (read, validate, filters, "
+                                 "SSCD; re-read, caption, encode, write), not the dedup decisions between them, "
+                                 "e.g. 'type:nvidia-l4;count:1;install-nvidia-driver' (Dataflow)")
         parser.add_argument("--overwrite", action="store_true",
                             help="replace an earlier run's shards, manifest, embeddings and stats in --output")
 
@@ -59,6 +61,56 @@ class OptionsError(ValueError):
     pass
 
 
+def _option_classes() -> list[type]:
+    """Every PipelineOptions view known in this process (Beam's, ours, a runner's once imported)."""
+    seen, todo = {}, list(PipelineOptions.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        seen.setdefault(f"{cls.__module__}.{cls.__qualname__}", cls)
+        todo.extend(cls.__subclasses__())
+    return list(seen.values())
+
+
+def known_runners() -> list[str]:
+    return sorted(path.rsplit(".", 1)[-1] for path in StandardOptions.ALL_KNOWN_RUNNERS)
+
+
+def check_runner(name: str) -> None:
+    """Beam's runner names (case-insensitive, 'Runner' optional) or an importable `module.Class`;
+    anything else is an OptionsError listing the runners. Importing a runner registers its options."""
+    import importlib
+
+    short = {r.lower(): r for r in known_runners()}
+    if name.lower() in short or f"{name.lower()}runner" in short:
+        return
+    if "." in name:
+        module, _, cls = name.rpartition(".")
+        try:
+            getattr(importlib.import_module(module), cls)
+            return
+        except (ImportError, AttributeError) as e:
+            raise OptionsError(f"--runner {name}: cannot import it ({e})") from None
+    raise OptionsError(f"--runner {name}: unknown runner; known: {', '.join(known_runners())}, "
+                       "or a module.Class path (e.g. flowcurate.pipeline.dask_runner.CorrectedDaskRunner)")
+
+
+def check_options(argv: list[str]) -> None:
+    """Refuse an option that neither flowcurate nor any Beam options view knows (Beam itself only
+    warns and runs with the default), naming the closest known option."""
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    from flowcurate.formats.args import suggestion
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in _option_classes():
+        cls._add_argparse_args(parser)
+    _, unknown = parser.parse_known_args(argv)
+    options = [o for a in parser._actions for o in a.option_strings]
+    bad = [f"{a}{suggestion(a, options)}" for a in unknown if a.startswith("-")]
+    if bad:
+        raise OptionsError(f"unknown option(s): {'; '.join(bad)}")
+
+
 def launch_options(argv: list[str] | None = None, *, resolve_models: bool = True, log=print) -> Launch:
     """Parse argv (Beam flags pass through), load and override the config, resolve model paths."""
     argv = list(argv or [])
@@ -67,6 +119,8 @@ def launch_options(argv: list[str] | None = None, *, resolve_models: bool = True
         # the local runner that works offline (and the one the --direct_* options configure)
         argv = [*argv, "--runner", LOCAL_RUNNER]
     beam = PipelineOptions(argv)
+    check_runner(beam.view_as(StandardOptions).runner)
+    check_options(argv)
     ours = beam.view_as(FlowcurateOptions)
     if not ours.input:
         raise OptionsError("--input is required (a tar glob, an image folder or glob, or Parquet files)")
@@ -77,8 +131,13 @@ def launch_options(argv: list[str] | None = None, *, resolve_models: bool = True
     cfg = override(cfg, "dedup", threshold=ours.dedup_threshold)
     sd3 = cfg.models.sd3
     if resolve_models:
+        from flowcurate.models.locations import ModelUnavailable, check_available
         from flowcurate.models.tiny import resolve_models as resolve
 
+        try:
+            check_available(cfg, MODEL_ROLES)  # before building tiny models or starting any work
+        except ModelUnavailable as e:
+            raise OptionsError(str(e)) from None
         cfg = resolve(cfg, log=log)
     runner = beam.view_as(StandardOptions).runner
     return Launch(beam, ours, cfg, runner, sd3 if sd3.startswith("tiny://") else None)

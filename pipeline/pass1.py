@@ -41,6 +41,7 @@ class Pass1Settings:
     sscd_preprocess: object  # flowcurate.models.sscd.SSCDPreprocess
     chunk: int  # valid items per model batch
     device: str = "auto"
+    sscd_sha256: str | None = None  # expected digest of a downloaded SSCD file (checked on every worker)
     filters: tuple[Filter, ...] = ()
     columns: tuple[str, str, str] = ("key", "image", "caption")  # Parquet key, image, caption columns
 
@@ -68,7 +69,7 @@ class Pass1(beam.DoFn):
 
     def setup(self):
         s = self.s
-        self.sscd = ModelSlot(SSCDModelHandler(s.sscd_location, s.sscd_preprocess, s.device))
+        self.sscd = ModelSlot(SSCDModelHandler(s.sscd_location, s.sscd_preprocess, s.device, s.sscd_sha256))
         self.sscd.load()
         self.filters = []
         for f in s.filters:

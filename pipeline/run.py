@@ -12,7 +12,6 @@ byte-identical shards and the worker count changes nothing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import posixpath
 import sys
@@ -20,7 +19,7 @@ import time
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import DirectOptions
+from apache_beam.io.filesystems import FileSystems
 
 from flowcurate.captioning.handler import CaptionModelHandler
 from flowcurate.formats.config import to_dict
@@ -34,6 +33,8 @@ from flowcurate.pipeline.handlers import EncodeModelHandler, SSCDModelHandler
 from flowcurate.pipeline.options import Launch, OptionsError, launch_options
 from flowcurate.pipeline.pass1 import Pass1, Pass1Settings
 from flowcurate.pipeline.pass2 import CROPS, PARTS, Pass2, Pass2Settings
+from flowcurate.pipeline.progress import NAMESPACE as PROGRESS_NAMESPACE
+from flowcurate.pipeline.progress import Progress
 from flowcurate.pipeline.read import ListInputs
 from flowcurate.pipeline.records import ORDINAL_BITS, Item, file_index_of, item_id
 from flowcurate.pipeline.shuffles import shuffle_bytes
@@ -82,7 +83,7 @@ def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
                | "Enumerate" >> beam.FlatMap(lambda fs: [(i, path, root) for i, (path, root) in enumerate(fs)])
                | "Spread" >> beam.Reshuffle())
     pass1 = (indexed | "Pass1" >> hinted(beam.ParDo(Pass1(Pass1Settings(
-        **validation, sscd_location=m.sscd, sscd_preprocess=pre, chunk=pc.batch_size, device=pc.device,
+        **validation, sscd_location=m.sscd, sscd_preprocess=pre, sscd_sha256=m.sscd_sha256, chunk=pc.batch_size, device=pc.device,
         filters=filters, columns=columns))).with_exception_handling()))
     items = ((pass1.good, pass1.bad | "FileFailed" >> beam.Map(_file_failed)) | "Items" >> beam.Flatten())
 
@@ -104,7 +105,7 @@ def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
                                  te_dtype=pc.text_encoder_dtype, device=pc.device, share_model=pc.share_models)
     settings2 = Pass2Settings(out=out, **validation, chunk=pc.batch_size, shard_size=pc.shard_size,
                               store_dtype=pc.store_dtype, captioner=captioner, encoder=encoder,
-                              sscd=SSCDModelHandler(m.sscd, pre, pc.device), columns=columns)
+                              sscd=SSCDModelHandler(m.sscd, pre, pc.device, m.sscd_sha256), columns=columns)
     written = (kept
                | "ByFile" >> beam.Map(lambda k: (file_index_of(k.id), k))
                | "GroupByFile" >> beam.GroupByKey()
@@ -155,7 +156,9 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     contents when OUT is readable from here (local runs), else None."""
     launch = launch_options(argv, log=lambda msg: log(msg, file=sys.stderr) if log is print else log(msg))
     out = launch.ours.output.rstrip("/")
+    check_inputs(launch.ours.input)
     prepare_output(out, launch.ours.overwrite)
+    Progress.reset()
     t0 = time.perf_counter()
     p = test_pipeline or beam.Pipeline(options=launch.beam)
     build(p, launch)
@@ -170,47 +173,38 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         stats["shuffle_bytes"] = shuffle_bytes(p, result)
     except Exception:  # noqa: BLE001  (no monitoring infos on this runner)
         stats["shuffle_bytes"] = None
+    stats["stages"] = stage_metrics(result)
     return stats
 
 
-EPILOG = """\
-examples:
-  flowcurate run --input 'raw/*.tar' --output out/ --config tiny
-  flowcurate run --input raw/ --output out/ --config tiny --direct_running_mode multi_processing \\
-      --direct_num_workers 2
-  flowcurate run --input 'gs://B/raw/*.tar' --output gs://B/out --config sd3 --runner DataflowRunner \\
-      --project P --region us-central1 --temp_location gs://B/tmp --sdk_container_image IMAGE
-  flowcurate run --input 'hdfs://raw/*.tar' --output hdfs://out --config my.toml --runner SparkRunner \\
-      --spark_master_url spark://HOST:7077
+def check_inputs(specs: list[str]) -> None:
+    """Every --input must match at least one input file (a tar, an image or a Parquet file)."""
+    from flowcurate.pipeline.read import input_patterns, is_input
 
-Every Apache Beam pipeline option passes through (see docs/deploy.md). Outputs: OUT/shards/
-(train/val tars + index.json), OUT/conditioning.json, OUT/manifest/, OUT/embeddings/, OUT/stats.json.
-"""
+    for spec in specs:
+        pattern, _ = input_patterns(spec)
+        try:
+            found = FileSystems.match([pattern])[0].metadata_list
+        except Exception as e:  # noqa: BLE001  (a filesystem that cannot list it says why)
+            raise OptionsError(f"--input {spec!r}: cannot list it ({e})") from None
+        if not found:
+            raise OptionsError(f"--input {spec!r} matches nothing")
+        if not any(is_input(m.path) for m in found):
+            raise OptionsError(f"--input {spec!r} matches {len(found)} file(s) but no inputs "
+                               "(.tar, image files, .parquet)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: flowcurate run --input SPEC --output OUT [--config NAME|FILE] [beam options]\n\n"
-              f"{__doc__}\n{_flags_help()}\n{EPILOG}")
-        return 0
+def stage_metrics(result) -> dict[str, dict[str, int]]:
+    """{stage: {what: count, "busy_ms": ...}} from the runner's counters (namespace flowcurate)."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    out: dict[str, dict[str, int]] = {}
     try:
-        stats = run(argv)
-    except OptionsError as e:
-        print(f"flowcurate run: {e}", file=sys.stderr)
-        return 2
-    if stats is not None:
-        s = stats["status"]
-        print(f"inputs {stats['inputs']}: kept {s['kept']}, duplicate {s['duplicate']}, rejected {s['rejected']}")
-        for reason, n in stats["reasons"].items():
-            print(f"  rejected {reason}: {n}")
-    return 0
-
-
-def _flags_help() -> str:
-    from flowcurate.pipeline.options import FlowcurateOptions
-
-    parser = argparse.ArgumentParser(prog="flowcurate run", add_help=False)
-    FlowcurateOptions._add_argparse_args(parser)
-    DirectOptions._add_argparse_args(parser.add_argument_group("local runner (DirectRunner)"))
-    return parser.format_help()
+        counters = result.metrics().query(MetricsFilter().with_namespace(PROGRESS_NAMESPACE))["counters"]
+    except Exception:  # noqa: BLE001  (a runner without metrics)
+        return out
+    for c in counters:
+        stage, _, what = c.key.metric.name.partition("/")
+        if what:
+            out.setdefault(stage, {})[what] = int(c.committed if c.committed is not None else c.attempted)
+    return out

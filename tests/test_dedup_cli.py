@@ -286,3 +286,11 @@ def test_kmeans_choice_reaches_the_search_and_the_summary(image_run, tmp_path):
         assert {k for k, r in got.items() if r["status"] == "kept"} <= set(rows)
     with pytest.raises(SystemExit):
         _run("--input", out / "embeddings.parquet", "--output", tmp_path / "x", "--kmeans", "sklearn")
+
+
+def test_outputs_are_readable_by_the_team(image_run):
+    """Under the default umask (022) every file written is 0644, folders 0755 (mkstemp alone gives 0600)."""
+    _, _, out, _, _ = image_run
+    for path in out.rglob("*"):
+        mode = path.stat().st_mode & 0o777
+        assert mode & 0o044 == 0o044, (path, oct(mode))

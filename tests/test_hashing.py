@@ -48,3 +48,13 @@ def test_write_atomic_replaces_whole_and_cleans_up_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         write_atomic(path, fail)
     assert path.read_bytes() == b"two" and os.listdir(path.parent) == ["f.bin"]
+    # readable by the team under the default umask, as open() would make it (mkstemp alone: 0600)
+    old = os.umask(0o022)
+    try:
+        write_atomic(path, b"three")
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        write_atomic(path, b"four")
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

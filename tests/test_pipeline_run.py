@@ -191,6 +191,15 @@ def test_stats_and_embeddings(curated):
         assert (crops[doc["key"]]["width"], crops[doc["key"]]["height"]) == (right - left, bottom - top)
 
 
+def test_outputs_are_readable_by_the_team(curated):
+    """Every file the run wrote is readable by group and others under the default umask."""
+    root, _, _, _ = curated
+    files = [p for p in (root / "out").rglob("*") if p.is_file()]
+    assert len(files) >= 8  # shards, index, record (2), manifest, embeddings, crop embeddings, stats
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in files), [
+        (str(p), oct(p.stat().st_mode & 0o777)) for p in files if p.stat().st_mode & 0o044 != 0o044]
+
+
 def test_rerun_is_byte_identical_and_refuses_to_mix(curated, tmp_path):
     root, _, _, _ = curated
     from flowcurate.pipeline.options import OptionsError
@@ -215,7 +224,7 @@ def test_two_worker_processes_give_the_same_result(curated, tmp_path):
 
 
 def test_help_lists_our_flags_and_examples(capsys):
-    from flowcurate.pipeline.run import main
+    from flowcurate.pipeline.cli import main
 
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
@@ -224,7 +233,7 @@ def test_help_lists_our_flags_and_examples(capsys):
 
 
 def test_missing_output_is_a_clear_error(capsys):
-    from flowcurate.pipeline.run import main
+    from flowcurate.pipeline.cli import main
 
     assert main(["--input", "x/*.tar"]) == 2
     assert "--output is required" in capsys.readouterr().err

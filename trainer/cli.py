@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from flowcurate.formats.args import ArgumentParser
+
 
 def _lazy(module: str):
     """The command's `run_cli(args)`, imported when the command runs."""
@@ -125,7 +127,7 @@ def add_memorization_parser(sub) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flowcurate.trainer")
+    parser = ArgumentParser(prog="python -m flowcurate.trainer")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_sample_parser(sub)
