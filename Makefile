@@ -15,12 +15,19 @@ export OPENBLAS_NUM_THREADS ?= 1
 
 .PHONY: demo test lint tiny-models clean
 
+# pip's and setuptools' warnings go to $(VENV)/install.log; the terminal gets one line (or the log's
+# tail when an install fails)
+INSTALL_LOG := $(VENV)/install.log
+QUIET_PIP = $(PY) -m pip install --quiet --disable-pip-version-check
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[dev,dask]"
-	touch $@
+	@: > $(INSTALL_LOG)
+	@echo "installing into $(VENV) (details: $(INSTALL_LOG)) ..."
+	@($(QUIET_PIP) --upgrade pip && $(QUIET_PIP) $(TORCH_SPEC) && $(QUIET_PIP) -e ".[dev,dask]") \
+		>> $(INSTALL_LOG) 2>&1 || (tail -n 30 $(INSTALL_LOG); exit 1)
+	@echo "installed: $$($(PY) -c 'import importlib.metadata as m; print(", ".join(p + " " + m.version(p) for p in ("flowcurate", "torch", "apache-beam", "transformers", "diffusers")))')"
+	@touch $@
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from flowcurate.dedup.core import SD3_THRESHOLDS, DedupResult, find_duplicates
+from flowcurate.dedup.files import open_binary
 from flowcurate.dedup.inputs import (
     Embedded,
     InputError,
@@ -328,7 +329,7 @@ def _write_extras(out: Path, cfg: Config, inp: Side, valid: np.ndarray, rows: li
         if it is None:
             return None
         try:
-            with open(it.path, "rb") as fh:  # a tar member by its listed offset, never by its name
+            with open_binary(it.path) as fh:  # a tar member by its listed offset, never by its name
                 data = read_member(fh, Member("", it.offset, it.size)) if it.offset >= 0 else fh.read()
             return decode_image(data, cfg.pipeline.max_pixels).image
         except Exception:  # the sheet shows a placeholder; the decision rows are already written

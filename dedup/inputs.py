@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from flowcurate.dedup.core import valid_rows
+from flowcurate.dedup.files import Remote, expand_uri, is_uri, open_binary
 from flowcurate.formats.images import ImageRejected, decode_image
 from flowcurate.formats.manifest import (
     DUPLICATE_KEY,
@@ -68,10 +69,17 @@ class Embedded:
     rejected: list[tuple[str, str, str]] = field(default_factory=list)
 
 
-def expand(specs: Iterable[str]) -> list[Path]:
-    """Files named by paths, folders (recursively) and globs (`**` recursive), sorted, deduplicated."""
-    found: set[Path] = set()
+def expand(specs: Iterable[str]) -> list[Path | Remote]:
+    """Files named by paths, folders (recursively) and globs (`**` recursive), sorted, deduplicated;
+    URIs (gs://, s3://, hdfs://, file://) through pyarrow's filesystems (`flowcurate.dedup.files`)."""
+    found: set = set()
     for spec in specs:
+        if is_uri(spec):
+            matches = expand_uri(spec)
+            if not matches:
+                raise InputError(f"--input {spec!r} matches nothing")
+            found.update(matches)
+            continue
         p = Path(spec).expanduser()
         if p.is_dir():
             found.update(q for q in p.rglob("*") if q.is_file())
@@ -84,6 +92,16 @@ def expand(specs: Iterable[str]) -> list[Path]:
             for m in matches:
                 found.update([m] if m.is_file() else (q for q in m.rglob("*") if q.is_file()))
     return sorted(found)
+
+
+def common_parent(files: list) -> Path | Remote:
+    """The deepest folder holding every file (local paths, or URIs of one filesystem)."""
+    if all(isinstance(f, Remote) for f in files):
+        parts = os.path.commonpath([str(f.parent.path) for f in files])
+        return files[0]._with(type(files[0].path)(parts))
+    if any(isinstance(f, Remote) for f in files):
+        raise UsageError("--input mixes local image files with URIs; give one kind per run")
+    return Path(os.path.commonpath([str(f.parent) for f in files]))
 
 
 def _unique(key: str, seen: dict[str, int]) -> tuple[str, bool]:
@@ -101,7 +119,7 @@ def list_images(files: list[Path], progress: Callable[[int], None] | None = None
     seen: dict[str, int] = {}
     images = [f for f in files if f.suffix.lower().lstrip(".") in IMAGE_EXTS]
     tars = [f for f in files if f.suffix.lower() == ".tar"]
-    root = Path(os.path.commonpath([str(f.parent) for f in images])) if images else None
+    root = common_parent(images) if images else None
 
     def add(key, source, **loc):
         key, repeated = _unique(key, seen)
@@ -117,7 +135,7 @@ def list_images(files: list[Path], progress: Callable[[int], None] | None = None
     if progress and len(images) % 1024:
         progress(len(images) % 1024)
     for t in tars:
-        with open(t, "rb") as fh:
+        with open_binary(t) as fh:
             for s in scan_tar(fh, str(t)):
                 if isinstance(s, TarTail):
                     key, _ = _unique(f"{t.stem}#truncated", seen)
@@ -148,7 +166,7 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         it = self.items[i]
         try:
-            with open(it.path, "rb") as fh:
+            with open_binary(it.path) as fh:
                 if it.offset >= 0:
                     data = read_member(fh, Member("", it.offset, it.size))
                 else:
@@ -223,11 +241,15 @@ def write_embeddings(path: Path, keys: list[str], embeddings: np.ndarray, widths
 def read_embeddings(path: Path, keys_path: Path | None = None) -> Embedded:
     """Precomputed embeddings: `EMBEDDINGS_SCHEMA` Parquet, or `.npy` (float32 or float16, memory-mapped)
     with one key per line in `keys_path`. Whole-file problems raise `InputError` with the reason."""
-    path = Path(path)
+    path = path if isinstance(path, Remote) else Path(path)
     if path.suffix == ".npy":
         if keys_path is None:
             raise InputError(f"{path}: .npy embeddings need a keys file (--keys), one key per line")
-        emb = np.load(path, mmap_mode="r")
+        if isinstance(path, Remote):  # read whole: only local files can be memory-mapped
+            with open_binary(path) as fh:
+                emb = np.load(fh, allow_pickle=False)
+        else:
+            emb = np.load(path, mmap_mode="r")
         keys = Path(keys_path).read_text().splitlines()
         if emb.ndim != 2 or emb.dtype not in (np.float16, np.float32):
             raise InputError(f"{path}: expected a 2-D float16/float32 array, got {emb.dtype} {emb.shape}")
@@ -237,7 +259,7 @@ def read_embeddings(path: Path, keys_path: Path | None = None) -> Embedded:
         sources = [f"{path}#{i}" for i in range(len(keys))]
     else:
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(str(path))
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"{path}: not a readable Parquet file ({e})") from None
         missing = {"key", "embedding"} - set(table.column_names)

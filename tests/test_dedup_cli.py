@@ -294,3 +294,18 @@ def test_outputs_are_readable_by_the_team(image_run):
     for path in out.rglob("*"):
         mode = path.stat().st_mode & 0o777
         assert mode & 0o044 == 0o044, (path, oct(mode))
+
+
+def test_uri_inputs_read_through_pyarrow_filesystems_decide_the_same(image_run, tmp_path):
+    """--input as a URI (here file://, the same code path as gs:// and s3://) gives the same decisions."""
+    root, _, _, rows, _ = image_run
+    assert _run("--input", f"file://{root}/data/raw/*.tar", "--output", tmp_path / "uri", "--config", "tiny") == 0
+    got = _rows(tmp_path / "uri")
+    assert got.keys() == rows.keys()
+    for k, r in rows.items():
+        assert (got[k]["status"], got[k]["reason"], got[k]["duplicate_of"]) == (r["status"], r["reason"], r["duplicate_of"])
+        assert got[k]["source"] == f"file://{r['source']}"
+    emb = tmp_path / "uri" / "embeddings.parquet"
+    assert _run("--input", f"file://{emb}", "--output", tmp_path / "uri2", "--config", "tiny") == 0
+    assert {k: r["status"] for k, r in _rows(tmp_path / "uri2").items()} == {
+        k: r["status"] for k, r in got.items() if r["status"] != "rejected"}

@@ -41,3 +41,14 @@ def test_users_own_models_pipeline_and_trainer_do_not_interfere(tmp_path):
     assert '"source": "preset:tiny"' in run(str(BIN / "flowcurate"), "config", "--config", "tiny")
     assert "--input" in run(sys.executable, "-m", "flowcurate.pipeline", "--help")
     assert run(sys.executable, "-c", "import models; print(models.MARK)").strip() == "the user models.py"
+
+
+def test_no_extra_installs_a_second_faiss():
+    """faiss-cpu and faiss-gpu wheels both ship `faiss/`: one would overwrite the other."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    faiss = [d for d in project["dependencies"] if d.lower().startswith("faiss")]
+    assert len(faiss) == 1
+    for extra, deps in project["optional-dependencies"].items():
+        assert not [d for d in deps if d.lower().startswith("faiss")], extra

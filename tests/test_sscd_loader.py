@@ -31,11 +31,18 @@ def test_resolve_names_urls_and_paths(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="release name"):
         sscd.resolve_sscd(str(tmp_path / "missing.pt"))
     # a URL already in the cache resolves without the network
-    url = sscd.RELEASE_URL.format(name="sscd_disc_mixup")
-    cached = tmp_path / "sscd" / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-sscd_disc_mixup.torchscript.pt"
+    url = "https://example.invalid/models/my_sscd.torchscript.pt"
+    cached = tmp_path / "sscd" / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-my_sscd.torchscript.pt"
     cached.parent.mkdir()
     cached.write_bytes(b"x")
-    assert sscd.resolve_sscd("sscd_disc_mixup") == cached == sscd.resolve_sscd(url)
+    assert sscd.resolve_sscd(url) == cached == sscd.cached_path(url)
+    # ... but a cached release file is served only if it has the release's pinned digest: a corrupt
+    # or substituted one is deleted, and offline there is nothing else to serve
+    release = sscd.cached_path(sscd.RELEASE_URL.format(name="sscd_disc_mixup"))
+    release.write_bytes(b"not the released file")
+    with pytest.raises(FileNotFoundError, match="not cached"):
+        sscd.resolve_sscd("sscd_disc_mixup")
+    assert not release.exists()
 
 
 def test_tiny_model_loads_by_path_and_cached_url(tiny_models, tmp_path, monkeypatch):
