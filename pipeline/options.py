@@ -45,7 +45,12 @@ class FlowcurateOptions(PipelineOptions):
                                  "SSCD; re-read, caption, encode, write), not the dedup decisions between them, "
                                  "e.g. 'type:nvidia-l4;count:1;install-nvidia-driver' (Dataflow)")
         parser.add_argument("--overwrite", action="store_true",
-                            help="replace an earlier run's shards, manifest, embeddings and stats in --output")
+                            help="replace another run in --output (its outputs are deleted; pass-1 records "
+                                 "made with the same pass-1 settings are kept and reused)")
+        parser.add_argument("--resume", action="store_true",
+                            help="insist on resuming: the same command again resumes by default (pass-1 "
+                                 "records of finished input files are reused; final outputs are rewritten); "
+                                 "with --resume, a folder holding no such run is an error")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import posixpath
 from dataclasses import dataclass
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 
 from flowcurate.formats.images import ImageRejected
 from flowcurate.formats.manifest import FAILED_PREFIX, FILTERED_PREFIX, UNREADABLE_ARCHIVE_TAIL
@@ -24,8 +25,9 @@ from flowcurate.pipeline.filters import Filter, ScoreModelHandler
 from flowcurate.pipeline.handlers import ModelSlot, SSCDModelHandler
 from flowcurate.pipeline.progress import Progress, Timer
 from flowcurate.pipeline.read import read_items
-from flowcurate.pipeline.records import Item, item_id
+from flowcurate.pipeline.records import Item, item_id, items_from_parquet, items_to_parquet
 from flowcurate.pipeline.validate import Valid, validate
+from flowcurate.pipeline.write import join, read_file, write_file
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +64,23 @@ class _Pending:
 
 
 class Pass1(beam.DoFn):
-    """(file_index, path, root) -> one `Item` per input of that file."""
+    """(file_index, InputFile) -> one `Item` per input of that file.
 
-    def __init__(self, settings: Pass1Settings):
-        self.s = settings
+    With `records` (a folder), each file's Items are also written there, atomically, named by the
+    file's identity (path, size, modification time), once the whole file is done; a file whose
+    records are already there is not read again (a rerun after a kill, or an unchanged input)."""
+
+    def __init__(self, settings: Pass1Settings, records: str | None = None):
+        self.s, self.records = settings, records
+        self.sscd = None
 
     def setup(self):
+        # score distributions per filter (score * 1000), visible in the runner's metrics
+        self.score_metrics = {f.name: beam.metrics.Metrics.distribution(FILTER_METRICS, f.name) for f in self.s.filters}
+        self.progress = Progress.get("pass 1", ("files", "inputs", "valid", "rejected", "embedded", "reused"))
+
+    def _load_models(self):
+        """On the first file that needs them: a rerun whose files all have records loads none."""
         s = self.s
         self.sscd = ModelSlot(SSCDModelHandler(s.sscd_location, s.sscd_preprocess, s.device, s.sscd_sha256))
         self.sscd.load()
@@ -76,13 +89,26 @@ class Pass1(beam.DoFn):
             slot = ModelSlot(ScoreModelHandler(f.clip, f.head, f.device))
             slot.load()
             self.filters.append((f, slot))
-        # score distributions per filter (score * 1000), visible in the runner's metrics
-        self.score_metrics = {f.name: beam.metrics.Metrics.distribution(FILTER_METRICS, f.name) for f in s.filters}
-        self.progress = Progress.get("pass 1", ("files", "inputs", "valid", "rejected", "embedded"))
 
     def process(self, element):
+        file_index, f = element
         with Timer(self.progress):
-            yield from self._process(*element)
+            kept_path = join(self.records, f"{f.identity()}.parquet") if self.records else None
+            if kept_path and FileSystems.exists(kept_path):
+                items = items_from_parquet(read_file(kept_path), file_index)
+                self.progress.add("reused", len(items))
+                self.progress.add("files")
+            else:
+                items = self._fresh(file_index, f, kept_path)
+            yield from items
+
+    def _fresh(self, file_index: int, f, kept_path: str | None) -> list[Item]:
+        if self.sscd is None:
+            self._load_models()
+        items = list(self._process(file_index, f.path, f.root))
+        if kept_path:
+            write_file(kept_path, items_to_parquet(items))
+        return items
 
     def _process(self, file_index: int, path: str, root: str):
         chunk: list[_Pending] = []

@@ -89,7 +89,7 @@ class Pass2(beam.DoFn):
 
     def _process(self, file_index: int, kept: list, files, offsets, conditioning):
         s = self.s
-        path, root = files[file_index]
+        path, root = files[file_index][:2]
         wanted = {ordinal_of(k.id): k for k in kept}
         shards = shard_positions(file_index, kept, offsets, s.shard_size)
         writers: dict[str, PartWriter] = {}

@@ -13,6 +13,7 @@ sample without an image -> `missing_image`; a damaged tar -> what is readable pl
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import posixpath
 from collections.abc import Iterator
@@ -131,8 +132,22 @@ def is_input(path: str) -> bool:
     return ext == "tar" or ext in IMAGE_EXTS or ext in PARQUET_EXTS
 
 
+class InputFile(NamedTuple):
+    """One input file as listed: where it is, the --input root its image keys are relative to, and
+    what identifies this version of it (size and modification time; a rerun reuses pass-1 records
+    only for a file whose identity is unchanged)."""
+
+    path: str
+    root: str
+    size: int = -1
+    mtime: float = -1.0
+
+    def identity(self) -> str:
+        return hashlib.sha256(f"{self.path}\0{self.size}\0{self.mtime!r}".encode()).hexdigest()[:24]
+
+
 class ListInputs(beam.PTransform):
-    """--input specs -> one element: the sorted list of (path, root) of every input file (a file's
+    """--input specs -> one element: the sorted list of `InputFile`s of every input file (a file's
     index in it is part of its items' ids). Small: one entry per file, not per image."""
 
     def __init__(self, specs: list[str]):
@@ -142,15 +157,16 @@ class ListInputs(beam.PTransform):
     def expand(self, pbegin):
         roots = sorted({r for _, r in self.patterns}, key=len, reverse=True)
 
-        def with_root(path: str) -> tuple[str, str]:  # the deepest --input root holding the file
-            return path, next((r for r in roots if path.startswith(r.rstrip("/") + "/")), posixpath.dirname(path))
+        def listed(m) -> InputFile:  # with the deepest --input root holding the file
+            root = next((r for r in roots if m.path.startswith(r.rstrip("/") + "/")), posixpath.dirname(m.path))
+            return InputFile(m.path, root, int(m.size_in_bytes), float(m.last_updated_in_seconds))
 
         return (
             pbegin
             | "Patterns" >> beam.Create([p for p, _ in self.patterns])
             | "Match" >> fileio.MatchAll()
-            | "Paths" >> beam.Map(lambda m: with_root(m.path))
-            | "Inputs" >> beam.Filter(lambda pr: is_input(pr[0]))
+            | "Listed" >> beam.Map(listed)
+            | "Inputs" >> beam.Filter(lambda f: is_input(f.path))
             | "Sorted" >> beam.combiners.ToList()
             | "Distinct" >> beam.Map(lambda files: sorted(set(files)))
         )

@@ -12,9 +12,12 @@ and its place in that file's reading order): unique, compact, the same on every 
 
 from __future__ import annotations
 
+import io
 from typing import NamedTuple
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from flowcurate.formats.manifest import MANIFEST_SCHEMA
 
@@ -68,6 +71,35 @@ class Kept(NamedTuple):
     height: int
     cluster: int | None  # top-1 k-means cluster
     split: str  # "train" or "val"
+
+
+# pass 1's records of one input file, as kept for a rerun (OUT/.pass1/...): ordinals, not ids, since
+# a file's index in the input list may differ between runs
+ITEMS_SCHEMA = pa.schema([
+    ("ordinal", pa.int64()), ("key", pa.string()), ("source", pa.string()), ("reason", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()), ("crop", pa.list_(pa.int32())), ("pixel_hash", pa.string()),
+    ("embedding", pa.binary()), ("caption", pa.string()), ("score_names", pa.list_(pa.string())),
+    ("score_values", pa.list_(pa.float64())),
+])
+
+
+def items_to_parquet(items: list[Item]) -> bytes:
+    rows = [{"ordinal": ordinal_of(it.id), "key": it.key, "source": it.source, "reason": it.reason,
+             "width": it.width, "height": it.height, "crop": list(it.crop) if it.crop else None,
+             "pixel_hash": it.pixel_hash, "embedding": it.embedding, "caption": it.caption,
+             "score_names": [n for n, _ in it.scores], "score_values": [s for _, s in it.scores]} for it in items]
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=ITEMS_SCHEMA), buf)
+    return buf.getvalue()
+
+
+def items_from_parquet(data: bytes, file_index: int) -> list[Item]:
+    out = []
+    for r in pq.read_table(io.BytesIO(data)).to_pylist():
+        out.append(Item(item_id(file_index, r["ordinal"]), r["key"], r["source"], r["reason"], r["width"],
+                        r["height"], tuple(r["crop"]) if r["crop"] is not None else None, r["pixel_hash"],
+                        r["embedding"], r["caption"], tuple(zip(r["score_names"], r["score_values"]))))
+    return out
 
 
 def manifest_row(key: str, source: str, status: str, **fields) -> dict:

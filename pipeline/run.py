@@ -12,10 +12,12 @@ byte-identical shards and the worker count changes nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
@@ -26,7 +28,7 @@ from flowcurate.formats.config import to_dict
 from flowcurate.formats.manifest import EMBEDDINGS_SCHEMA, FAILED_PREFIX, MANIFEST_SCHEMA
 from flowcurate.formats.shards import RECORD_JSON
 from flowcurate.formats.tars import sanitize_key
-from flowcurate.models.sscd import SSCDPreprocess
+from flowcurate.models.sscd import SSCDPreprocess, file_sha256
 from flowcurate.pipeline.decide import Decide
 from flowcurate.pipeline.filters import check_filters
 from flowcurate.pipeline.handlers import EncodeModelHandler, SSCDModelHandler
@@ -41,6 +43,8 @@ from flowcurate.pipeline.shuffles import shuffle_bytes
 from flowcurate.pipeline.validate import aspect_buckets
 from flowcurate.pipeline.write import (
     CROP_EMBEDDINGS,
+    PASS1_DIR,
+    RUN_JSON,
     STATS_JSON,
     count_row,
     delete_tree,
@@ -50,6 +54,7 @@ from flowcurate.pipeline.write import (
     read_file,
     shard_offsets,
     write_index,
+    write_json,
     write_shard,
     write_stats,
 )
@@ -57,9 +62,31 @@ from flowcurate.pipeline.write import (
 AsSingleton = beam.pvalue.AsSingleton
 def _file_failed(dead) -> Item:
     """Pass 1 raised on a whole file (a bug, not bad input): one rejected row says which file."""
-    (file_index, path, _), _error = dead[0], dead[1]
-    stem = sanitize_key(posixpath.basename(path))
-    return Item(item_id(file_index, (1 << ORDINAL_BITS) - 1), f"{stem}#failed", path, f"{FAILED_PREFIX}pass1")
+    (file_index, f), _error = dead[0], dead[1]
+    stem = sanitize_key(posixpath.basename(f.path))
+    return Item(item_id(file_index, (1 << ORDINAL_BITS) - 1), f"{stem}#failed", f.path, f"{FAILED_PREFIX}pass1")
+
+
+def pass1_settings(launch: Launch) -> Pass1Settings:
+    cfg, o = launch.config, launch.ours
+    pc, dd, m = cfg.pipeline, cfg.dedup, cfg.models
+    return Pass1Settings(
+        resolution=pc.resolution, min_size=pc.min_size, max_aspect=pc.max_aspect, max_pixels=pc.max_pixels,
+        buckets=tuple(aspect_buckets(pc.resolution, pc.max_aspect)) if pc.aspect_buckets else None,
+        sscd_location=m.sscd, sscd_preprocess=SSCDPreprocess(dd.sscd_size, tuple(dd.mean), tuple(dd.std)),
+        chunk=pc.batch_size, device=pc.device, sscd_sha256=m.sscd_sha256,
+        filters=tuple(check_filters([{"device": pc.device, **f} for f in pc.filters])),
+        columns=(o.key_column, o.image_column, o.caption_column))
+
+
+def settings_hash(settings: Pass1Settings) -> str:
+    """What pass 1's records are a function of (besides the file): every setting, and the content of
+    the SSCD model and filter heads when they are local files (a path alone could name new weights)."""
+    parts = [repr(settings)]
+    for location in (settings.sscd_location, *(f.head for f in settings.filters)):
+        path = Path(location).expanduser()
+        parts.append(file_sha256(path) if path.is_file() else location)
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
 def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
@@ -71,20 +98,16 @@ def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
     def hinted(transform):  # a GPU hint on a whole pass: never splits what the pass fuses
         return transform.with_resource_hints(accelerator=o.model_accelerator) if o.model_accelerator else transform
 
-    pre = SSCDPreprocess(dd.sscd_size, tuple(dd.mean), tuple(dd.std))
-    buckets = tuple(aspect_buckets(pc.resolution, pc.max_aspect)) if pc.aspect_buckets else None
-    columns = (o.key_column, o.image_column, o.caption_column)
-    filters = tuple(check_filters([{"device": pc.device, **f} for f in pc.filters]))
-    validation = dict(resolution=pc.resolution, min_size=pc.min_size, max_aspect=pc.max_aspect,
-                      max_pixels=pc.max_pixels, buckets=buckets)
+    settings1 = pass1_settings(launch)
+    pre, columns = settings1.sscd_preprocess, settings1.columns
+    validation = {k: getattr(settings1, k) for k in ("resolution", "min_size", "max_aspect", "max_pixels", "buckets")}
 
     files = p | "ListInputs" >> ListInputs(o.input)
     indexed = (files
-               | "Enumerate" >> beam.FlatMap(lambda fs: [(i, path, root) for i, (path, root) in enumerate(fs)])
+               | "Enumerate" >> beam.FlatMap(lambda fs: list(enumerate(fs)))
                | "Spread" >> beam.Reshuffle())
-    pass1 = (indexed | "Pass1" >> hinted(beam.ParDo(Pass1(Pass1Settings(
-        **validation, sscd_location=m.sscd, sscd_preprocess=pre, sscd_sha256=m.sscd_sha256, chunk=pc.batch_size, device=pc.device,
-        filters=filters, columns=columns))).with_exception_handling()))
+    records = join(out, PASS1_DIR, settings_hash(settings1))
+    pass1 = (indexed | "Pass1" >> hinted(beam.ParDo(Pass1(settings1, records)).with_exception_handling()))
     items = ((pass1.good, pass1.bad | "FileFailed" >> beam.Map(_file_failed)) | "Items" >> beam.Flatten())
 
     decided = items | "Decide" >> Decide(dd, pc.val_fraction)
@@ -138,17 +161,48 @@ def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
     return {"rows": rows, "stats": stats, "index": index, "conditioning": conditioning, "items": items}
 
 
-def prepare_output(out: str, overwrite: bool) -> None:
-    """Refuse to mix runs: an OUT holding shards or a manifest needs --overwrite (which clears them)."""
-    from apache_beam.io.filesystems import FileSystems
+def run_doc(launch: Launch, pass1_hash: str) -> dict:
+    """What makes two launches the same run: the config, the inputs and how they are read, pass 1's
+    settings hash. Kept as OUT/run.json; the same command again resumes, another one is refused."""
+    o = launch.ours
+    return {"config": to_dict(launch.config), "inputs": sorted(o.input),
+            "columns": [o.key_column, o.image_column, o.caption_column], "pass1": pass1_hash}
 
-    old = [join(out, d) for d in ("shards", "manifest", "embeddings", CROP_EMBEDDINGS, STATS_JSON, RECORD_JSON)]
-    present = [d for d in old if FileSystems.exists(d)]
-    if present and not overwrite:
-        raise OptionsError(f"{out} already holds a curated run ({', '.join(present)}); "
-                           "pass --overwrite to replace it, or choose another --output")
+
+def prepare_output(out: str, overwrite: bool, doc: dict | None = None, resume: bool = False, log=print) -> str:
+    """Get OUT ready; returns "new", "resumed" or "replaced".
+
+    The same run again (OUT/run.json equals `doc`; after a kill, or a finished run repeated) resumes:
+    its final outputs are cleared and rewritten, pass 1's records of finished files are reused. An
+    OUT holding another run is refused unless `overwrite`, which clears it (keeping only pass-1
+    records made with the same pass-1 settings). `resume` insists on resuming."""
+    final = [join(out, d) for d in ("shards", "manifest", "embeddings", CROP_EMBEDDINGS, STATS_JSON, RECORD_JSON)]
+    present = [d for d in final if FileSystems.exists(d)]
+    run_json = join(out, RUN_JSON)
+    before = json.loads(read_file(run_json)) if FileSystems.exists(run_json) else None
+    same = doc is not None and before == json.loads(json.dumps(doc))
+    if resume and not same:
+        raise OptionsError(f"--resume: {out} holds no run with these settings to resume"
+                           + (" (its run.json differs: another config, other inputs or other pass-1 settings)"
+                              if before else ""))
+    if not same and (present or before) and not overwrite:
+        what = "another run (other settings; its run.json differs)" if before else f"a curated run ({', '.join(present)})"
+        raise OptionsError(f"{out} already holds {what}; pass --overwrite to replace it, or choose another --output")
     for d in present:
         delete_tree(d)
+    if not same and doc is not None:  # keep only the pass-1 records this run can use
+        keep = join(out, PASS1_DIR, doc["pass1"])
+        stale = [m.path for m in FileSystems.match([join(out, PASS1_DIR, "*", "*.parquet")])[0].metadata_list
+                 if not m.path.startswith(keep + "/")]
+        if stale:
+            FileSystems.delete(stale)
+    if doc is not None:
+        write_json(run_json, doc)
+    if same:
+        done = FileSystems.match([join(out, PASS1_DIR, doc["pass1"], "*.parquet")])[0].metadata_list
+        log(f"resuming the run in {out}: pass-1 records of {len(done)} input file(s) are reused")
+        return "resumed"
+    return "replaced" if present or before else "new"
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None, log=print) -> dict | None:
@@ -157,7 +211,8 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     launch = launch_options(argv, log=lambda msg: log(msg, file=sys.stderr) if log is print else log(msg))
     out = launch.ours.output.rstrip("/")
     check_inputs(launch.ours.input)
-    prepare_output(out, launch.ours.overwrite)
+    state = prepare_output(out, launch.ours.overwrite, run_doc(launch, settings_hash(pass1_settings(launch))),
+                           launch.ours.resume, log=lambda msg: print(msg, file=sys.stderr) if log is print else log(msg))
     Progress.reset()
     t0 = time.perf_counter()
     p = test_pipeline or beam.Pipeline(options=launch.beam)
@@ -174,6 +229,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     except Exception:  # noqa: BLE001  (no monitoring infos on this runner)
         stats["shuffle_bytes"] = None
     stats["stages"] = stage_metrics(result)
+    stats["output"] = state
     return stats
 
 

@@ -30,6 +30,8 @@ from flowcurate.formats.shards import INDEX_JSON, SampleWriter, index_doc, recor
 
 PARTS_DIR = ".parts"
 STATS_JSON = "stats.json"
+RUN_JSON = "run.json"  # what makes a rerun the same run (pipeline/run.py, prepare_output)
+PASS1_DIR = ".pass1"  # pass 1's records per input file, per settings hash: what a rerun reuses
 CROP_EMBEDDINGS = "crop_embeddings"  # SSCD of each kept input's training crop (memorization)
 
 

@@ -204,8 +204,8 @@ def test_rerun_is_byte_identical_and_refuses_to_mix(curated, tmp_path):
     root, _, _, _ = curated
     from flowcurate.pipeline.options import OptionsError
 
-    with pytest.raises(OptionsError, match="--overwrite"):
-        run(_args(root, root / "out"), log=lambda *a, **k: None)
+    with pytest.raises(OptionsError, match="--overwrite"):  # another run's settings: never mixed
+        run(_args(root, root / "out", "--val_fraction", "0.5"), log=lambda *a, **k: None)
     run(_args(root, tmp_path / "again"), log=lambda *a, **k: None)
     first = {p.name: p.read_bytes() for p in (root / "out" / "shards").iterdir() if p.is_file()}
     second = {p.name: p.read_bytes() for p in (tmp_path / "again" / "shards").iterdir() if p.is_file()}
