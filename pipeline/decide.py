@@ -192,18 +192,62 @@ def _bad_or_good(kv):
                 n.key, n.source, "rejected", reason=BAD_EMBEDDING, width=n.width, height=n.height))
 
 
+# ------------------------------------------------------------------------------------------- reference
+
+def read_reference(specs: list[str]) -> dict:
+    """--reference embedding files (`flowcurate dedup`'s embeddings.parquet, OUT/embeddings/, or a
+    Parquet of key + embedding) -> {"keys", "embeddings" (R, D), "valid" rows}, read on a worker."""
+    from flowcurate.dedup.inputs import check_rows, classify, read_embedding_files
+
+    kind, files = classify(specs, "--reference", set())
+    if kind != "embeddings":
+        raise ValueError("flowcurate run --reference takes embedding files (Parquet: key, embedding); "
+                         "embed reference images first with flowcurate dedup")
+    ref = read_embedding_files(files, None, "--reference")
+    return {"keys": ref.keys, "embeddings": np.asarray(ref.embeddings, np.float32),
+            "valid": np.flatnonzero(check_rows(ref.embeddings, ref.keys, "--reference", skip=True))}
+
+
+class _Decontaminate(beam.DoFn):
+    """Batches of Items -> the same Items, those whose descriptor is above the threshold to any
+    reference item rejected as `filtered:reference` (as `flowcurate dedup --reference` decides)."""
+
+    def __init__(self, dd: DedupConfig):
+        self.dd = dd
+
+    def process(self, batch, reference):
+        rows = [i for i, it in enumerate(batch) if it.embedding is not None and it.reason is None]
+        if rows:
+            from flowcurate.dedup.reference import REFERENCE_REASON, match_reference
+
+            x = np.stack([batch[i].vector() for i in rows])
+            ok = np.flatnonzero(valid_rows(x))
+            best, _ = match_reference(x, ok, reference["embeddings"], reference["valid"], reference["keys"], self.dd)
+            for r, b in zip(rows, best.tolist()):
+                if b >= 0:
+                    batch[r] = batch[r]._replace(reason=REFERENCE_REASON)
+        yield from batch
+
+
 class Decide(beam.PTransform):
     """PCollection[Item] -> {'rows': manifest rows of every input not kept, 'kept': PCollection[Kept],
     'embedded': (Named, descriptor bytes) of every exact-dedup survivor with a valid descriptor}."""
 
-    def __init__(self, dedup: DedupConfig, val_fraction: float, assign_batch: int = 1024):
+    def __init__(self, dedup: DedupConfig, val_fraction: float, assign_batch: int = 1024,
+                 reference: tuple[str, ...] = ()):
         super().__init__()
+        self.reference = tuple(reference)
         if dedup.priority not in ("pixels", "key"):
             raise ValueError(f"[dedup] priority must be 'pixels' or 'key', got {dedup.priority!r}")
         self.dd, self.val_fraction, self.assign_batch = dedup, val_fraction, assign_batch
 
     def expand(self, items):
         dd = self.dd
+        if self.reference:  # decontamination first: a filtered item takes no part in any dedup
+            reference = (items.pipeline | "ReferenceSpecs" >> beam.Create([list(self.reference)])
+                         | "ReadReference" >> beam.Map(read_reference))
+            items = (items | "ReferenceBatches" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.assign_batch)
+                     | "Decontaminate" >> beam.ParDo(_Decontaminate(dd), AsSingleton(reference)))
         named = (items
                  | "SlimByKey" >> beam.Map(_slim)
                  | "GroupKeys" >> beam.GroupByKey()

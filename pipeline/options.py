@@ -37,6 +37,10 @@ class FlowcurateOptions(PipelineOptions):
         parser.add_argument("--image_column", default="image", help="Parquet input: the image bytes column")
         parser.add_argument("--caption_column", default="caption", help="Parquet input: the caption column")
         parser.add_argument("--key_column", default="key", help="Parquet input: the key column")
+        parser.add_argument("--reference", action="append", default=None,
+                            help="decontaminate: embeddings (Parquet: key, embedding, as flowcurate dedup writes "
+                                 "them) of an evaluation set; inputs above the dedup threshold to any of them are "
+                                 "rejected as filtered:reference, as in flowcurate dedup --reference (repeatable)")
         parser.add_argument("--resolution", type=int, default=None, help="override [pipeline] resolution")
         parser.add_argument("--val_fraction", type=float, default=None, help="override [pipeline] val_fraction")
         parser.add_argument("--dedup_threshold", type=float, default=None, help="override [dedup] threshold")

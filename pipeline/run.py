@@ -110,7 +110,7 @@ def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
     pass1 = (indexed | "Pass1" >> hinted(beam.ParDo(Pass1(settings1, records)).with_exception_handling()))
     items = ((pass1.good, pass1.bad | "FileFailed" >> beam.Map(_file_failed)) | "Items" >> beam.Flatten())
 
-    decided = items | "Decide" >> Decide(dd, pc.val_fraction)
+    decided = items | "Decide" >> Decide(dd, pc.val_fraction, reference=tuple(o.reference or ()))
     kept = decided["kept"]
     offsets = (kept
                | "FileSplit" >> beam.Map(lambda k: ((file_index_of(k.id), k.split), 1))

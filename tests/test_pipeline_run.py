@@ -268,3 +268,28 @@ def test_odd_images_convert_to_the_right_pixels():
         if key == "odd_exif_rotated":  # the other rotation is far off: the check can tell them apart
             wrong = np.rot90(np.rot90(want))  # 180 degrees: same shape, wrong orientation
             assert np.abs(got - wrong.astype(np.float32)).mean() > 4 * err + 10
+
+
+def test_reference_rejects_the_same_items_in_run_and_in_dedup(curated, tmp_path):
+    """--reference has one meaning in both commands: inputs above the threshold to an evaluation
+    set's embeddings are rejected as filtered:reference."""
+    from flowcurate.dedup.cli import main as dedup_main
+    from flowcurate.dedup.inputs import write_embeddings
+
+    root, _, _, _ = curated
+    (part,) = sorted((root / "out" / "embeddings").glob("*.parquet"))
+    emb = pq.read_table(part).to_pylist()[:6]  # an "evaluation set": six of the curated images
+    ref = tmp_path / "eval.parquet"
+    write_embeddings(ref, [f"eval-{i}" for i in range(len(emb))], np.asarray([r["embedding"] for r in emb], np.float32),
+                     np.full(len(emb), -1, np.int32), np.full(len(emb), -1, np.int32))
+    run(_args(root, tmp_path / "decont", "--reference", str(ref)), log=lambda *a, **k: None)
+    rows = read_manifest(tmp_path / "decont")
+    in_run = {k for k, r in rows.items() if r["reason"] == "filtered:reference"}
+    assert {r["key"] for r in emb} <= in_run
+    assert dedup_main(["--input", str(part), "--reference", str(ref), "--output", str(tmp_path / "dd"),
+                       "--config", "tiny", "--quiet"]) == 0
+    dd = {r["key"]: r for r in pq.read_table(tmp_path / "dd" / "dedup.parquet").to_pylist()}
+    in_dedup = {k for k, r in dd.items() if r["reason"] == "filtered:reference"}
+    assert in_dedup == in_run & set(dd)
+    assert all(rows[k]["status"] == "rejected" for k in in_run)
+    assert not {r["duplicate_of"] for r in rows.values()} & in_run  # a filtered item removes nothing
