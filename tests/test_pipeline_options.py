@@ -48,4 +48,4 @@ def test_missing_required_flags_are_clear():
         launch_options(["--output", "o"], resolve_models=False)
     with pytest.raises(OptionsError, match="--output"):
         launch_options(["--input", "i"], resolve_models=False)
-    assert FlowcurateOptions([]).config == "tiny"
+    assert FlowcurateOptions([]).config == "sd3"  # the paper's models unless told otherwise

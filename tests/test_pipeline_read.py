@@ -21,7 +21,7 @@ from flowcurate.pipeline.decide import number_repeats
 from flowcurate.pipeline.read import ListInputs, input_patterns, read_items, read_tar
 
 
-def list_inputs(specs) -> list[tuple[str, str]]:
+def list_inputs(specs) -> list:
     """Run ListInputs on the FnApiRunner; the list comes back through a pickle file."""
     out = Path(tempfile.mkdtemp()) / "files.pkl"
     with TestPipeline(runner="FnApiRunner") as p:
@@ -33,8 +33,8 @@ def list_inputs(specs) -> list[tuple[str, str]]:
 def run(specs, **kw):
     """Every input of every listed file, repeated keys numbered as the pipeline numbers them."""
     by_key: dict[str, list] = {}
-    for path, root in list_inputs(specs):
-        for raw in read_items(path, root, **kw):
+    for f in list_inputs(specs):
+        for raw in read_items(f.path, f.root, **kw):
             by_key.setdefault(raw.key, []).append(raw)
     return [raw._replace(key=key, reason="duplicate_key" if repeat else raw.reason)
             for key, raws in by_key.items() for raw, key, repeat in number_repeats(key, raws)]
