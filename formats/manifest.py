@@ -52,6 +52,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("caption_synthetic", pa.string()),
     ("notes", pa.list_(pa.string())),
     ("shard", pa.string()),
+    ("previous", pa.string()),  # --previous runs: the earlier output holding duplicate_of (or the key)
 ])
 
 EMBEDDINGS_SCHEMA = pa.schema([

@@ -36,6 +36,7 @@ from flowcurate.dedup.search import search_cluster
 from flowcurate.formats.config import DedupConfig
 from flowcurate.formats.manifest import BAD_EMBEDDING, DUPLICATE_KEY
 from flowcurate.formats.shards import split_of
+from flowcurate.pipeline.previous import PREVIOUS
 from flowcurate.pipeline.records import Item, Kept, manifest_row, rejected_row
 
 AsSingleton = beam.pvalue.AsSingleton
@@ -66,14 +67,19 @@ def number_repeats(key: str, items: list) -> list[tuple[object, str, bool]]:
 
 
 def _number_repeats(kv):
-    """(key, [slim Items]) -> Named for valid first items; rows for repeats and rejected items (tagged)."""
-    for it, key, repeat in number_repeats(*kv):
-        if repeat:
-            yield beam.pvalue.TaggedOutput("rows", manifest_row(key, it.source, "rejected", reason=DUPLICATE_KEY))
+    """(key, [slim Items]) -> Named for valid first items; rows for repeats and rejected items (tagged).
+    A key that an earlier output (--previous) holds is taken: every new item under it is a repeat."""
+    key, items = kv
+    earlier = [it for it in items if it.reason == PREVIOUS]
+    new = [it for it in items if it.reason != PREVIOUS]
+    for it, final, repeat in number_repeats(key, new):
+        if repeat or earlier:
+            yield beam.pvalue.TaggedOutput("rows", manifest_row(
+                final, it.source, "rejected", reason=DUPLICATE_KEY, previous=earlier[0].source if earlier else None))
         elif it.reason is not None:
             yield beam.pvalue.TaggedOutput("rows", rejected_row(it))
         else:
-            yield Named(it.id, key, it.source, it.pixel_hash, it.width, it.height)
+            yield Named(it.id, final, it.source, it.pixel_hash, it.width, it.height)
 
 
 def _slim(it: Item) -> tuple[str, Item]:
@@ -82,13 +88,27 @@ def _slim(it: Item) -> tuple[str, Item]:
 
 
 def _resolve_exact(kv):
+    """(pixel hash, [Named]) -> the survivor; (survivor id, duplicate row) for the others (tag 'dups')."""
     _, group = kv
     group = sorted(group, key=lambda n: (-n.pixels, n.key))
     yield group[0]
     for n in group[1:]:
-        yield beam.pvalue.TaggedOutput("rows", manifest_row(
+        yield beam.pvalue.TaggedOutput("dups", (group[0].id, manifest_row(
             n.key, n.source, "duplicate", duplicate_of=group[0].key, similarity=1.0, width=n.width,
-            height=n.height))
+            height=n.height)))
+
+
+def _exact_rows(kv):
+    """An exact survivor's id, its exact duplicates' rows and its near decision (if it was removed):
+    the duplicates then name the item that removed it, so `duplicate_of` is always a kept key. Their
+    pixels equal the survivor's, so the survivor's cosine is theirs too."""
+    _, g = kv
+    decision = g["decision"][0] if g["decision"] else None
+    for row in g["dup"]:
+        if decision is not None:
+            kept_key, sim, origin = decision
+            row = {**row, "duplicate_of": kept_key, "similarity": report_similarity(sim), "previous": origin}
+        yield row
 
 
 # ---------------------------------------------------------------------------------------------- near
@@ -147,30 +167,39 @@ def _search(group, threshold: float, block_rows: int):
 
 
 def _resolve(pairs: list, nodes: list, priority: str) -> list:
-    """All found pairs (id_a, id_b, cos; repeats allowed) and the paired items (id, key, pixels) ->
-    (id, (kept key, cos)) for every removed item: SD3 Algorithm 1 in priority order."""
+    """All found pairs (id_a, id_b, cos; repeats allowed) and the paired items (id, key, pixels,
+    origin) -> (id, (kept key, cos, origin of the kept item)) for every removed item: SD3 Algorithm 1
+    in priority order. Items of earlier outputs (negative ids, `origin` their folder) come first and
+    are never removed: pairs between two of them are dropped."""
+    pairs = [p for p in pairs if p[0] >= 0 or p[1] >= 0]
     if not pairs:
         return []
-    nodes = sorted(nodes, key=lambda n: n[1])  # by key: the priority's tie-break and a fixed order
+    # by key: the priority's tie-break and a fixed order; earlier outputs' items first
+    nodes = sorted(nodes, key=lambda n: (n[0] >= 0, n[1]))
     index = {n[0]: i for i, n in enumerate(nodes)}
-    keys = [n[1] for n in nodes]
+    keys = [f"\0previous{i:012d}" if n[0] < 0 else n[1] for i, n in enumerate(nodes)]  # never a real key
     # a pair found in several clusters has one cosine: `unique_pairs` keeps it once, in (i, j) order
     found, cos = unique_pairs(np.array([[index[a], index[b]] for a, b, _ in pairs], dtype=np.int64),
                               np.array([c for _, _, c in pairs], dtype=np.float32))
-    px = np.array([n[2] for n in nodes], dtype=np.float64) if priority == "pixels" else None
+    px = np.array([1e300 if n[0] < 0 else n[2] for n in nodes], dtype=np.float64) if priority == "pixels" else None
+    if px is None and nodes and nodes[0][0] < 0:  # key priority: earlier outputs' items still first
+        px = np.array([1.0 if n[0] < 0 else 0.0 for n in nodes])
     dup_of, sim = resolve_component(keys, found, cos, pixels=px)
-    return [(n[0], (d, s)) for n, d, s in zip(nodes, dup_of, sim.tolist()) if d is not None]
+    by_key = dict(zip(keys, nodes))
+    return [(n[0], (by_key[d][1], s, by_key[d][3])) for n, d, s in zip(nodes, dup_of, sim.tolist()) if d is not None]
 
 
 def _decide(kv, val_fraction: float):
-    _, g = kv
+    id_, g = kv
     (n,) = g["named"]
     cluster = g["cluster"][0] if g["cluster"] else None
-    if g["decision"]:
-        kept_key, sim = g["decision"][0]
+    if id_ < 0:
+        pass  # an earlier output's item: already kept there, never written again
+    elif g["decision"]:
+        kept_key, sim, origin = g["decision"][0]
         yield beam.pvalue.TaggedOutput("rows", manifest_row(
             n.key, n.source, "duplicate", duplicate_of=kept_key, similarity=report_similarity(sim),
-            cluster=cluster, width=n.width, height=n.height))
+            cluster=cluster, width=n.width, height=n.height, previous=origin))
     else:
         yield kept_record(n, cluster, val_fraction)
 
@@ -234,9 +263,10 @@ class Decide(beam.PTransform):
     'embedded': (Named, descriptor bytes) of every exact-dedup survivor with a valid descriptor}."""
 
     def __init__(self, dedup: DedupConfig, val_fraction: float, assign_batch: int = 1024,
-                 reference: tuple[str, ...] = ()):
+                 reference: tuple[str, ...] = (), previous=None):
         super().__init__()
         self.reference = tuple(reference)
+        self.previous = previous  # PCollection[Item] of earlier outputs' kept items (ReadPrevious), or None
         if dedup.priority not in ("pixels", "key"):
             raise ValueError(f"[dedup] priority must be 'pixels' or 'key', got {dedup.priority!r}")
         self.dd, self.val_fraction, self.assign_batch = dedup, val_fraction, assign_batch
@@ -248,7 +278,10 @@ class Decide(beam.PTransform):
                          | "ReadReference" >> beam.Map(read_reference))
             items = (items | "ReferenceBatches" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.assign_batch)
                      | "Decontaminate" >> beam.ParDo(_Decontaminate(dd), AsSingleton(reference)))
-        named = (items
+        keyed = items
+        if self.previous is not None:  # earlier outputs' keys are taken
+            keyed = (items, self.previous) | "WithPreviousKeys" >> beam.Flatten()
+        named = (keyed
                  | "SlimByKey" >> beam.Map(_slim)
                  | "GroupKeys" >> beam.GroupByKey()
                  | "NumberRepeats" >> beam.FlatMap(_number_repeats).with_output_types(Any)
@@ -256,7 +289,7 @@ class Decide(beam.PTransform):
         exact = (named.named
                  | "ByPixels" >> beam.Map(lambda n: (n.pixel_hash, n))
                  | "GroupPixels" >> beam.GroupByKey()
-                 | "ExactDedup" >> beam.FlatMap(_resolve_exact).with_output_types(Any).with_outputs("rows", main="kept"))
+                 | "ExactDedup" >> beam.FlatMap(_resolve_exact).with_output_types(Any).with_outputs("dups", main="kept"))
 
         embeddings = (items
                       | "WithEmbedding" >> beam.Filter(lambda it: it.embedding is not None)
@@ -268,9 +301,15 @@ class Decide(beam.PTransform):
         good = checked.good
         if not dd.near:  # exact duplicates only: every exact survivor with a valid descriptor is kept
             kept = good | "KeptAll" >> beam.Map(lambda ne, vf: kept_record(ne[0], None, vf), self.val_fraction)
-            rows = (named.rows, exact.rows, checked.rows) | "DecisionRows" >> beam.Flatten()
+            dups = exact.dups | "ExactRows" >> beam.Map(lambda kv: kv[1])
+            rows = (named.rows, dups, checked.rows) | "DecisionRows" >> beam.Flatten()
             return {"rows": rows, "kept": kept, "embedded": good}
 
+        embedded = good
+        if self.previous is not None:  # searched with the new items; always kept, first in priority
+            good = (good, self.previous | "PreviousNamed" >> beam.Map(
+                lambda it: (Named(it.id, it.key, it.source, "", it.width, it.height), it.embedding))
+                    ) | "WithPrevious" >> beam.Flatten()
         plan = (good | "Count" >> beam.combiners.Count.Globally() | "Plan" >> beam.Map(_plan, dd))
         centroids = (good
                      | "Sample" >> beam.Filter(lambda ne, p: p.k > 1 and in_kmeans_sample(ne[0].key, p.fraction),
@@ -288,7 +327,8 @@ class Decide(beam.PTransform):
                  | "Search" >> beam.FlatMap(_search, dd.threshold, dd.block_rows))
         # the keys and sizes of the paired items only (few): the keep rule's priority order needs them
         nodes = ({"paired": pairs | "PairedIds" >> beam.FlatMap(lambda p: [(p[0], None), (p[1], None)]),
-                  "node": good | "NodeById" >> beam.Map(lambda ne: (ne[0].id, (ne[0].key, ne[0].pixels)))}
+                  "node": good | "NodeById" >> beam.Map(
+                      lambda ne: (ne[0].id, (ne[0].key, ne[0].pixels, ne[0].source if ne[0].id < 0 else None)))}
                  | "JoinNodes" >> beam.CoGroupByKey()
                  | "Nodes" >> beam.FlatMap(lambda kv: [(kv[0], *kv[1]["node"][0])] if kv[1]["paired"] else []))
         decisions = (pairs
@@ -300,5 +340,7 @@ class Decide(beam.PTransform):
                  | "JoinDecisions" >> beam.CoGroupByKey()
                  | "Decide" >> beam.FlatMap(_decide, self.val_fraction).with_output_types(Any)
                  .with_outputs("rows", main="kept"))
-        rows = ((named.rows, exact.rows, checked.rows, final.rows) | "DecisionRows" >> beam.Flatten())
-        return {"rows": rows, "kept": final.kept, "embedded": good}
+        dups = ({"dup": exact.dups, "decision": decisions} | "JoinExactDups" >> beam.CoGroupByKey()
+                | "ExactRows" >> beam.FlatMap(_exact_rows))
+        rows = ((named.rows, dups, checked.rows, final.rows) | "DecisionRows" >> beam.Flatten())
+        return {"rows": rows, "kept": final.kept, "embedded": embedded}

@@ -37,6 +37,10 @@ class FlowcurateOptions(PipelineOptions):
         parser.add_argument("--image_column", default="image", help="Parquet input: the image bytes column")
         parser.add_argument("--caption_column", default="caption", help="Parquet input: the caption column")
         parser.add_argument("--key_column", default="key", help="Parquet input: the key column")
+        parser.add_argument("--previous", action="append", default=None, metavar="OUT",
+                            help="curate against an earlier output (repeatable): new inputs that duplicate one of "
+                                 "its kept items become duplicate rows naming it (column previous); its kept items "
+                                 "stay kept and are not re-read; new shards are numbered after its shards")
         parser.add_argument("--reference", action="append", default=None,
                             help="decontaminate: embeddings (Parquet: key, embedding, as flowcurate dedup writes "
                                  "them) of an evaluation set; inputs above the dedup threshold to any of them are "

@@ -49,16 +49,19 @@ class Pass2Settings:
     encoder: EncodeModelHandler
     sscd: SSCDModelHandler  # the training crop's descriptor
     columns: tuple[str, str, str] = ("key", "image", "caption")
+    first_shard: tuple[tuple[str, int], ...] = ()  # (split, first shard number): after earlier outputs'
 
 
-def shard_positions(file_index: int, kept: list[Kept], offsets: dict, shard_size: int) -> dict[int, str]:
+def shard_positions(file_index: int, kept: list[Kept], offsets: dict, shard_size: int,
+                    first: dict | None = None) -> dict[int, str]:
     """id -> shard name: the file's kept items of each split, in reading order, continue that split's
-    running position at `offsets[(file_index, split)]`."""
+    running position at `offsets[(file_index, split)]`; shard numbers start at `first[split]` (after
+    the shards of earlier outputs, with --previous)."""
     out = {}
     for split in SPLITS:
-        base = offsets.get((file_index, split), 0)
+        base, start = offsets.get((file_index, split), 0), (first or {}).get(split, 0)
         for rank, k in enumerate(sorted((k for k in kept if k.split == split), key=lambda k: k.id)):
-            out[k.id] = shard_name(split, (base + rank) // shard_size)
+            out[k.id] = shard_name(split, start + (base + rank) // shard_size)
     return out
 
 
@@ -91,7 +94,7 @@ class Pass2(beam.DoFn):
         s = self.s
         path, root = files[file_index][:2]
         wanted = {ordinal_of(k.id): k for k in kept}
-        shards = shard_positions(file_index, kept, offsets, s.shard_size)
+        shards = shard_positions(file_index, kept, offsets, s.shard_size, dict(s.first_shard))
         writers: dict[str, PartWriter] = {}
         chunk: list = []
         self.progress.add("kept", len(kept))

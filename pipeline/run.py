@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from flowcurate.captioning.handler import CaptionModelHandler
 from flowcurate.formats.config import to_dict
+from flowcurate.formats.devices import TOKEN_ENV
 from flowcurate.formats.manifest import EMBEDDINGS_SCHEMA, FAILED_PREFIX, MANIFEST_SCHEMA
 from flowcurate.formats.shards import RECORD_JSON
 from flowcurate.formats.tars import sanitize_key
@@ -35,6 +38,7 @@ from flowcurate.pipeline.handlers import EncodeModelHandler, SSCDModelHandler
 from flowcurate.pipeline.options import Launch, OptionsError, launch_options
 from flowcurate.pipeline.pass1 import Pass1, Pass1Settings
 from flowcurate.pipeline.pass2 import CROPS, PARTS, Pass2, Pass2Settings
+from flowcurate.pipeline.previous import ReadPrevious, check_compatible, shard_base
 from flowcurate.pipeline.progress import NAMESPACE as PROGRESS_NAMESPACE
 from flowcurate.pipeline.progress import Progress
 from flowcurate.pipeline.read import ListInputs
@@ -110,7 +114,8 @@ def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
     pass1 = (indexed | "Pass1" >> hinted(beam.ParDo(Pass1(settings1, records)).with_exception_handling()))
     items = ((pass1.good, pass1.bad | "FileFailed" >> beam.Map(_file_failed)) | "Items" >> beam.Flatten())
 
-    decided = items | "Decide" >> Decide(dd, pc.val_fraction, reference=tuple(o.reference or ()))
+    previous = p | "ReadPrevious" >> ReadPrevious(o.previous) if o.previous else None
+    decided = items | "Decide" >> Decide(dd, pc.val_fraction, reference=tuple(o.reference or ()), previous=previous)
     kept = decided["kept"]
     offsets = (kept
                | "FileSplit" >> beam.Map(lambda k: ((file_index_of(k.id), k.split), 1))
@@ -128,7 +133,8 @@ def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
                                  te_dtype=pc.text_encoder_dtype, device=pc.device, share_model=pc.share_models)
     settings2 = Pass2Settings(out=out, **validation, chunk=pc.batch_size, shard_size=pc.shard_size,
                               store_dtype=pc.store_dtype, captioner=captioner, encoder=encoder,
-                              sscd=SSCDModelHandler(m.sscd, pre, pc.device, m.sscd_sha256), columns=columns)
+                              sscd=SSCDModelHandler(m.sscd, pre, pc.device, m.sscd_sha256), columns=columns,
+                              first_shard=tuple(shard_base(o.previous).items()) if o.previous else ())
     written = (kept
                | "ByFile" >> beam.Map(lambda k: (file_index_of(k.id), k))
                | "GroupByFile" >> beam.GroupByKey()
@@ -165,7 +171,8 @@ def run_doc(launch: Launch, pass1_hash: str) -> dict:
     """What makes two launches the same run: the config, the inputs and how they are read, pass 1's
     settings hash. Kept as OUT/run.json; the same command again resumes, another one is refused."""
     o = launch.ours
-    return {"config": to_dict(launch.config), "inputs": sorted(o.input),
+    return {"config": to_dict(launch.config), "inputs": sorted(o.input), "previous": list(o.previous or []),
+            "reference": list(o.reference or []),
             "columns": [o.key_column, o.image_column, o.caption_column], "pass1": pass1_hash}
 
 
@@ -211,9 +218,16 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     launch = launch_options(argv, log=lambda msg: log(msg, file=sys.stderr) if log is print else log(msg))
     out = launch.ours.output.rstrip("/")
     check_inputs(launch.ours.input)
+    if launch.ours.previous:
+        try:
+            check_compatible(launch.ours.previous, {"preprocess": pass1_settings(launch).sscd_preprocess.record()})
+            shard_base(launch.ours.previous)
+        except (OSError, ValueError, KeyError) as e:
+            raise OptionsError(f"--previous: {e}") from None
     state = prepare_output(out, launch.ours.overwrite, run_doc(launch, settings_hash(pass1_settings(launch))),
                            launch.ours.resume, log=lambda msg: print(msg, file=sys.stderr) if log is print else log(msg))
     Progress.reset()
+    os.environ[TOKEN_ENV] = uuid.uuid4().hex  # this run's local workers count themselves for "auto" GPUs
     t0 = time.perf_counter()
     p = test_pipeline or beam.Pipeline(options=launch.beam)
     build(p, launch)

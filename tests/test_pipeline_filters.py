@@ -25,6 +25,7 @@ from flowcurate.models.sscd import SSCDPreprocess
 from flowcurate.models.tiny import ensure_tiny_models
 from flowcurate.pipeline.filters import Filter, ScoreModelHandler, check_filters, load_head
 from flowcurate.pipeline.pass1 import Pass1, Pass1Settings
+from flowcurate.pipeline.read import InputFile
 from flowcurate.pipeline.validate import validate
 
 
@@ -153,7 +154,7 @@ def _run(items, filters, batch_size=4):
                       sscd_location=str(ensure_tiny_models(0) / "sscd.torchscript.pt"),
                       sscd_preprocess=SSCDPreprocess(64), chunk=batch_size, device="cpu", filters=tuple(filters))
     p = TestPipeline(runner="FnApiRunner")
-    (p | beam.Create([(0, str(out / "in.tar"), str(out))]) | beam.ParDo(Pass1(s)) | beam.combiners.ToList()
+    (p | beam.Create([(0, InputFile(str(out / "in.tar"), str(out)))]) | beam.ParDo(Pass1(s)) | beam.combiners.ToList()
      | beam.Map(lambda xs, f=str(out / "items"): Path(f).write_bytes(pickle.dumps(xs))))
     result = p.run()
     result.wait_until_finish()

@@ -88,3 +88,15 @@ def test_near_false_keeps_every_exact_survivor():
     assert all(k.cluster is None for k in got["kept"])
     near = _run(_items(x, keys, w, h), threshold=0.6)
     assert {keys[4], keys[5]} & {r["key"] for r in near["duplicates"]}
+
+
+def test_earlier_outputs_items_come_first_and_are_never_removed():
+    from flowcurate.pipeline.decide import _resolve
+
+    # earlier items (negative ids) with fewer pixels still win; a pair of two earlier items is ignored
+    pairs = [(-5, 7, 0.9), (-6, 8, 0.95), (-5, -6, 0.99), (7, 9, 0.8)]
+    nodes = [(-5, "a", 100.0, "/out1"), (7, "b", 200.0, None), (-6, "c", 10.0, "/out2"), (8, "d", 5.0, None),
+             (9, "e", 1000.0, None)]
+    for priority in ("pixels", "key"):
+        got = dict(_resolve(pairs, nodes, priority))
+        assert {k: (v[0], v[2]) for k, v in got.items()} == {7: ("a", "/out1"), 8: ("c", "/out2")}
