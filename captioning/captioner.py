@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from flowcurate.captioning.cleanup import clean_caption
-from flowcurate.formats.config import resolve_device
+from flowcurate.formats.devices import worker_device
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Captioner:
         kwargs = {"trust_remote_code": trust_remote_code}
         if revision is not None:
             kwargs["revision"] = revision
-        device = torch.device(resolve_device(device))  # "auto": where the model loads (a worker's own GPU)
+        device = torch.device(worker_device(device))  # "auto": where the model loads (a worker's own GPU)
         if dtype is None:
             dtype = torch.float32 if device.type == "cpu" else "auto"
         elif isinstance(dtype, str) and dtype != "auto":

@@ -97,9 +97,9 @@ class ScoreModelHandler(ModelHandler):
         self.clip_location, self.head_path, self.device = str(clip_location), str(head_path), device
 
     def load_model(self):
-        from flowcurate.formats.config import resolve_device
+        from flowcurate.formats.devices import worker_device
 
-        self.device = resolve_device(self.device)  # on the worker: "auto" means its own GPU, if any
+        self.device = worker_device(self.device)  # on the worker: "auto" means its own GPU, if any
         try:
             return self._load()
         except Exception as e:  # noqa: BLE001  (reported per chunk, as failed:filter:<name> rows)

@@ -61,10 +61,10 @@ class SSCDModelHandler(ModelHandler):
         self.location, self.preprocess, self.device, self.sha256 = str(location), preprocess, device, sha256
 
     def load_model(self):
-        from flowcurate.formats.config import resolve_device
+        from flowcurate.formats.devices import worker_device
         from flowcurate.models.sscd import load_sscd
 
-        self.device = resolve_device(self.device)  # on the worker: "auto" means its own GPU, if any
+        self.device = worker_device(self.device)  # on the worker: "auto" means its own GPU, if any
         return load_sscd(self.location, self.device, self.sha256)
 
     def run_inference(self, batch, model, inference_args=None):
@@ -117,12 +117,12 @@ class EncodeModelHandler(ModelHandler):
         self.ae_dtype, self.te_dtype, self.device = ae_dtype, te_dtype, device
 
     def load_model(self):
-        from flowcurate.formats.config import resolve_device
+        from flowcurate.formats.devices import worker_device
         from flowcurate.models.autoencoder import Autoencoder
         from flowcurate.models.text_encoders import TextEncoders, quiet_hf_logging
 
         quiet_hf_logging()
-        device = resolve_device(self.device)
+        device = worker_device(self.device)
         ae = Autoencoder.load(self.location, revision=self.revision, dtype=self.ae_dtype, device=device)
         te = TextEncoders.load(self.location, revision=self.revision, t5_length=self.t5_length,
                                dtype=self.te_dtype, device=device)
