@@ -88,3 +88,11 @@ def test_the_default_real_models_offline_say_how_to_use_the_tiny_ones(tmp_path, 
     r = flowcurate(*[a.format(tmp=tmp_path, raw=raw) for a in args])
     assert r.returncode == 2, r.stderr
     assert "pass --config tiny for the offline tiny models" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_with_the_default_preset_on_tiny_shards_says_how_to_use_the_tiny_ones(tmp_path):
+    golden = Path(__file__).parent / "data" / "golden"
+    r = flowcurate("train", "--shards", golden, "--output", tmp_path / "run", "--max-steps", "1")
+    assert r.returncode == 2, r.stderr
+    assert "pass --config tiny for the offline tiny models" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written

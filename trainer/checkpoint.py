@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from flowcurate.formats.files import readable_mode
+
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 STATE = "state.json"
 
@@ -68,16 +70,21 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
+    readable_mode(path)  # save_file makes 0600 files whatever the umask: a team could not read the run
+
+
 def save(run: Path, step: int, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
          state: dict, keep: int = 3) -> Path:
     final = step_dir(run, step)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+    _save_tensors(model.state_dict(), tmp / "model.safetensors")
+    _save_tensors(ema.state_dict(), tmp / "ema.safetensors")
     tensors, meta = _optimizer_tensors(opt)
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp / "optimizer.safetensors")
+    _save_tensors(tensors, tmp / "optimizer.safetensors")
     (tmp / STATE).write_text(json.dumps({**state, "step": step, "optimizer": meta}, indent=2, sort_keys=True))
     if final.exists():
         shutil.rmtree(final)

@@ -36,7 +36,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, help="pipeline output folder, shards folder, brace spec, glob or URLs")
     p.add_argument("--val-shards", help="validation shards (default: the val split of an output folder)")
     p.add_argument("--conditioning", help="conditioning.json (default: found beside the shards)")
-    p.add_argument("--config", default="tiny", help="preset name (tiny, sd3) or TOML path")
+    p.add_argument("--config", default="sd3", help="preset name (sd3, the default; tiny) or TOML path")
     p.add_argument("--output", required=True, help="run folder (resumed when it has checkpoints)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--checkpoint-every", type=int)

@@ -191,12 +191,27 @@ class Run:
     record: S.Conditioning
 
 
+TINY_SHARD_SIZES = ("tiny", "d2", "d4", "d6")  # the sizes a CPU trains on tiny shards
+
+
+def check_models_fit(config: Config, record: S.Conditioning) -> None:
+    """Refuse to build a paper-size model for shards of the offline tiny models: the sd3 preset is the
+    default, and on tiny shards it would start a d24 MM-DiT without a word (sizes in models/mmdit.py)."""
+    source = record.json["autoencoder"]["source"]
+    if source.startswith("tiny://") and config.train.model not in TINY_SHARD_SIZES:
+        raise DataError(f"these shards were curated with the offline tiny models ({source}) and the config "
+                        f"trains a {config.train.model} MM-DiT (the sd3 preset is the default): pass --config "
+                        "tiny for the offline tiny models, or a [train] model of "
+                        f"{', '.join(TINY_SHARD_SIZES)}")
+
+
 def open_run(launch: TrainLaunch, rank: int, world: int) -> Run:
     """The launch's shards and record; rank 0 creates the run folder and its copy of the record."""
     urls, found = resolve_shards(launch.shards, "train")
     val_spec = launch.val_shards or (launch.shards if Path(launch.shards).is_dir() else None)
     val_urls = resolve_shards(val_spec, "val")[0] if val_spec else []
     record = open_record(launch.conditioning or found, urls)
+    check_models_fit(launch.config, record)
     folder = Path(launch.output)
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
