@@ -29,7 +29,10 @@ def test_shuffle_bytes_do_not_depend_on_the_resolution(runs):
     lo, hi = out[64]["shuffle_bytes"], out[256]["shuffle_bytes"]
     assert lo.keys() == hi.keys() and len(lo) >= 10
     total_lo, total_hi = sum(lo.values()), sum(hi.values())
-    assert total_lo > 0 and abs(total_hi - total_lo) <= 0.05 * total_lo, (total_lo, total_hi)
+    # Beam samples element sizes at random, so a PCollection of mixed elements (a join of
+    # embeddings with small decision rows) estimates within ~15 % run to run. Pixels would scale
+    # with the resolution squared: 16x between these runs.
+    assert total_lo > 0 and 0.75 <= total_hi / total_lo <= 1.33, (total_lo, total_hi)
     # a 256x256 RGB image alone is 196 KB: no shuffle carries anything near one per input
     assert max(hi.values()) / out[256]["inputs"] < 256 * 256 * 3 / 4
 
