@@ -57,7 +57,8 @@ class FlowcurateOptions(PipelineOptions):
                                  "made with the same pass-1 settings are kept and reused)")
         parser.add_argument("--resume", action="store_true",
                             help="insist on resuming: the same command again resumes by default (pass-1 "
-                                 "records of finished input files are reused; final outputs are rewritten); "
+                                 "records of finished input files and the files pass 2 finished are reused; final outputs are "
+                                 "rewritten); "
                                  "with --resume, a folder holding no such run is an error")
 
 

@@ -13,10 +13,13 @@ count, and no sample crosses a shuffle. A kept input that cannot be re-read as p
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import pickle
 from dataclasses import dataclass
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 
 from flowcurate.captioning.handler import CaptionModelHandler
 from flowcurate.formats.images import ImageRejected
@@ -27,7 +30,7 @@ from flowcurate.pipeline.progress import Progress, Timer
 from flowcurate.pipeline.read import read_items
 from flowcurate.pipeline.records import Kept, manifest_row, ordinal_of
 from flowcurate.pipeline.validate import validate
-from flowcurate.pipeline.write import PartWriter
+from flowcurate.pipeline.write import PASS2_DIR, PartWriter, join, read_file, write_file
 
 log = logging.getLogger(__name__)
 PARTS = "parts"
@@ -84,11 +87,46 @@ class Pass2(beam.DoFn):
         self.sscd = ModelSlot(s.sscd)
         for slot in (self.captioner, self.encoder, self.sscd):
             slot.load()
-        self.progress = Progress.get("pass 2", ("files", "kept", "written", "failed"))
+        self.progress = Progress.get("pass 2", ("files", "kept", "written", "failed", "reused"))
 
     def process(self, element, files, offsets, conditioning):
+        file_index, kept = element
         with Timer(self.progress):
-            yield from self._process(*element, files, offsets, conditioning)
+            done = self._done_path(file_index, kept, files, offsets, conditioning)
+            outputs = self._reusable(done)
+            if outputs is not None:  # a killed run's finished file: its parts are still in place
+                self.progress.add("kept", len(kept))
+                self.progress.add("written", sum(1 for tag, row in outputs if tag is None and row.get("status") == "kept"))
+                self.progress.add("reused", len(kept))
+                self.progress.add("files")
+            else:
+                outputs = []
+                for o in self._process(file_index, kept, files, offsets, conditioning):
+                    outputs.append((o.tag, o.value) if isinstance(o, beam.pvalue.TaggedOutput) else (None, o))
+                write_file(done, pickle.dumps(outputs, protocol=pickle.HIGHEST_PROTOCOL))
+            for tag, value in outputs:
+                yield value if tag is None else beam.pvalue.TaggedOutput(tag, value)
+
+    def _done_path(self, file_index: int, kept: list, files, offsets, conditioning) -> str:
+        """OUT/.pass2/done/<file identity>-<digest>.pkl: what pass 2 produced for this file, named by
+        everything that decides it (the kept items, their shards, the conditioning)."""
+        shards = shard_positions(file_index, kept, offsets, self.s.shard_size, dict(self.s.first_shard))
+        what = repr((sorted(kept, key=lambda k: k.id), sorted(shards.items()), conditioning))
+        digest = hashlib.sha256(what.encode()).hexdigest()[:24]
+        return join(self.s.out, PASS2_DIR, "done", f"{files[file_index].identity()}-{digest}.pkl")
+
+    @staticmethod
+    def _reusable(done: str) -> list | None:
+        """The stored outputs of a finished file, if every part they name is still on disk."""
+        if not FileSystems.exists(done):
+            return None
+        try:
+            outputs = pickle.loads(read_file(done))
+        except Exception as e:  # noqa: BLE001  (a damaged record: compute the file again)
+            log.warning("%s: unreadable, the file is processed again: %r", done, e)
+            return None
+        parts = [value[1][1] for tag, value in outputs if tag == PARTS]
+        return outputs if all(FileSystems.exists(p) for p in parts) else None
 
     def _process(self, file_index: int, kept: list, files, offsets, conditioning):
         s = self.s

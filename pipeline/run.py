@@ -48,6 +48,7 @@ from flowcurate.pipeline.validate import aspect_buckets
 from flowcurate.pipeline.write import (
     CROP_EMBEDDINGS,
     PASS1_DIR,
+    PASS2_DIR,
     RUN_JSON,
     STATS_JSON,
     count_row,
@@ -197,6 +198,8 @@ def prepare_output(out: str, overwrite: bool, doc: dict | None = None, resume: b
         raise OptionsError(f"{out} already holds {what}; pass --overwrite to replace it, or choose another --output")
     for d in present:
         delete_tree(d)
+    if not same:  # another run's pass-2 parts are of no use
+        delete_tree(join(out, PASS2_DIR))
     if not same and doc is not None:  # keep only the pass-1 records this run can use
         keep = join(out, PASS1_DIR, doc["pass1"])
         stale = [m.path for m in FileSystems.match([join(out, PASS1_DIR, "*", "*.parquet")])[0].metadata_list

@@ -10,8 +10,10 @@ name and renamed, so a reader never sees half a file:
 
 Shards are contiguous ranges of the kept inputs in (input file, reading order), `shard_size` each.
 Pass 2 streams each input file's samples into part tars, one per (shard, file), under
-OUT/shards/.parts/; a shard made of one part is renamed into place, otherwise its parts are
-concatenated in file order. Reruns give byte-identical shards.
+OUT/.pass2/parts/; a shard made of one part is renamed into place, otherwise its parts are
+concatenated in file order. Reruns give byte-identical shards. Beside the parts, OUT/.pass2/ keeps
+what pass 2 produced for each finished file (its manifest rows, part list and crop descriptors), so
+a killed run started again skips the files whose parts are still there.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from apache_beam.io.filesystems import FileSystems
 from flowcurate.formats.config import Config
 from flowcurate.formats.shards import INDEX_JSON, SampleWriter, index_doc, record_bytes, record_files
 
-PARTS_DIR = ".parts"
+PASS2_DIR = ".pass2"  # pass 2's parts and finished files of the run in progress: what a rerun reuses
 STATS_JSON = "stats.json"
 RUN_JSON = "run.json"  # what makes a rerun the same run (pipeline/run.py, prepare_output)
 PASS1_DIR = ".pass1"  # pass 1's records per input file, per settings hash: what a rerun reuses
@@ -63,11 +65,11 @@ def _tmp(path: str) -> str:
 
 
 class PartWriter:
-    """Samples streamed into OUT/shards/.parts/{shard}/{file_index:09d}.tar (one sample held at a time)."""
+    """Samples streamed into OUT/.pass2/parts/{shard}/{file_index:09d}.tar (one sample held at a time)."""
 
     def __init__(self, out: str, shard: str, file_index: int):
         self.shard, self.file_index = shard, file_index
-        self.path = join(out, "shards", PARTS_DIR, shard, f"{file_index:09d}.tar")
+        self.path = join(out, PASS2_DIR, "parts", shard, f"{file_index:09d}.tar")
         self._tmp = _tmp(self.path)
         self._fh = FileSystems.create(self._tmp)
         self._writer = SampleWriter(self._fh)
@@ -91,6 +93,11 @@ def concat_parts(out: str, shard: str, parts: list[str]) -> str:
     """Join part tars (given in file order) into OUT/shards/{shard}; a single part is renamed."""
     path = join(out, "shards", shard)
     if len(parts) == 1:
+        if not FileSystems.exists(join(out, "shards")):  # a local rename needs the folder
+            try:
+                FileSystems.mkdirs(join(out, "shards"))
+            except OSError:  # made by another worker meanwhile
+                pass
         FileSystems.rename(parts, [path])
         return path
     tmp = _tmp(path)
@@ -150,7 +157,7 @@ def write_shard(kv, out: str):
 def write_index(counts: list, out: str, conditioning: str) -> dict:
     doc = index_doc(dict(counts), conditioning)
     write_file(join(out, "shards", INDEX_JSON), record_bytes(doc))
-    delete_tree(join(out, "shards", PARTS_DIR))
+    delete_tree(join(out, PASS2_DIR))  # every shard is in place: nothing left to resume
     return doc
 
 

@@ -59,6 +59,31 @@ def test_killed_run_resumes_to_the_same_outputs(uninterrupted):
     assert first == second  # byte-identical
 
 
+def test_run_killed_in_pass_2_reuses_the_files_it_finished(uninterrupted):
+    root, whole = uninterrupted
+    out = root / "killed2"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([str(BIN), "run", *args(root / "data", out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((out / ".pass2" / "done").glob("*.pkl")):  # kill once pass 2 finished a file
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "stats.json").exists()
+
+    again = run(args(root / "data", out), log=lambda *a, **k: None)
+    assert again["output"] == "resumed"
+    assert again["stages"]["pass 2"]["reused"] >= 1
+    assert again["stages"]["pass 2"].get("written", 0) == whole["stages"]["pass 2"]["written"]
+    assert read_manifest(out) == read_manifest(root / "whole")
+    first = {p.name: p.read_bytes() for p in (root / "whole" / "shards").glob("*.tar")}
+    second = {p.name: p.read_bytes() for p in (out / "shards").glob("*.tar")}
+    assert first == second  # byte-identical
+    assert not (out / ".pass2").exists()  # a finished run leaves no resume state behind
+
+
 def test_a_finished_run_repeated_reads_nothing_again(uninterrupted):
     root, whole = uninterrupted
     again = run(args(root / "data", root / "whole"), log=lambda *a, **k: None)
