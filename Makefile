@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@: > $(INSTALL_LOG)
 	@echo "installing into $(VENV) (details: $(INSTALL_LOG)) ..."
-	@($(QUIET_PIP) --upgrade pip && $(QUIET_PIP) $(TORCH_SPEC) && $(QUIET_PIP) -e ".[dev,dask]") \
+	@($(QUIET_PIP) --upgrade pip && $(QUIET_PIP) $(TORCH_SPEC) && $(QUIET_PIP) -e ".[dev,dask,report]") \
 		>> $(INSTALL_LOG) 2>&1 || (tail -n 30 $(INSTALL_LOG); exit 1)
 	@echo "installed: $$($(PY) -c 'import importlib.metadata as m; print(", ".join(p + " " + m.version(p) for p in ("flowcurate", "torch", "apache-beam", "transformers", "diffusers")))')"
 	@touch $@

@@ -5,7 +5,8 @@ uninterrupted run's, and whether its outputs are the same (shard bytes, manifest
 
 Three runs of one command on the same sample data (tiny models, in process): uninterrupted; killed
 with SIGKILL at --kill-at of the uninterrupted wall time, then rerun; killed as soon as pass 1 has
-kept the records of every input file, then rerun.
+kept the records of every input file, then rerun. A rerun reuses pass 1's records of finished files
+and pass 2's outputs of the files it finished (OUT/.pass1/, OUT/.pass2/).
 """
 
 from __future__ import annotations
@@ -73,9 +74,11 @@ def main() -> None:
     for name, out, until in runs:
         killed_after = timed(command(data, out), until)
         reused = len(list((out / ".pass1").glob("*/*.parquet")))
+        finished = len(list((out / ".pass2" / "done").glob("*.pkl")))
         again = timed(command(data, out))
         same = outputs(out)
-        print(f"{name}: killed after {killed_after:.1f} s with pass-1 records of {reused}/{files} files; "
+        print(f"{name}: killed after {killed_after:.1f} s with pass-1 records of {reused}/{files} files "
+              f"and pass 2 done for {finished}; "
               f"rerun {again:.1f} s = {again / whole:.2f}x uninterrupted; shards byte-identical: "
               f"{same[0] == reference[0]}, manifest rows equal: {same[1] == reference[1]}")
 

@@ -32,6 +32,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                "  torchrun --nproc_per_node 8 -m flowcurate.trainer train --shards out/ --config sd3 --output run/\n"
                "  flowcurate train --shards out/ --config sd3 --output run/ \\\n"
                "      --init-from stabilityai/stable-diffusion-3-medium-diffusers/transformer   # fine-tune\n"
+               "  flowcurate train --shards out/ --config tiny --output run/ --report-to tensorboard\n"
                "Rerun the same command on an existing run folder to resume from its latest checkpoint.")
     p.add_argument("--shards", required=True, help="pipeline output folder, shards folder, brace spec, glob or URLs")
     p.add_argument("--val-shards", help="validation shards (default: the val split of an output folder)")
@@ -53,6 +54,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    help="how ranks share the shards (default: the config's, auto; trainer/data.py)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster GPU steps)")
+    p.add_argument("--report-to", action="append", metavar="TRACKER",
+                   help="also log to tensorboard (RUN/tensorboard/) or wandb (RUN/wandb/, offline unless "
+                        "WANDB_API_KEY or WANDB_MODE is set); repeatable or comma-separated; none (default)")
     p.set_defaults(func=_lazy("flowcurate.trainer.train"))
     return p
 

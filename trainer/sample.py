@@ -103,6 +103,27 @@ def generate(model: MMDiT, ae: Autoencoder, cond: dict, empty: dict, size: tuple
     return ae.decode(x)
 
 
+class StepProgress:
+    """The model with a tqdm bar that advances at each forward call (one per Euler step of a batch): the
+    progress of `sample` and `memorization` over generations, without touching the sampler."""
+
+    def __init__(self, model: MMDiT, total: int, desc: str):
+        from tqdm import tqdm
+
+        self.model, self.bar = model, tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+
+    def __call__(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        self.bar.update()
+        return out
+
+    def __getattr__(self, name: str):  # config, parameters(), ... of the model
+        return getattr(self.model, name)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def grid(images: np.ndarray, cols: int | None = None) -> Image.Image:
     n, h, w, _ = images.shape
     cols = cols or math.ceil(math.sqrt(n))
@@ -146,7 +167,9 @@ def run_cli(args) -> int:
     seeds = [s for _ in prompts for s in range(args.seeds)]
     cond = {p: np.asarray(cond[p])[rows] for p in S.PARTS}
     size = tuple(args.size) if args.size else tuple(state["sample_size"])
-    images = generate(model, ae, cond, empty, size, seeds, steps, shift, cfg)
+    progress = StepProgress(model, steps, f"sampling {len(seeds)} images")
+    images = generate(progress, ae, cond, empty, size, seeds, steps, shift, cfg)
+    progress.close()
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid(images, cols=args.seeds if args.seeds > 1 else None).save(out)

@@ -42,6 +42,7 @@ from flowcurate.models.mmdit_diffusers import from_pretrained_diffusers
 from flowcurate.trainer import checkpoint as C
 from flowcurate.trainer.data import Augment, CuratedShards, DataError, loader, open_record, resolve_shards
 from flowcurate.trainer.flow import flow_loss, sample_t, validation_loss
+from flowcurate.trainer.report import Reporter, parse_report_to, progress_bar
 
 # ------------------------------------------------------------------------------------------------------
 # The launch: what one `flowcurate train` command asked for
@@ -72,6 +73,8 @@ class TrainLaunch:
     compile: bool = False
     # recompute each joint block in the backward pass: memory for compute, same maths
     gradient_checkpointing: bool = False
+    # trackers beside log.jsonl: "tensorboard", "wandb" (trainer/report.py)
+    report_to: tuple[str, ...] = ()
 
 
 def launch_record(launch: TrainLaunch) -> dict:
@@ -273,12 +276,14 @@ def mean_over_ranks(value: torch.Tensor, world: int) -> float:
     return value.item()
 
 
-def validate_and_show(run: Run, ema, ae, tc, step: int, sample_size, device: str, autocast) -> None:
+def validate_and_show(run: Run, ema, ae, tc, step: int, sample_size, device: str, autocast,
+                      reporter: Reporter) -> None:
     """Validation loss (logged), a sample grid of the record's validation prompts, the loss plot."""
     record, log = run.record, run.folder / "log.jsonl"
     if run.val_urls:
         val, per_t = evaluate(ema, run.val_urls, record, max(1, tc.batch_size), device, autocast)
         log_line(log, {"step": step, "val_loss": val, "val_loss_by_t": per_t})
+        reporter.scalars(step, {"val_loss": val, "val_loss_by_t": per_t})
     if ae is not None and sample_size is not None:
         from flowcurate.trainer.sample import generate, grid
 
@@ -287,7 +292,9 @@ def validate_and_show(run: Run, ema, ae, tc, step: int, sample_size, device: str
         with autocast:
             images = generate(ema, ae, cond, empty, sample_size, seeds, tc.sample_steps, tc.shift, tc.cfg_scale)
         (run.folder / "samples").mkdir(exist_ok=True)
-        grid(images).save(run.folder / "samples" / f"step-{step:06d}.png")
+        picture = grid(images)
+        picture.save(run.folder / "samples" / f"step-{step:06d}.png")
+        reporter.image(step, "samples", picture)
     plot_losses(log, run.folder / "loss.png")
 
 
@@ -334,8 +341,11 @@ def train(launch: TrainLaunch) -> Path:
                 "data_position": step, "world_size": world, "conditioning": record.hash,
                 "sample_size": sample_size, "shards": launch.shards}
 
+    reporter = Reporter(folder, launch.report_to if rank == 0 else (), to_dict(launch.config))
+    bar = progress_bar(step, tc.max_steps, enabled=rank == 0)
+
     def periodic() -> None:
-        validate_and_show(run, ema, ae, tc, step, sample_size, device, autocast)
+        validate_and_show(run, ema, ae, tc, step, sample_size, device, autocast, reporter)
 
     model.train()
     t0, seen = time.time(), 0
@@ -361,12 +371,15 @@ def train(launch: TrainLaunch) -> Path:
         update_ema(ema, model, min(tc.ema_decay, (1 + step) / (10 + step)))
         step += 1
         seen += len(x0) * world
+        bar.update()
         if step % tc.log_every == 0 or step == tc.max_steps:
             value = mean_over_ranks(loss, world)
             if rank == 0:
-                log_line(folder / "log.jsonl", {"step": step, "loss": value, "grad_norm": float(grad_norm),
-                                             "lr": opt.param_groups[0]["lr"],
-                                             "samples_per_s": seen / max(time.time() - t0, 1e-9)})
+                entry = {"step": step, "loss": value, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
+                         "samples_per_s": seen / max(time.time() - t0, 1e-9)}
+                log_line(folder / "log.jsonl", entry)
+                reporter.scalars(step, {k: v for k, v in entry.items() if k != "step"})
+                bar.set_postfix(loss=f"{value:.4f}", samples_s=f"{entry['samples_per_s']:.1f}", refresh=False)
         if rank == 0 and tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0:
             C.save(folder, step, model, ema, opt, state(), keep=tc.keep_checkpoints)
         if rank == 0 and tc.sample_every > 0 and step % tc.sample_every == 0:
@@ -376,6 +389,8 @@ def train(launch: TrainLaunch) -> Path:
             C.save(folder, step, model, ema, opt, state(), keep=tc.keep_checkpoints)
         if tc.sample_every == 0 or step % tc.sample_every:
             periodic()
+        bar.close()
+        reporter.close()
         print(f"trained {step} steps; run folder {folder}")
     if world > 1:
         dist.barrier()
@@ -392,7 +407,8 @@ def launch_from_args(args: argparse.Namespace) -> TrainLaunch:
                    split=args.split, shuffle_buffer=args.shuffle_buffer)
     return TrainLaunch(config=cfg, shards=args.shards, output=args.output, val_shards=args.val_shards,
                        conditioning=args.conditioning, init_from=args.init_from, device=args.device,
-                       workers=args.workers, compile=args.compile, gradient_checkpointing=args.gradient_checkpointing)
+                       workers=args.workers, compile=args.compile, gradient_checkpointing=args.gradient_checkpointing,
+                       report_to=parse_report_to(args.report_to))
 
 
 def run_cli(args: argparse.Namespace) -> int:
