@@ -15,6 +15,7 @@ from flowcurate.dedup.cli import add_parser as add_dedup_parser
 from flowcurate.formats.args import ArgumentParser
 from flowcurate.models.cli import add_parsers as add_model_parsers
 from flowcurate.trainer.cli import add_memorization_parser, add_sample_parser, add_train_parser
+from flowcurate.trainer.export import add_export_parser
 
 EPILOG = """\
 examples:
@@ -27,6 +28,7 @@ examples:
   flowcurate train --shards out/ --config tiny --output run/            # MM-DiT on curated shards
   flowcurate sample --checkpoint run/ --prompt 'a red circle' --output grid.png
   flowcurate memorization --checkpoint run/ --curated out/ --output report/   # SD3 App. E.3 check
+  flowcurate export run/ --output sd3-transformer/ [--pipeline]   # to diffusers' format
 """
 
 def _config(args) -> int:
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_sample_parser(sub)
     add_memorization_parser(sub)
+    add_export_parser(sub)
 
     p = sub.add_parser("config", help="print a config (preset name or TOML path) as JSON",
                        epilog="examples:\n  flowcurate config --config sd3\n"

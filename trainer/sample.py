@@ -50,7 +50,9 @@ def model_paths(record: S.Conditioning, roles: tuple[str, ...] = MODEL_ROLES) ->
     return {role: resolved[src] for role, src in sources.items()}
 
 
-def _verify(path: str, entry: dict, what: str) -> None:
+def verify_weights(path: str, entry: dict, what: str) -> None:
+    """Raise ModelMismatch unless the folder `path/subfolder` holds the weights the record names (its
+    content hash): used before loading them here and before `flowcurate export` copies them."""
     found = folder_hash(path, entry["subfolder"], entry.get("revision"))
     if found != entry["content_hash"]:
         raise ModelMismatch(f"{what} at {path}/{entry['subfolder']} has content {found}, but the conditioning "
@@ -62,7 +64,7 @@ def load_autoencoder(record: S.Conditioning, path: str, device: str = "cpu", ver
     """The record's AE from `path` (`model_paths(record)["autoencoder"]`), its content hash checked."""
     entry = record_entry(record, "autoencoder")
     if verify:
-        _verify(path, entry, "autoencoder")
+        verify_weights(path, entry, "autoencoder")
     quiet_hf_logging()
     return Autoencoder.load(path, revision=entry.get("revision"), subfolder=entry["subfolder"], device=device)
 
@@ -74,7 +76,7 @@ def load_text_encoders(record: S.Conditioning, paths: dict[str, str], device: st
     quiet_hf_logging()
     if verify:
         for role in ENCODERS:
-            _verify(paths[role], record_entry(record, role), role)
+            verify_weights(paths[role], record_entry(record, role), role)
     t5 = record_entry(record, "t5")
     return TextEncoders.load(paths["t5"], revision=t5.get("revision"), t5_length=t5["max_length"], device=device)
 
