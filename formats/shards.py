@@ -136,7 +136,8 @@ def encode_sample(key: str, latent_mean: np.ndarray, latent_logvar: np.ndarray,
                   encodings: Mapping[str, Mapping[str, np.ndarray]], meta: Mapping, conditioning: str,
                   dtype: str = "float16") -> dict[str, bytes]:
     """One sample's tar members. `encodings[variant][part]` without the batch axis; `meta` holds
-    source, width, height, crop, resolution and `caption` {orig, syn} (docs/architecture.md, "Shards")."""
+    source, width, height, crop, resolution, `caption` {orig, syn} and, when the input gave one, `url`
+    (docs/architecture.md, "Shards")."""
     out = {"__key__": key, "latent_mean.npy": npy_bytes(latent_mean, dtype),
            "latent_logvar.npy": npy_bytes(latent_logvar, dtype)}
     for v in VARIANTS:
