@@ -53,6 +53,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("notes", pa.list_(pa.string())),
     ("shard", pa.string()),
     ("previous", pa.string()),  # --previous runs: the earlier output holding duplicate_of (or the key)
+    ("url", pa.string()),  # kept rows: the source's url (img2dataset's url column or json member), if any
 ])
 
 EMBEDDINGS_SCHEMA = pa.schema([

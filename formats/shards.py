@@ -12,7 +12,8 @@ round-trip test pins it:
   `{v}.clip_l_pooled`, `{v}.clip_g_pooled`, `{v}.t5`) and a `json` with key, source, sizes, crop,
   resolution, both captions and the conditioning hash. Tars are written deterministically (sorted
   keys, fixed headers, temporary name then rename), so reruns are byte-identical.
-- `OUT/shards/index.json`: shard names, splits and sample counts.
+- `OUT/shards/index.json`: shard names, splits and sample counts; also a `wids` dataset description
+  (`wids_version`, `shardlist` of the training shards).
 
 `assemble` builds the MM-DiT's context and pooled vector from the stored parts as the reference does.
 """
@@ -41,6 +42,7 @@ LATENT_MEMBERS = ("latent_mean.npy", "latent_logvar.npy")
 RECORD_JSON = "conditioning.json"
 RECORD_NPZ = "conditioning.npz"
 INDEX_JSON = "index.json"
+WIDS_VERSION = 1  # the dataset-description version webdataset's `wids` reads (index.json's `wids_version`)
 SPLITS = ("train", "val")
 
 
@@ -134,7 +136,8 @@ def encode_sample(key: str, latent_mean: np.ndarray, latent_logvar: np.ndarray,
                   encodings: Mapping[str, Mapping[str, np.ndarray]], meta: Mapping, conditioning: str,
                   dtype: str = "float16") -> dict[str, bytes]:
     """One sample's tar members. `encodings[variant][part]` without the batch axis; `meta` holds
-    source, width, height, crop, resolution and `caption` {orig, syn} (docs/architecture.md, "Shards")."""
+    source, width, height, crop, resolution, `caption` {orig, syn} and, when the input gave one, `url`
+    (docs/architecture.md, "Shards")."""
     out = {"__key__": key, "latent_mean.npy": npy_bytes(latent_mean, dtype),
            "latent_logvar.npy": npy_bytes(latent_logvar, dtype)}
     for v in VARIANTS:
@@ -266,10 +269,18 @@ def read_record(path: str | Path) -> Conditioning:
 # Index
 
 def index_doc(counts: Mapping[str, int], conditioning: str) -> dict:
-    """`counts`: shard file name -> samples. Empty shards are never listed (nor written)."""
+    """`counts`: shard file name -> samples. Empty shards are never listed (nor written).
+
+    `shards` (name, split, samples) is what the trainer reads. `wids_version` + `shardlist` make the
+    same file a dataset description for webdataset's indexed reader (`wids.ShardListDataset(
+    "OUT/shards/index.json")`): the training shards only, so a wids user never trains on the
+    validation split, with urls relative to the index (wids resolves them against its location, so
+    OUT can be moved or copied to a bucket)."""
+    listed = [(n, int(c)) for n, c in sorted(counts.items()) if c > 0]
     return {"format_version": FORMAT_VERSION, "conditioning": conditioning,
-            "shards": [{"name": n, "split": n.split("-", 1)[0], "samples": int(c)}
-                       for n, c in sorted(counts.items()) if c > 0]}
+            "shards": [{"name": n, "split": n.split("-", 1)[0], "samples": c} for n, c in listed],
+            "wids_version": WIDS_VERSION,
+            "shardlist": [{"url": n, "nsamples": c} for n, c in listed if n.split("-", 1)[0] == "train"]}
 
 
 def write_index(shards_dir: Path, counts: Mapping[str, int], conditioning: str) -> dict:

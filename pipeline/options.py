@@ -34,8 +34,12 @@ class FlowcurateOptions(PipelineOptions):
         parser.add_argument("--config", default="sd3",
                             help="preset name (sd3: the paper's real models, the default; tiny: offline tiny "
                                  "models) or TOML path")
-        parser.add_argument("--image_column", default="image", help="Parquet input: the image bytes column")
-        parser.add_argument("--caption_column", default="caption", help="Parquet input: the caption column")
+        parser.add_argument("--image_column", default=None,
+                            help="Parquet input: the image column, binary or a {bytes, path} struct (default: "
+                                 "found per file: jpg, png, webp, image, img, then any {bytes, path} struct)")
+        parser.add_argument("--caption_column", default=None,
+                            help="Parquet input: the caption column (default: found per file: caption, text, "
+                                 "txt, prompt)")
         parser.add_argument("--key_column", default="key", help="Parquet input: the key column")
         parser.add_argument("--previous", action="append", default=None, metavar="OUT",
                             help="curate against an earlier output (repeatable): new inputs that duplicate one of "

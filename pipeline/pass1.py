@@ -45,7 +45,8 @@ class Pass1Settings:
     device: str = "auto"
     sscd_sha256: str | None = None  # expected digest of a downloaded SSCD file (checked on every worker)
     filters: tuple[Filter, ...] = ()
-    columns: tuple[str, str, str] = ("key", "image", "caption")  # Parquet key, image, caption columns
+    # Parquet key, image, caption columns; None: found per file (pipeline/read.py, parquet_columns)
+    columns: tuple[str | None, str | None, str | None] = ("key", None, None)
 
 
 class _Pending:

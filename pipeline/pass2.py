@@ -51,7 +51,7 @@ class Pass2Settings:
     captioner: CaptionModelHandler
     encoder: EncodeModelHandler
     sscd: SSCDModelHandler  # the training crop's descriptor
-    columns: tuple[str, str, str] = ("key", "image", "caption")
+    columns: tuple[str | None, str | None, str | None] = ("key", None, None)  # as Pass1Settings.columns
     first_shard: tuple[tuple[str, int], ...] = ()  # (split, first shard number): after earlier outputs'
 
 
@@ -152,7 +152,7 @@ class Pass2(beam.DoFn):
                     self.progress.add("failed")
                     yield _failed(k, "reread")
                     continue
-                chunk.append((k, raw.caption, v))
+                chunk.append((k, raw._replace(image=None), v))  # the source's text fields, not its bytes
                 if len(chunk) >= s.chunk:
                     yield from self._finish(chunk, file_index, shards, writers, conditioning)
                     chunk = []
@@ -170,18 +170,18 @@ class Pass2(beam.DoFn):
     def _finish(self, chunk: list, file_index: int, shards: dict, writers: dict, conditioning: str):
         s = self.s
         try:
-            captions = self.captioner.run([(v.image, caption) for _, caption, v in chunk])
+            captions = self.captioner.run([(v.image, raw.caption) for _, raw, v in chunk])
         except Exception as e:  # noqa: BLE001  (a failed chunk: its items get dead-letter rows)
             log.warning("captioning failed on a chunk of %d: %r", len(chunk), e)
             self.progress.add("failed", len(chunk))
             yield from (_failed(k, "caption") for k, _, _ in chunk)
             return
         texts = []
-        for (_, caption, _), cap in zip(chunk, captions):
+        for (_, raw, _), cap in zip(chunk, captions):
             notes = list(cap.notes)
-            if not caption:  # no original caption: the synthetic one serves as both
+            if not raw.caption:  # no original caption: the synthetic one serves as both
                 notes.append("orig_caption_missing")
-            texts.append((caption or cap.text, cap.text, tuple(dict.fromkeys(notes))))
+            texts.append((raw.caption or cap.text, cap.text, tuple(dict.fromkeys(notes))))
         try:
             encoded = self.encoder.run([EncodeInput(v.image, orig, syn) for (_, _, v), (orig, syn, _) in zip(chunk, texts)])
             crops = self.sscd.run([v.sscd for _, _, v in chunk])
@@ -190,7 +190,7 @@ class Pass2(beam.DoFn):
             self.progress.add("failed", len(chunk))
             yield from (_failed(k, "encode") for k, _, _ in chunk)
             return
-        for (k, caption, v), (orig, syn, notes), e, crop in zip(chunk, texts, encoded, crops):
+        for (k, raw, v), (orig, syn, notes), e, crop in zip(chunk, texts, encoded, crops):
             shard = shards[k.id]
             split = shard.split("-", 1)[0]
             w = writers.get(split)
@@ -200,11 +200,14 @@ class Pass2(beam.DoFn):
                 w = writers[split] = PartWriter(s.out, shard, file_index)
             meta = {"source": k.source, "width": v.width, "height": v.height, "crop": list(v.crop),
                     "resolution": list(v.resolution), "caption": {"orig": orig, "syn": syn}}
+            if raw.url:  # source metadata as the input gave it (img2dataset's url), only when there is one
+                meta["url"] = raw.url
             w.add(encode_sample(k.key, e.latent_mean, e.latent_logvar, e.encodings, meta, conditioning,
                                 s.store_dtype))
             notes = list(notes) + (["caption_truncated_77"] if e.truncated else [])
             yield manifest_row(k.key, k.source, "kept", cluster=k.cluster, width=v.width, height=v.height,
-                               caption_original=caption, caption_synthetic=syn, notes=notes, shard=shard)
+                               caption_original=raw.caption, caption_synthetic=syn, notes=notes, shard=shard,
+                               url=raw.url)
             left, top, right, bottom = v.crop
             yield beam.pvalue.TaggedOutput(CROPS, {"key": k.key, "embedding": crop.astype("float32").tolist(),
                                                    "width": right - left, "height": bottom - top})

@@ -50,6 +50,10 @@ def test_every_input_is_accounted_for(curated):
             assert r["reason"] and r["shard"] is None
         if r["status"] == "kept":
             assert r["shard"] and r["caption_synthetic"] is not None and r["cluster"] is not None
+    # img2dataset's url (the tars' json members) rides with the kept rows; the odd tars have no json
+    kept = {k: r for k, r in rows.items() if r["status"] == "kept"}
+    assert all(r["url"] == f"procedural://seed3/{k.split('~')[0]}" for k, r in kept.items() if k in truth["keys"])
+    assert all(kept[k]["url"] is None for k in odd["kept"] if k in kept)
 
 
 def test_broken_and_hostile_inputs_get_their_reasons(curated):
