@@ -23,3 +23,17 @@ def test_checkpoint_files_follow_the_umask(tmp_path):
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o644" for p in files}
     state = C.load(folder, torch.nn.Linear(3, 2), torch.nn.Linear(3, 2), torch.optim.AdamW(model.parameters()))
     assert state["step"] == 1 and state["note"] == "x"
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    """dedup's dedup.parquet and summary.json, memorization's report and the shard index go through
+    write_atomic, whose temporary file mkstemp creates 0600."""
+    from flowcurate.formats.files import write_atomic
+
+    old = os.umask(0o022)
+    try:
+        a = write_atomic(tmp_path / "a" / "summary.json", b"{}")
+        b = write_atomic(tmp_path / "b.parquet", lambda name: open(name, "wb").close())
+    finally:
+        os.umask(old)
+    assert oct(a.stat().st_mode & 0o777) == oct(b.stat().st_mode & 0o777) == "0o644"

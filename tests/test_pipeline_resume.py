@@ -91,6 +91,15 @@ def test_a_finished_run_repeated_reads_nothing_again(uninterrupted):
     assert "inputs" not in again["stages"]["pass 1"] and again["status"] == whole["status"]
 
 
+def test_every_output_file_is_readable_under_the_umask(uninterrupted):
+    from flowcurate.formats.files import umask
+
+    root, _ = uninterrupted
+    want = 0o666 & ~umask()
+    modes = {str(p.relative_to(root)): oct(p.stat().st_mode & 0o777) for p in (root / "whole").rglob("*") if p.is_file()}
+    assert len(modes) > 5 and set(modes.values()) == {oct(want)}, modes
+
+
 def test_another_run_is_refused_and_resume_needs_a_run(uninterrupted, tmp_path):
     root, _ = uninterrupted
     with pytest.raises(OptionsError, match="another run"):
