@@ -32,7 +32,11 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                "  torchrun --nproc_per_node 8 -m flowcurate.trainer train --shards out/ --config sd3 --output run/\n"
                "  flowcurate train --shards out/ --config sd3 --output run/ \\\n"
                "      --init-from stabilityai/stable-diffusion-3-medium-diffusers/transformer   # fine-tune\n"
-               "Rerun the same command on an existing run folder to resume from its latest checkpoint.")
+               "Rerun the same command on an existing run folder to resume from its latest checkpoint: the\n"
+               "loader reopens each worker's shard at the saved byte offset (no replay of earlier batches).\n"
+               "A resume that changes batch size, ranks, --workers, --split, --shuffle-buffer or seed is\n"
+               "refused (exit 2); to keep the weights and restart the data order at the epoch start:\n"
+               "  flowcurate train --shards out/ --config tiny --output run/ --batch-size 16 --accept-data-change")
     p.add_argument("--shards", required=True, help="pipeline output folder, shards folder, brace spec, glob or URLs")
     p.add_argument("--val-shards", help="validation shards (default: the val split of an output folder)")
     p.add_argument("--conditioning", help="conditioning.json (default: found beside the shards)")
@@ -51,6 +55,10 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                                                       "config's, 256)")
     p.add_argument("--split", choices=("auto", "global", "shards", "resampled"),
                    help="how ranks share the shards (default: the config's, auto; trainer/data.py)")
+    p.add_argument("--accept-data-change", action="store_true",
+                   help="resume although a data-order setting (batch size, ranks, workers, split, shuffle buffer, "
+                        "seed) differs from the run's: weights and optimizer are kept, the data order restarts "
+                        "at the start of the epoch the run was in (its samples so far are seen again)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster GPU steps)")
     p.set_defaults(func=_lazy("flowcurate.trainer.train"))

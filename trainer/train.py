@@ -72,6 +72,9 @@ class TrainLaunch:
     compile: bool = False
     # recompute each joint block in the backward pass: memory for compute, same maths
     gradient_checkpointing: bool = False
+    # resume even though a data-order setting changed: keep weights and optimizer, restart the data
+    # order at the start of the epoch the run was in (see `resume_data`)
+    accept_data_change: bool = False
 
 
 def launch_record(launch: TrainLaunch) -> dict:
@@ -86,6 +89,51 @@ def data_order(launch: TrainLaunch, world: int, split: str) -> dict:
     tc = launch.config.train
     return {"batch_size": tc.batch_size, "world_size": world, "split": split, "split_requested": tc.split,
             "workers": launch.workers, "shuffle_buffer": tc.shuffle_buffer, "seed": tc.seed}
+
+
+# the data_order entries a resume must match: each one shapes the saved data position (per rank and
+# worker, batches of this size, this shuffle) or the batches drawn from it; `split_requested` is not
+# compared, only the mode it resolved to
+DATA_ORDER_CHECKED = ("batch_size", "world_size", "split", "workers", "shuffle_buffer", "seed")
+
+
+@dataclass(frozen=True)
+class DataResume:
+    """How the stream resumes: `positions` (one per rank, from the checkpoint) or, after an accepted
+    change of the data-order settings, a fresh stream from the start of `start_epoch`."""
+
+    positions: list[dict] | None
+    start_epoch: int = 0
+    note: str | None = None  # what an accepted change does, for the log
+
+
+def resume_data(saved: dict | None, order: dict, accept_change: bool, where: Path | None = None) -> DataResume:
+    """The data position to resume from, or a refusal (DataError) when this launch would read another
+    stream than the one the checkpoint's position belongs to: batches of another size, another number
+    of ranks or workers, another split mode, shuffle buffer or seed. A silent resume would not continue
+    the run's order (samples skipped or repeated, no bit-identical result), and the saved offsets would
+    be read as if they meant the new layout. `accept_change` keeps the weights and optimizer and
+    restarts the data order at the start of the epoch the run was in (the earliest of its workers)."""
+    if saved is None:
+        return DataResume(None)
+    position = saved.get("data_position")
+    before = saved.get("data_order", {})
+    changes = [(k, before.get(k), order[k]) for k in DATA_ORDER_CHECKED if k in before and before[k] != order[k]]
+    legacy = not isinstance(position, dict)
+    if not changes and not legacy:
+        return DataResume(position["ranks"])
+    what = (", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes) if changes else
+            f"the checkpoint keeps its data position as a batch count ({position}), from before seekable "
+            "data positions")
+    epochs = [w["epoch"] for r in (position["ranks"] if not legacy else []) for w in r["workers"] if w]
+    epoch = min(epochs, default=0)
+    if not accept_change:
+        raise DataError(f"{where or 'the checkpoint'}: cannot resume the run's data order: {what}. Resume with "
+                        "the run's settings (state.json's data_order), train into another --output, or pass "
+                        f"--accept-data-change to keep the weights and optimizer and restart the data order at "
+                        f"the start of epoch {epoch}")
+    return DataResume(None, epoch, f"--accept-data-change: {what}; the data order restarts at the start of epoch "
+                                   f"{epoch} (samples of that epoch seen before the checkpoint are seen again)")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -300,15 +348,18 @@ def train(launch: TrainLaunch) -> Path:
     rank, world = setup_distributed(device)
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if device.startswith("cuda:") and world > 1:
+        torch.cuda.set_device(device)  # nccl's object collectives (the data positions) use the current device
     run = open_run(launch, rank, world)
     record, folder = run.record, run.folder
 
     model, ema, mc = build_models(launch, record, device)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, eps=tc.adam_eps, weight_decay=tc.weight_decay)
-    step = 0
+    step, saved = 0, None
     resume = C.latest(folder)
     if resume is not None:
-        step = C.load(resume, model, ema, opt, device)["step"]
+        saved = C.load(resume, model, ema, opt, device)
+        step = saved["step"]
         if rank == 0:
             print(f"resuming from {resume} (step {step})", file=sys.stderr)
 
@@ -318,9 +369,15 @@ def train(launch: TrainLaunch) -> Path:
     if launch.compile:  # optional: the same maths, faster GPU steps once compiled
         net = torch.compile(net)
     augment = Augment(tc.orig_caption_prob, tc.text_drop_prob)
-    ds = CuratedShards(run.urls, record, tc.batch_size, seed=tc.seed, augment=augment, rank=rank, world_size=world,
-                       split=tc.split, num_workers=launch.workers, shuffle_buffer=tc.shuffle_buffer,
-                       skip_batches=step)
+    stream_settings = dict(seed=tc.seed, augment=augment, rank=rank, world_size=world, split=tc.split,
+                           num_workers=launch.workers, shuffle_buffer=tc.shuffle_buffer)
+    split = CuratedShards(run.urls, record, tc.batch_size, **stream_settings).split  # the mode "auto" picks
+    data = resume_data(saved, data_order(launch, world, split), launch.accept_data_change, resume)
+    if data.note and rank == 0:
+        print(data.note, file=sys.stderr)
+        log_line(folder / "log.jsonl", {"step": step, "data_order_change": data.note})
+    ds = CuratedShards(run.urls, record, tc.batch_size, **stream_settings, start_epoch=data.start_epoch,
+                       position=data.positions[rank] if data.positions else None)
     ae = None
     if rank == 0 and tc.sample_every > 0 and "validation.t5" in record.arrays:  # grids need the record's AE
         from flowcurate.trainer.sample import model_paths
@@ -328,10 +385,20 @@ def train(launch: TrainLaunch) -> Path:
         ae = grid_autoencoder(record, model_paths(record, ("autoencoder",))["autoencoder"], device)
     sample_size = None
 
-    def state() -> dict:  # state.json beside the weights
+    stream = loader(ds, launch.workers)
+
+    def data_position() -> dict:
+        """Every rank's data position (a collective: all ranks call it at the same steps)."""
+        ranks = [stream.position()]
+        if world > 1:
+            ranks = [None] * world
+            dist.all_gather_object(ranks, stream.position())
+        return {"batches": stream.batches, "ranks": ranks}
+
+    def state(position: dict) -> dict:  # state.json beside the weights
         return {"config": to_dict(launch.config), "launch": launch_record(launch),
                 "data_order": data_order(launch, world, ds.split), "model_config": dataclasses.asdict(mc),
-                "data_position": step, "world_size": world, "conditioning": record.hash,
+                "data_position": position, "world_size": world, "conditioning": record.hash,
                 "sample_size": sample_size, "shards": launch.shards}
 
     def periodic() -> None:
@@ -339,9 +406,12 @@ def train(launch: TrainLaunch) -> Path:
 
     model.train()
     t0, seen = time.time(), 0
-    for batch in loader(ds, launch.workers):
-        if step >= tc.max_steps:
-            break
+    batches = iter(stream)
+    while step < tc.max_steps:  # checked before taking a batch: the saved position counts trained batches only
+        batch = next(batches)
+        if data.positions is not None and rank == 0 and stream.batches == data.positions[0]["batches"] + 1:
+            print(f"data position restored: loader workers read {stream.first_samples_read} samples before "
+                  "the first step (the held samples and this batch; no replay)", file=sys.stderr)
         x0 = batch["latents"].to(device)
         if sample_size is None:
             down = record.json["autoencoder"]["downsample"]
@@ -367,13 +437,16 @@ def train(launch: TrainLaunch) -> Path:
                 log_line(folder / "log.jsonl", {"step": step, "loss": value, "grad_norm": float(grad_norm),
                                              "lr": opt.param_groups[0]["lr"],
                                              "samples_per_s": seen / max(time.time() - t0, 1e-9)})
-        if rank == 0 and tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0:
-            C.save(folder, step, model, ema, opt, state(), keep=tc.keep_checkpoints)
+        if tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0:
+            position = data_position()
+            if rank == 0:
+                C.save(folder, step, model, ema, opt, state(position), keep=tc.keep_checkpoints)
         if rank == 0 and tc.sample_every > 0 and step % tc.sample_every == 0:
             periodic()
+    position = data_position()
     if rank == 0:
         if C.latest(folder) is None or C.read_state(C.latest(folder))["step"] != step:
-            C.save(folder, step, model, ema, opt, state(), keep=tc.keep_checkpoints)
+            C.save(folder, step, model, ema, opt, state(position), keep=tc.keep_checkpoints)
         if tc.sample_every == 0 or step % tc.sample_every:
             periodic()
         print(f"trained {step} steps; run folder {folder}")
@@ -392,7 +465,8 @@ def launch_from_args(args: argparse.Namespace) -> TrainLaunch:
                    split=args.split, shuffle_buffer=args.shuffle_buffer)
     return TrainLaunch(config=cfg, shards=args.shards, output=args.output, val_shards=args.val_shards,
                        conditioning=args.conditioning, init_from=args.init_from, device=args.device,
-                       workers=args.workers, compile=args.compile, gradient_checkpointing=args.gradient_checkpointing)
+                       workers=args.workers, compile=args.compile, gradient_checkpointing=args.gradient_checkpointing,
+                       accept_data_change=args.accept_data_change)
 
 
 def run_cli(args: argparse.Namespace) -> int:
