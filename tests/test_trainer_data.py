@@ -205,3 +205,20 @@ def test_shards_with_other_widths_are_refused(golden, tmp_path):
     urls, rec = resolve_shards(str(tmp_path / "out"))
     with pytest.raises(S.ShardFormatError, match=r"t5\.npy is float16\[77, 96\].*\[77, 128\]"):
         take(CuratedShards(urls, open_record(rec, urls), 2), 1)
+
+
+def test_read_samples_from_a_byte_offset_seeks_or_streams_to_the_same_samples(golden_stream, tmp_path):
+    import gzip
+
+    urls, _ = golden_stream
+    whole = list(read_samples(urls[0]))
+    assert [raw["__key__"] for raw, _, _ in whole] == [f"{i:09d}" for i in (1, 2, 3, 4, 5, 6, 8)]
+    assert whole[0][1] == 0 and all(a[2] == b[1] for a, b in zip(whole, whole[1:]))  # contiguous spans
+    # a compressed copy cannot be seeked: it is streamed, skipping the members before the offset
+    gz = tmp_path / "train-000000.tar.gz"
+    gz.write_bytes(gzip.compress(open(urls[0], "rb").read()))
+    for source in (urls[0], str(gz)):
+        tail = list(read_samples(source, whole[4][1]))
+        assert [(r["__key__"], s, e) for r, s, e in tail] == [(r["__key__"], s, e) for r, s, e in whole[4:]]
+        assert all(a[0]["json"] == b[0]["json"] for a, b in zip(tail, whole[4:]))
+        assert list(read_samples(source, whole[-1][2])) == []  # the position after the last sample

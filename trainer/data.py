@@ -24,6 +24,7 @@ run dry). `auto` picks `shards` when there are enough shards, else `global`.
 from __future__ import annotations
 
 import glob
+import os
 import random
 import re
 import tarfile
@@ -136,6 +137,8 @@ def read_samples(url: str, offset: int = 0) -> Iterator[tuple[dict, int, int]]:
     URL (remote, compressed) is streamed from its start and the members before `offset` are skipped
     without reading their payload."""
     seek = _plain_local_tar(url)
+    if seek and offset >= os.path.getsize(url):  # past the last member of a tar without end blocks
+        return
     if seek:
         fh, base, mode = open(url, "rb"), offset, "r|"
         fh.seek(offset)
