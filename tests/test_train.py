@@ -86,7 +86,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(golden, tmp_path):
     assert "data position restored: loader workers read {0: " in resumed.stderr
     # how the run was launched, and the settings that fix its batch stream, travel with the checkpoint
     assert sb["data_order"] == {"batch_size": 4, "world_size": 1, "split": "shards", "split_requested": "auto",
-                                "workers": 0, "shuffle_buffer": 4, "seed": 0}
+                                "workers": 0, "shuffle_buffer": 4, "seed": 0, "grad_accum": 1}
     assert sb["launch"] == {"shards": str(golden), "output": str(tmp_path / "b"), "val_shards": None,
                             "conditioning": None, "init_from": None, "device": "auto", "workers": 0,
                             "compile": False, "gradient_checkpointing": False, "accept_data_change": False}
@@ -117,12 +117,13 @@ def test_a_resume_that_changes_the_data_order_is_refused_unless_accepted(golden,
     assert state["step"] == 3 and state["data_order"]["batch_size"] == 2 and state["data_position"]["batches"] == 1
 
 
-def test_two_process_ddp_matches_one_process(golden, tmp_path):
+def test_two_process_ddp_with_accumulation_matches_one_process(golden, tmp_path):
     cfg = write_config(tmp_path / "c.toml", max_steps=3, checkpoint_every=3)
     common = ["--shards", str(golden), "--config", str(cfg), "--shuffle-buffer", "4", "--device", "cpu"]
     one = run_cli(*common, "--output", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-2000:]
-    two = run_cli(*common, "--output", str(tmp_path / "two"), env={"OMP_NUM_THREADS": "1"},
+    # and with 2 micro-batches a rank (DDP's no_sync on the first): the same weights as one process in one batch
+    two = run_cli(*common, "--output", str(tmp_path / "two"), "--grad-accum", "2", env={"OMP_NUM_THREADS": "1"},
                   module=("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                           "-m", "flowcurate.trainer", "train"))
     assert two.returncode == 0, two.stderr[-3000:]

@@ -20,6 +20,7 @@ with checkpoints resumes from the latest; on CPU the result is bit-identical to 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,7 +36,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from flowcurate.formats import shards as S
-from flowcurate.formats.config import Config, load_config, override, resolve_device, to_dict
+from flowcurate.formats.config import Config, ConfigError, load_config, override, resolve_device, to_dict
 from flowcurate.formats.hashing import stable_hash
 from flowcurate.models.mmdit import MMDiT, MMDiTConfig, mmdit_config
 from flowcurate.models.mmdit_diffusers import from_pretrained_diffusers
@@ -88,13 +89,15 @@ def data_order(launch: TrainLaunch, world: int, split: str) -> dict:
     (`split_requested` may be "auto")."""
     tc = launch.config.train
     return {"batch_size": tc.batch_size, "world_size": world, "split": split, "split_requested": tc.split,
-            "workers": launch.workers, "shuffle_buffer": tc.shuffle_buffer, "seed": tc.seed}
+            "workers": launch.workers, "shuffle_buffer": tc.shuffle_buffer, "seed": tc.seed,
+            "grad_accum": tc.grad_accum}
 
 
 # the data_order entries a resume must match: each one shapes the saved data position (per rank and
-# worker, batches of this size, this shuffle) or the batches drawn from it; `split_requested` is not
-# compared, only the mode it resolved to
-DATA_ORDER_CHECKED = ("batch_size", "world_size", "split", "workers", "shuffle_buffer", "seed")
+# worker, batches of this size, this shuffle) or how its batches are stepped (micro-batches); a run
+# saved before an entry existed is not compared on it; `split_requested` is not compared, only the
+# mode it resolved to
+DATA_ORDER_CHECKED = ("batch_size", "world_size", "split", "workers", "shuffle_buffer", "seed", "grad_accum")
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,8 @@ class DataResume:
 def resume_data(saved: dict | None, order: dict, accept_change: bool, where: Path | None = None) -> DataResume:
     """The data position to resume from, or a refusal (DataError) when this launch would read another
     stream than the one the checkpoint's position belongs to: batches of another size, another number
-    of ranks or workers, another split mode, shuffle buffer or seed. A silent resume would not continue
+    of ranks or workers, another split mode, shuffle buffer or seed, or batches split into other
+    micro-batches. A silent resume would not continue
     the run's order (samples skipped or repeated, no bit-identical result), and the saved offsets would
     be read as if they meant the new layout. `accept_change` keeps the weights and optimizer and
     restarts the data order at the start of the epoch the run was in (the earliest of its workers)."""
@@ -313,6 +317,30 @@ def step_noise(tc, step: int, shape: tuple[int, ...], world: int, rank: int, spl
     return t[lo:lo + b], eps[lo:lo + b]
 
 
+def accumulate_gradients(net, x0: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, t: torch.Tensor,
+                         eps: torch.Tensor, micro_batches: int = 1, autocast=None, no_sync=None) -> torch.Tensor:
+    """Backward of the batch's mean v-loss in `micro_batches` equal slices (gradient accumulation): each
+    slice's mean loss is scaled by 1 / micro_batches, so the summed gradient is the whole batch's (the
+    mean of equal-size means is the mean) while only one slice's activations are alive at a time.
+    `no_sync` (DDP's) skips the gradient all-reduce on all but the last slice: one all-reduce per
+    step, as without accumulation. t and eps are the whole batch's, drawn before the split, so the
+    same step draws the same noise whatever the accumulation. Returns the batch's loss (detached);
+    gradients add to what `.grad` holds (zero them before)."""
+    n = len(x0)
+    if n % micro_batches:
+        raise ValueError(f"a batch of {n} is not divisible into {micro_batches} micro-batches")
+    size, total = n // micro_batches, None
+    for i in range(micro_batches):
+        part = slice(i * size, (i + 1) * size)
+        sync = no_sync() if no_sync is not None and i < micro_batches - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast or contextlib.nullcontext():
+                loss = flow_loss(net, x0[part], context[part], pooled[part], t[part], eps[part])
+            (loss / micro_batches if micro_batches > 1 else loss).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total / micro_batches if micro_batches > 1 else total
+
+
 def mean_over_ranks(value: torch.Tensor, world: int) -> float:
     value = value.detach().clone()
     if world > 1:
@@ -350,6 +378,9 @@ def train(launch: TrainLaunch) -> Path:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     if device.startswith("cuda:") and world > 1:
         torch.cuda.set_device(device)  # nccl's object collectives (the data positions) use the current device
+    if tc.grad_accum < 1 or (tc.batch_size // world) % tc.grad_accum:
+        raise ConfigError(f"grad_accum {tc.grad_accum} does not divide each rank's batch of {tc.batch_size // world} "
+                          f"(batch_size {tc.batch_size} over {world} ranks) into equal micro-batches")
     run = open_run(launch, rank, world)
     record, folder = run.record, run.folder
 
@@ -366,6 +397,7 @@ def train(launch: TrainLaunch) -> Path:
     use_bf16 = tc.mixed_precision and device.startswith("cuda") and torch.cuda.is_bf16_supported()
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16)
     net = DistributedDataParallel(model) if world > 1 else model
+    no_sync = net.no_sync if world > 1 else None  # kept before compile wraps the DDP module
     if launch.compile:  # optional: the same maths, faster GPU steps once compiled
         net = torch.compile(net)
     augment = Augment(tc.orig_caption_prob, tc.text_drop_prob)
@@ -419,13 +451,12 @@ def train(launch: TrainLaunch) -> Path:
         t, eps = (a.to(device) for a in step_noise(tc, step, tuple(x0.shape), world, rank, ds.split))
         for g in opt.param_groups:
             g["lr"] = learning_rate(tc, step)
-        with autocast:
-            loss = flow_loss(net, x0, batch["context"].to(device), batch["pooled"].to(device), t, eps)
+        opt.zero_grad(set_to_none=True)
+        loss = accumulate_gradients(net, x0, batch["context"].to(device), batch["pooled"].to(device), t, eps,
+                                    tc.grad_accum, autocast, no_sync)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"step {step}: loss is {loss.item()} (keys {batch['keys'][:4]}...); lower lr, "
                                      "keep grad clipping on, or resume from the last checkpoint")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         update_ema(ema, model, min(tc.ema_decay, (1 + step) / (10 + step)))
@@ -462,7 +493,7 @@ def train(launch: TrainLaunch) -> Path:
 def launch_from_args(args: argparse.Namespace) -> TrainLaunch:
     cfg = override(load_config(args.config), "train", max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
                    seed=args.seed, batch_size=args.batch_size, sample_every=args.sample_every, lr=args.lr,
-                   split=args.split, shuffle_buffer=args.shuffle_buffer)
+                   split=args.split, shuffle_buffer=args.shuffle_buffer, grad_accum=args.grad_accum)
     return TrainLaunch(config=cfg, shards=args.shards, output=args.output, val_shards=args.val_shards,
                        conditioning=args.conditioning, init_from=args.init_from, device=args.device,
                        workers=args.workers, compile=args.compile, gradient_checkpointing=args.gradient_checkpointing,
