@@ -3,9 +3,10 @@
 One process, or `torchrun --nproc_per_node N` for DDP (gloo on CPU, nccl on GPU). The batch size in
 the config is the global batch. Every step: a batch of model-space latents and assembled text
 conditioning (trainer/data.py), t ~ the configured density then shifted, eps ~ N(0, I), the v-loss
-(trainer/flow.py), AdamW with linear warm-up and gradient clipping, bf16 autocast on GPUs, then an EMA
-update. t and eps are drawn for the whole global batch from one generator on every rank and sliced,
-so N ranks see exactly what one process sees.
+(trainer/flow.py; in `grad_accum` micro-batches when asked, the same gradient), AdamW with linear
+warm-up and gradient clipping, bf16 autocast on GPUs, then an EMA update. t and eps are drawn for the
+whole global batch from one generator on every rank and sliced, so N ranks see exactly what one
+process sees.
 
 `train(launch)` takes a `TrainLaunch`: the TOML config plus what only this launch knows (paths, device,
 loader workers, compile, gradient checkpointing). `launch_from_args` builds it from the command line,
@@ -114,10 +115,10 @@ def resume_data(saved: dict | None, order: dict, accept_change: bool, where: Pat
     """The data position to resume from, or a refusal (DataError) when this launch would read another
     stream than the one the checkpoint's position belongs to: batches of another size, another number
     of ranks or workers, another split mode, shuffle buffer or seed, or batches split into other
-    micro-batches. A silent resume would not continue
-    the run's order (samples skipped or repeated, no bit-identical result), and the saved offsets would
-    be read as if they meant the new layout. `accept_change` keeps the weights and optimizer and
-    restarts the data order at the start of the epoch the run was in (the earliest of its workers)."""
+    micro-batches. A silent resume would not continue the run's order (samples skipped or repeated,
+    no bit-identical result), and the saved offsets would be read as if they meant the new layout.
+    `accept_change` keeps the weights and optimizer and restarts the data order at the start of the
+    epoch the run was in (the earliest of its workers)."""
     if saved is None:
         return DataResume(None)
     position = saved.get("data_position")
