@@ -126,6 +126,9 @@ class TrainConfig:
     model: str = "d2"
     # the global batch: N ranks each take batch_size / N
     batch_size: int = 8
+    # gradient accumulation: each rank's batch runs as this many micro-batches of batch / N (less memory,
+    # the same gradient: each micro-batch loss is scaled by 1/N); DDP syncs on the last one only
+    grad_accum: int = 1
     # how ranks share the shards: "auto" (shards when every rank and loader worker gets one, else global),
     # "global" (every rank reads the one stream: equal to one process), "shards" (disjoint shards per
     # rank) or "resampled" (shards drawn with replacement); see trainer/data.py

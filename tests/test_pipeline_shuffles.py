@@ -4,6 +4,8 @@ training resolution, and stay within the budget per input that the descriptors' 
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from flowcurate.formats.config import load_config
@@ -19,6 +21,10 @@ def runs(tmp_path_factory):
     truth = write_sample_data(root / "data", n=48, seed=5)
     out = {}
     for res in (64, 256):
+        # Beam samples element sizes with the global `random`: the same draws in both runs sample the
+        # same elements, so the estimates compare content, not luck (unseeded, a join of mixed-size
+        # elements estimated 15 % apart between two runs of identical content)
+        random.seed(0)
         out[res] = run(["--input", str(root / "data" / "raw" / "*.tar"), "--output", str(root / f"out{res}"),
                         "--config", "tiny", "--resolution", str(res)], log=lambda *a, **k: None)
     return truth, out
@@ -29,10 +35,8 @@ def test_shuffle_bytes_do_not_depend_on_the_resolution(runs):
     lo, hi = out[64]["shuffle_bytes"], out[256]["shuffle_bytes"]
     assert lo.keys() == hi.keys() and len(lo) >= 10
     total_lo, total_hi = sum(lo.values()), sum(hi.values())
-    # Beam samples element sizes at random, so a PCollection of mixed elements (a join of
-    # embeddings with small decision rows) estimates within ~15 % run to run. Pixels would scale
-    # with the resolution squared: 16x between these runs.
-    assert total_lo > 0 and 0.75 <= total_hi / total_lo <= 1.33, (total_lo, total_hi)
+    # pixels would scale with the resolution squared: 16x between these runs
+    assert total_lo > 0 and abs(total_hi - total_lo) <= 0.05 * total_lo, (total_lo, total_hi)
     # a 256x256 RGB image alone is 196 KB: no shuffle carries anything near one per input
     assert max(hi.values()) / out[256]["inputs"] < 256 * 256 * 3 / 4
 

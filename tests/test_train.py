@@ -79,22 +79,52 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(golden, tmp_path):
         for k in wa[part]:
             assert torch.equal(wa[part][k], wb[part][k]), (part, k)
     sa, sb = (C.read_state(p / "checkpoints" / step) for p in (tmp_path / "a", tmp_path / "b"))
-    assert sa["data_position"] == sb["data_position"] == end
+    # the resumed run stands where the uninterrupted one does: same epoch, shard, byte offset, held keys
+    assert sa["data_position"] == sb["data_position"] and sb["data_position"]["batches"] == end
+    worker = sb["data_position"]["ranks"][0]["workers"][0]
+    assert worker["batches"] == end and len(worker["buffer"]) == 3 and worker["offset"] % 512 == 0
+    assert "data position restored: loader workers read {0: " in resumed.stderr
     # how the run was launched, and the settings that fix its batch stream, travel with the checkpoint
     assert sb["data_order"] == {"batch_size": 4, "world_size": 1, "split": "shards", "split_requested": "auto",
-                                "workers": 0, "shuffle_buffer": 4, "seed": 0}
+                                "workers": 0, "shuffle_buffer": 4, "seed": 0, "grad_accum": 1}
     assert sb["launch"] == {"shards": str(golden), "output": str(tmp_path / "b"), "val_shards": None,
                             "conditioning": None, "init_from": None, "device": "auto", "workers": 0,
-                            "compile": False, "gradient_checkpointing": False, "report_to": []}
+                            "compile": False, "gradient_checkpointing": False, "report_to": [],
+                            "accept_data_change": False}
     assert sb["config"]["train"]["shuffle_buffer"] == 4 and sb["config"]["train"]["max_steps"] == end
 
 
-def test_two_process_ddp_matches_one_process(golden, tmp_path):
+def test_a_resume_that_changes_the_data_order_is_refused_unless_accepted(golden, tmp_path, capsys):
+    cfg = write_config(tmp_path / "c.toml", max_steps=2, checkpoint_every=2)
+    common = ["--shards", str(golden), "--config", str(cfg), "--output", str(tmp_path / "run"), *QUIET]
+    assert main(["train", *common, "--shuffle-buffer", "4"]) == 0
+    from flowcurate.cli.main import main as flowcurate
+
+    # the batch size shapes every saved position: refused, naming the setting, the old and new value
+    assert flowcurate(["train", *common, "--shuffle-buffer", "4", "--batch-size", "2", "--max-steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "batch_size 4 -> 2" in err and "--accept-data-change" in err
+    from flowcurate.trainer.data import DataError
+
+    with pytest.raises(DataError, match="shuffle_buffer 4 -> 8"):
+        main(["train", *common, "--shuffle-buffer", "8", "--max-steps", "3"])
+    assert C.read_state(C.latest(tmp_path / "run"))["step"] == 2  # nothing trained by the refused launches
+    # accepted: the weights go on, the data order restarts at the start of the run's epoch, and the log says so
+    assert main(["train", *common, "--shuffle-buffer", "4", "--batch-size", "2", "--max-steps", "3",
+                 "--accept-data-change"]) == 0
+    assert "data order restarts at the start of epoch 1" in capsys.readouterr().err
+    assert '"data_order_change"' in (tmp_path / "run" / "log.jsonl").read_text()
+    state = C.read_state(C.latest(tmp_path / "run"))
+    assert state["step"] == 3 and state["data_order"]["batch_size"] == 2 and state["data_position"]["batches"] == 1
+
+
+def test_two_process_ddp_with_accumulation_matches_one_process(golden, tmp_path):
     cfg = write_config(tmp_path / "c.toml", max_steps=3, checkpoint_every=3)
     common = ["--shards", str(golden), "--config", str(cfg), "--shuffle-buffer", "4", "--device", "cpu"]
     one = run_cli(*common, "--output", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-2000:]
-    two = run_cli(*common, "--output", str(tmp_path / "two"), env={"OMP_NUM_THREADS": "1"},
+    # and with 2 micro-batches a rank (DDP's no_sync on the first): the same weights as one process in one batch
+    two = run_cli(*common, "--output", str(tmp_path / "two"), "--grad-accum", "2", env={"OMP_NUM_THREADS": "1"},
                   module=("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                           "-m", "flowcurate.trainer", "train"))
     assert two.returncode == 0, two.stderr[-3000:]

@@ -18,6 +18,7 @@ from flowcurate.trainer.data import (
     decode_sample,
     loader,
     open_record,
+    read_samples,
     resolve_shards,
 )
 
@@ -56,16 +57,52 @@ def test_batches_hold_one_latent_shape_and_the_reference_layout(golden_stream):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_replay_from_a_data_position_is_exact(golden, golden_stream, workers):
+def test_resume_from_a_data_position_is_exact_and_its_cost_does_not_grow(golden, golden_stream, workers):
     urls, record = golden_stream
-    urls = urls + resolve_shards(str(golden), "val")[0]  # two shards: one per worker
+    urls = urls + resolve_shards(str(golden), "val")[0]  # two shards (7 and 1 samples): one per worker
     kw = dict(seed=3, shuffle_buffer=5, num_workers=workers, split="global")
-    full = take(CuratedShards(urls, record, 3, **kw), 9, workers)
-    tail = take(CuratedShards(urls, record, 3, skip_batches=5, **kw), 4, workers)
-    for a, b in zip(full[5:], tail):
-        assert a["keys"] == b["keys"] and a["variants"] == b["variants"]
-        for name in ("latents", "context", "pooled"):
-            assert torch.equal(a[name], b[name])
+    stream, full, positions = loader(CuratedShards(urls, record, 3, **kw), workers), [], {}
+    for batch in stream:
+        full.append(batch)
+        if len(full) in (5, 300):  # early, and ~100 epochs later
+            positions[len(full)] = json.loads(json.dumps(stream.position()))  # as a checkpoint keeps it
+        if len(full) == 304:
+            break
+    largest_shard = max(sum(1 for _ in read_samples(u)) for u in urls)
+    shapes = 2  # 8x8 and 6x8 latents: each aspect bucket holds at most batch - 1 samples between batches
+    for at, position in positions.items():
+        resumed = loader(CuratedShards(urls, record, 3, position=position, **kw), workers)
+        tail = take_from(resumed, 4)
+        for a, b in zip(full[at:], tail):
+            assert a["keys"] == b["keys"] and a["variants"] == b["variants"]
+            for name in ("latents", "context", "pooled"):
+                assert torch.equal(a[name], b[name])
+        # what each worker read before its first batch: the held samples plus the batch it formed, never
+        # a replay of the batches before the position (300 batches = 900 samples)
+        first = {w: n for w, n in resumed.first_samples_read.items()}
+        assert len(first) == max(1, workers)
+        assert all(n <= 5 + shapes * 2 + largest_shard for n in first.values()), (at, first)
+        assert position["workers"][0]["epoch"] > 100 or at == 5
+
+
+def take_from(stream, n):
+    it = iter(stream)
+    return [next(it) for _ in range(n)]
+
+
+def test_a_data_position_is_small_json_of_keys_and_offsets(golden_stream):
+    urls, record = golden_stream
+    stream = loader(CuratedShards(urls, record, 2, seed=0, shuffle_buffer=4))
+    take_from(stream, 3)
+    position = stream.position()
+    worker = position["workers"][0]
+    assert position["batches"] == worker["batches"] == 3 and position["next_worker"] == 0
+    assert len(worker["buffer"]) == 3  # the buffer holds 4 - 1 samples after a draw
+    assert all(isinstance(e[3], str) and e[1] == 0 and e[2] % 512 == 0 for e in worker["buffer"])
+    assert len(json.dumps(position)) < 1000
+    # a position indexes into one shard list: another is refused rather than read at wrong offsets
+    with pytest.raises(DataError, match="shard list differs"):
+        CuratedShards(urls + urls, record, 2, position=position)
 
 
 def test_caption_choice_and_encoder_drops_follow_the_configured_rates(golden_stream):
@@ -168,3 +205,20 @@ def test_shards_with_other_widths_are_refused(golden, tmp_path):
     urls, rec = resolve_shards(str(tmp_path / "out"))
     with pytest.raises(S.ShardFormatError, match=r"t5\.npy is float16\[77, 96\].*\[77, 128\]"):
         take(CuratedShards(urls, open_record(rec, urls), 2), 1)
+
+
+def test_read_samples_from_a_byte_offset_seeks_or_streams_to_the_same_samples(golden_stream, tmp_path):
+    import gzip
+
+    urls, _ = golden_stream
+    whole = list(read_samples(urls[0]))
+    assert [raw["__key__"] for raw, _, _ in whole] == [f"{i:09d}" for i in (1, 2, 3, 4, 5, 6, 8)]
+    assert whole[0][1] == 0 and all(a[2] == b[1] for a, b in zip(whole, whole[1:]))  # contiguous spans
+    # a compressed copy cannot be seeked: it is streamed, skipping the members before the offset
+    gz = tmp_path / "train-000000.tar.gz"
+    gz.write_bytes(gzip.compress(open(urls[0], "rb").read()))
+    for source in (urls[0], str(gz)):
+        tail = list(read_samples(source, whole[4][1]))
+        assert [(r["__key__"], s, e) for r, s, e in tail] == [(r["__key__"], s, e) for r, s, e in whole[4:]]
+        assert all(a[0]["json"] == b[0]["json"] for a, b in zip(tail, whole[4:]))
+        assert list(read_samples(source, whole[-1][2])) == []  # the position after the last sample

@@ -33,7 +33,13 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                "  flowcurate train --shards out/ --config sd3 --output run/ \\\n"
                "      --init-from stabilityai/stable-diffusion-3-medium-diffusers/transformer   # fine-tune\n"
                "  flowcurate train --shards out/ --config tiny --output run/ --report-to tensorboard\n"
-               "Rerun the same command on an existing run folder to resume from its latest checkpoint.")
+               "  flowcurate train --shards out/ --config sd3 --output run/ --batch-size 1024 --grad-accum 8\n"
+               "Rerun the same command on an existing run folder to resume from its latest checkpoint: the\n"
+               "loader reopens each worker's shard at the saved byte offset (no replay of earlier batches).\n"
+               "A resume that changes batch size, ranks, --workers, --split, --shuffle-buffer, seed or\n"
+               "--grad-accum is refused (exit 2); to keep the weights and restart the data order at the\n"
+               "start of the run's epoch:\n"
+               "  flowcurate train --shards out/ --config tiny --output run/ --batch-size 16 --accept-data-change")
     p.add_argument("--shards", required=True, help="pipeline output folder, shards folder, brace spec, glob or URLs")
     p.add_argument("--val-shards", help="validation shards (default: the val split of an output folder)")
     p.add_argument("--conditioning", help="conditioning.json (default: found beside the shards)")
@@ -43,6 +49,10 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--sample-every", type=int, help="steps between validation loss + sample grid (0: at the end)")
     p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--grad-accum", type=int, metavar="N",
+                   help="gradient accumulation: each rank's batch runs as N micro-batches of batch/N (less "
+                        "memory, the same gradient; default: the config's, 1), e.g. --batch-size 256 "
+                        "--grad-accum 4")
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--init-from", help="diffusers SD3Transformer2DModel folder to start from (official weights)")
@@ -52,6 +62,10 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                                                       "config's, 256)")
     p.add_argument("--split", choices=("auto", "global", "shards", "resampled"),
                    help="how ranks share the shards (default: the config's, auto; trainer/data.py)")
+    p.add_argument("--accept-data-change", action="store_true",
+                   help="resume although a data-order setting (batch size, ranks, workers, split, shuffle buffer, "
+                        "seed, grad accum) differs from the run's: weights and optimizer are kept, the data order restarts "
+                        "at the start of the epoch the run was in (its samples so far are seen again)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster GPU steps)")
     p.add_argument("--report-to", action="append", metavar="TRACKER",

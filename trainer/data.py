@@ -8,8 +8,11 @@ The stream is endless and deterministic, so a resumed run replays it exactly:
   over from epoch to epoch, so no sample is dropped at an epoch end;
 - each sample's random choices (caption variant, encoder drops, latent noise) come from a generator
   seeded by (seed, epoch, key), not from the stream position;
-- the data position is the number of batches consumed; `skip_batches` replays and discards them
-  (cheap: batches are formed from the parsed json and only decoded when kept).
+- the data position (per rank and loader worker: epoch, shard order, index of the shard being read,
+  byte offset of its next sample, shuffle draws made, and the [epoch, shard, offset, key] of every
+  sample held in the shuffle buffer and the aspect buckets) is small JSON saved in each checkpoint; a
+  resume opens the current shard at the saved offset and re-reads only the held samples, so it costs
+  at most one shuffle buffer plus one shard per worker, however far the run had gone.
 
 Distributed modes (`split`): `global` (every rank reads the same stream, forms the global batch and
 keeps its slice: the same global batches as one process, used when there are few shards), `shards`
@@ -21,7 +24,10 @@ run dry). `auto` picks `shards` when there are enough shards, else `global`.
 from __future__ import annotations
 
 import glob
+import os
 import random
+import re
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +38,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from flowcurate.formats import shards as S
-from flowcurate.formats.hashing import stable_hash
+from flowcurate.formats.hashing import hasher, stable_hash
 from flowcurate.models.autoencoder import to_model_space
 
 
@@ -114,17 +120,88 @@ def collate(items: list, keys: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------
+# Reading shards from a byte offset
+
+BLOCK = 512  # tar blocks: every header and every payload (padded) is a whole number of them
+
+
+def _plain_local_tar(url: str) -> bool:
+    """A local, uncompressed tar: its byte offsets are seekable file positions."""
+    return "://" not in url and not url.startswith("pipe:") and url.endswith(".tar") and Path(url).is_file()
+
+
+def read_samples(url: str, offset: int = 0) -> Iterator[tuple[dict, int, int]]:
+    """The samples of a WebDataset tar from byte `offset` (where a sample's first header starts, 0 for
+    the whole shard): (raw members as webdataset groups them, start, end), `end` being where the
+    next sample starts. A local plain tar is opened at `offset` (nothing before it is read); another
+    URL (remote, compressed) is streamed from its start and the members before `offset` are skipped
+    without reading their payload."""
+    seek = _plain_local_tar(url)
+    if seek and offset >= os.path.getsize(url):  # past the last member of a tar without end blocks
+        return
+    if seek:
+        fh, base, mode = open(url, "rb"), offset, "r|"
+        fh.seek(offset)
+    else:
+        fh, base, mode = wds.gopen(url, "rb"), 0, "r|*"
+    try:
+        with tarfile.open(fileobj=fh, mode=mode) as tar:
+            current, start, end = None, offset, offset
+            for member in tar:
+                member_end = base + member.offset_data + -(-member.size // BLOCK) * BLOCK
+                tar.members = []  # a long shard would keep every TarInfo otherwise
+                if base + member.offset < offset:
+                    continue
+                prefix, suffix = wds.tariterators.base_plus_ext(member.name)
+                if not member.isreg() or prefix is None or re.match(r"__[^/]*__($|/)", member.name):
+                    end = member_end
+                    continue
+                if current is not None and prefix != current["__key__"]:
+                    yield current, start, end
+                    current, start = None, end
+                if current is None:
+                    current = {"__key__": prefix, "__url__": url}
+                current[suffix.lower()] = tar.extractfile(member).read()
+                end = member_end
+            if current is not None:
+                yield current, start, end
+    finally:
+        fh.close()
+
+
+# ------------------------------------------------------------------------------------------------------
 # The stream
+
+@dataclass
+class _Item:
+    """One sample in a worker's stream: where it was read (so a data position can name it) and its members."""
+
+    epoch: int
+    shard: int  # index into CuratedShards.urls
+    start: int  # byte offset of its first tar header
+    raw: dict
+    doc: dict
+
+    def entry(self) -> list:
+        """[epoch, shard, byte offset, key]: what a data position keeps of a buffered sample."""
+        return [self.epoch, self.shard, self.start, self.doc["key"]]
+
 
 class CuratedShards(IterableDataset):
     """Endless training batches (or one pass over validation shards with `train=False`).
 
-    batch_size is the *global* batch; each rank receives batch_size // world_size samples."""
+    batch_size is the *global* batch; each rank receives batch_size // world_size samples.
+
+    `position` (what `BatchStream.position()` returned, one rank's) resumes the stream where it was:
+    every worker opens its current shard at the saved byte offset and re-reads only the samples its
+    shuffle buffer and aspect buckets held, so resuming costs the same at step 10 as at step 10^6.
+    `start_epoch` (without `position`) starts at that epoch's beginning with empty buffers: the
+    restart after a deliberate change of the data-order settings."""
 
     def __init__(self, urls: list[str], record: S.Conditioning, batch_size: int, *, seed: int = 0,
                  augment: Augment | None = Augment(), train: bool = True, shuffle_buffer: int = 256,
                  rank: int = 0, world_size: int = 1, split: str = "auto", num_workers: int = 0,
-                 skip_batches: int = 0):
+                 position: dict | None = None, start_epoch: int = 0):
         if not urls:
             raise DataError("no shards to read")
         if batch_size % world_size:
@@ -143,89 +220,172 @@ class CuratedShards(IterableDataset):
                             "(a rank or worker without shards would stall DDP): use split=global or resampled")
         if not train:
             split = "shards" if len(self.urls) >= world_size * workers else "global"
-        self.split, self.num_workers, self.skip_batches = split, num_workers, skip_batches
+        self.split, self.num_workers = split, num_workers
+        self.position, self.start_epoch = position, start_epoch
+        if position is not None and position.get("shards") != shard_list_hash(self.urls):
+            raise DataError("the shard list differs from the one the data position was saved with "
+                            f"({position.get('shard_count')} shards then, {len(self.urls)} now): the saved "
+                            "offsets would point into other shards")
 
     # the local batch this rank trains on; in `global` mode the stream forms the global batch
     @property
     def local_batch(self) -> int:
         return self.batch_size // self.world_size
 
-    def _worker(self) -> tuple[int, int]:
-        info = get_worker_info()
-        return (info.id, info.num_workers) if info is not None else (0, 1)
-
-    def _shards(self, epoch: int, worker: int, workers: int) -> list[str]:
+    def _shards(self, epoch: int, worker: int, workers: int) -> list[int]:
+        """This worker's shards for `epoch`, as indices into `urls`."""
         if self.split == "resampled":
             rng = random.Random(f"{self.seed}:{epoch}:{self.rank}:{worker}")
-            return [rng.choice(self.urls) for _ in range(len(self.urls))]
-        order = list(self.urls)
+            return [rng.randrange(len(self.urls)) for _ in range(len(self.urls))]
+        order = list(range(len(self.urls)))
         if self.train:
             random.Random(f"{self.seed}:{epoch}").shuffle(order)
         if self.split == "shards":
             order = order[self.rank::self.world_size]
         return order[worker::workers]
 
-    def _raw(self, worker: int, workers: int) -> Iterator[tuple[int, dict, dict]]:
-        epoch = 0
-        while True:
-            urls = self._shards(epoch, worker, workers)
-            n = 0
-            if urls:
-                ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
-                                    empty_check=False)
-                for raw in ds:
-                    n += 1
-                    yield epoch, raw, S.check_sample(raw, self.record)
-            if not self.train:
-                return
-            if n == 0:
-                raise DataError(f"epoch {epoch}: shards {urls[:3]}... hold no samples")
-            epoch += 1
-
-    def _shuffled(self, it, worker: int):
-        if not self.shuffle_buffer:
-            yield from it
-            return
-        rng = random.Random(f"{self.seed}:shuffle:{self.rank if self.split != 'global' else 0}:{worker}")
-        buf = []
-        for item in it:
-            buf.append(item)
-            if len(buf) >= self.shuffle_buffer:
-                i = rng.randrange(len(buf))
-                buf[i], buf[-1] = buf[-1], buf[i]
-                yield buf.pop()
-        rng.shuffle(buf)
-        yield from buf
-
     def __iter__(self):
-        worker, workers = self._worker()
-        # replaying `skip_batches` consumed batches: the DataLoader takes batches from its workers round-robin
-        # starting at worker 0, so every worker skips k // W and `loader` drops the first k % W it yields
-        skip = self.skip_batches // workers
-        size = self.batch_size if self.split == "global" else self.local_batch
-        buckets: dict[tuple, list] = {}
-        emitted = 0
-        for item in self._shuffled(self._raw(worker, workers), worker):
-            res = item[2]["resolution"]
-            bucket = buckets.setdefault((int(res[0]), int(res[1])), [])
-            bucket.append(item)
-            if len(bucket) == size:
-                del buckets[(int(res[0]), int(res[1]))]
-                emitted += 1
-                if emitted > skip:
-                    yield self._decode(bucket)
-        if not self.train:  # a last, partial batch per shape: validation sees every sample
-            for key in sorted(buckets):
-                yield self._decode(buckets[key])
+        info = get_worker_info()
+        physical, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # the DataLoader takes batches round-robin from physical worker 0: after a resume, physical worker
+        # p plays the saved worker (p + next_worker) % W, so the round-robin continues where it stopped
+        saved = None
+        if self.position is not None:
+            if len(self.position["workers"]) != workers:
+                raise DataError(f"the data position was saved with {len(self.position['workers'])} loader "
+                                f"workers, this loader has {workers}")
+            worker = (physical + self.position["next_worker"]) % workers
+            saved = self.position["workers"][worker]
+        else:
+            worker = physical
+        yield from _WorkerStream(self, worker, workers, saved).batches()
 
-    def _decode(self, bucket: list) -> dict:
+    def _decode(self, bucket: list[_Item]) -> dict:
         if self.split == "global" and self.train:
             bucket = bucket[self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
-        items = [decode_sample(raw, doc, self.record, self.augment, self.seed, epoch) for epoch, raw, doc in bucket]
-        return collate(items, [doc["key"] for _, _, doc in bucket])
+        items = [decode_sample(it.raw, it.doc, self.record, self.augment, self.seed, it.epoch) for it in bucket]
+        return collate(items, [it.doc["key"] for it in bucket])
 
 
-def loader(dataset: CuratedShards, num_workers: int = 0) -> DataLoader:
+def shard_list_hash(urls: list[str]) -> str:
+    """Names the shard list a data position indexes into (file names, so a moved folder still matches)."""
+    return f"{stable_hash('sample', 'shards:' + ':'.join(u.rsplit('/', 1)[-1] for u in urls)):016x}"
+
+
+class _WorkerStream:
+    """One loader worker's part of the stream, and its position: the epoch, this worker's shard order in
+    it, the index of the shard being read, the byte offset of its next sample, the shuffle draws made,
+    and the samples held in the shuffle buffer and the aspect buckets (as [epoch, shard, offset, key]).
+
+    The shuffle draw n comes from a hash of (seed, rank, worker, n), not from a generator's state, so a
+    position needs only the count. Each sample's own random choices are seeded by (seed, epoch, key)."""
+
+    def __init__(self, ds: CuratedShards, worker: int, workers: int, saved: dict | None):
+        self.ds, self.worker, self.workers = ds, worker, workers
+        self.draw_hash = hasher("sample")
+        self.stream_rank = ds.rank if ds.split != "global" else 0
+        self.samples_read = 0  # tar samples parsed by this worker in this process: a resume's cost
+        self.buffer: list[_Item] = []
+        self.buckets: dict[tuple[int, int], list[_Item]] = {}
+        self.batches_out = 0
+        if saved is None:
+            self.epoch, self.shard_index, self.offset, self.draws = ds.start_epoch, 0, 0, 0
+            self.order = self.ds._shards(self.epoch, worker, workers)
+        else:
+            self.epoch, self.shard_index, self.offset = saved["epoch"], saved["shard_index"], saved["offset"]
+            self.order, self.draws, self.batches_out = list(saved["shard_order"]), saved["draws"], saved["batches"]
+            held = self._refill([*saved["buffer"], *(e for _, entries in saved["buckets"] for e in entries)])
+            self.buffer = [held[tuple(e[:3])] for e in saved["buffer"]]
+            for shape, entries in saved["buckets"]:
+                self.buckets[tuple(shape)] = [held[tuple(e[:3])] for e in entries]
+
+    def _refill(self, entries: list[list]) -> dict[tuple[int, int, int], _Item]:
+        """Re-read the samples a position held, shard by shard in offset order: a local tar is opened at
+        each sample's byte offset; another URL is streamed once, from its first held sample on."""
+        found: dict[tuple[int, int, int], _Item] = {}
+        by_shard: dict[int, list[list]] = {}
+        for e in {tuple(e[:3]): e for e in entries}.values():  # resampled epochs may hold a sample twice
+            by_shard.setdefault(e[1], []).append(e)
+        for shard, wanted in sorted(by_shard.items()):
+            url = self.ds.urls[shard]
+            wanted.sort(key=lambda e: e[2])
+            if _plain_local_tar(url):
+                reads = (next(read_samples(url, e[2]), (None, e[2], e[2])) for e in wanted)
+            else:
+                offsets = {e[2] for e in wanted}
+                reads = (r for r in read_samples(url, wanted[0][2]) if r[1] in offsets)
+            for (epoch, _, start, key), (raw, got, _) in zip(wanted, reads):
+                self.samples_read += raw is not None
+                doc = S.check_sample(raw, self.ds.record) if raw is not None and got == start else None
+                if doc is None or doc["key"] != key:
+                    raise DataError(f"{url} at byte {start}: expected sample {key} of the saved data position, "
+                                    f"found {doc and doc['key']}: the shard changed since the checkpoint")
+                found[(epoch, shard, start)] = _Item(epoch, shard, start, raw, doc)
+        return found
+
+    def _raw(self) -> Iterator[_Item]:
+        """Samples from the position on: the rest of the current shard, then the next ones, epoch after
+        epoch (training) or until the shards end (validation). Updates the position as it goes."""
+        while True:
+            read_in_epoch = self.shard_index > 0 or self.offset > 0
+            while self.shard_index < len(self.order):
+                shard = self.order[self.shard_index]
+                for raw, start, end in read_samples(self.ds.urls[shard], self.offset):
+                    self.samples_read += 1
+                    read_in_epoch = True
+                    self.offset = end
+                    yield _Item(self.epoch, shard, start, raw, S.check_sample(raw, self.ds.record))
+                self.shard_index, self.offset = self.shard_index + 1, 0
+            if not self.ds.train:
+                return
+            if not read_in_epoch:
+                urls = [self.ds.urls[i] for i in self.order[:3]]
+                raise DataError(f"epoch {self.epoch}: shards {urls}... hold no samples")
+            self.epoch, self.shard_index, self.offset = self.epoch + 1, 0, 0
+            self.order = self.ds._shards(self.epoch, self.worker, self.workers)
+
+    def _shuffled(self) -> Iterator[_Item]:
+        size = self.ds.shuffle_buffer
+        for item in self._raw():
+            if not size:
+                yield item
+                continue
+            self.buffer.append(item)
+            if len(self.buffer) >= size:
+                n = self.draw_hash(f"shuffle:{self.ds.seed}:{self.stream_rank}:{self.worker}:{self.draws}")
+                self.draws += 1
+                i = n % len(self.buffer)
+                self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
+                yield self.buffer.pop()
+
+    def position(self) -> dict:
+        """Where this worker stands after the batches it has yielded (JSON: keys and offsets, no tensors)."""
+        return {"epoch": self.epoch, "shard_order": list(self.order), "shard_index": self.shard_index,
+                "offset": self.offset, "draws": self.draws, "batches": self.batches_out,
+                "buffer": [it.entry() for it in self.buffer],
+                "buckets": [[list(shape), [it.entry() for it in items]] for shape, items in self.buckets.items()]}
+
+    def batches(self) -> Iterator[dict]:
+        ds = self.ds
+        size = ds.batch_size if ds.split == "global" else ds.local_batch
+        for item in self._shuffled():
+            res = item.doc["resolution"]
+            shape = (int(res[0]), int(res[1]))
+            bucket = self.buckets.setdefault(shape, [])
+            bucket.append(item)
+            if len(bucket) == size:
+                del self.buckets[shape]
+                self.batches_out += 1
+                batch = ds._decode(bucket)
+                if ds.train:
+                    batch.update(worker=self.worker, samples_read=self.samples_read, position=self.position())
+                yield batch
+        if not ds.train:  # a last, partial batch per shape: validation sees every sample
+            for shape in sorted(self.buckets):
+                yield ds._decode(self.buckets[shape])
+
+
+def loader(dataset: CuratedShards, num_workers: int = 0) -> BatchStream:
     """Batches come formed from the dataset (batch_size=None); workers keep round-robin order.
     Workers are capped at the shards each one can own (an idle worker would end the round-robin)."""
     if dataset.split != "resampled":
@@ -233,18 +393,41 @@ def loader(dataset: CuratedShards, num_workers: int = 0) -> DataLoader:
         num_workers = min(num_workers, max(per_rank, 1)) if num_workers > 1 else num_workers
     dl = DataLoader(dataset, batch_size=None, num_workers=num_workers,
                     persistent_workers=False, prefetch_factor=4 if num_workers else None)
-    return _Skipping(dl, dataset.skip_batches % max(1, num_workers))
+    return BatchStream(dl, dataset, max(1, num_workers))
 
 
-class _Skipping:
-    def __init__(self, dl: DataLoader, drop: int):
-        self.dl, self.drop = dl, drop
+class BatchStream:
+    """The DataLoader's batches, keeping the data position of what the caller has taken: each training
+    batch carries its worker's position after it (workers run ahead, so only the consumer knows which
+    batches were used), and `position()` is this rank's, ready for a checkpoint."""
+
+    def __init__(self, dl: DataLoader, dataset: CuratedShards, workers: int):
+        self.dl, self.dataset, self.workers = dl, dataset, workers
+        saved = dataset.position
+        self.next_worker = saved["next_worker"] if saved else 0
+        self.batches = saved["batches"] if saved else 0
+        self.worker_positions: list[dict | None] = list(saved["workers"]) if saved else [None] * workers
+        # tar samples each worker had parsed when it yielded its latest / its first batch in this process:
+        # on a resume, `first_samples_read` is what restoring the position cost (the held samples re-read,
+        # plus those the first batch needed), the same at step 10 as at step 10^6
+        self.samples_read: dict[int, int] = {}
+        self.first_samples_read: dict[int, int] = {}
 
     def __iter__(self):
-        it = iter(self.dl)
-        for _ in range(self.drop):
-            next(it)
-        yield from it
+        for batch in self.dl:
+            if "position" in batch:
+                worker = batch.pop("worker")
+                self.worker_positions[worker] = batch.pop("position")
+                self.samples_read[worker] = batch.pop("samples_read")
+                self.first_samples_read.setdefault(worker, self.samples_read[worker])
+                self.next_worker = (worker + 1) % self.workers
+                self.batches += 1
+            yield batch
+
+    def position(self) -> dict:
+        """This rank's data position (None for a worker that has not yielded yet: it starts afresh)."""
+        return {"batches": self.batches, "next_worker": self.next_worker, "workers": list(self.worker_positions),
+                "shards": shard_list_hash(self.dataset.urls), "shard_count": len(self.dataset.urls)}
 
 
 def open_record(path: str | Path | None, urls: list[str]) -> S.Conditioning:

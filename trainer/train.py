@@ -3,9 +3,10 @@
 One process, or `torchrun --nproc_per_node N` for DDP (gloo on CPU, nccl on GPU). The batch size in
 the config is the global batch. Every step: a batch of model-space latents and assembled text
 conditioning (trainer/data.py), t ~ the configured density then shifted, eps ~ N(0, I), the v-loss
-(trainer/flow.py), AdamW with linear warm-up and gradient clipping, bf16 autocast on GPUs, then an EMA
-update. t and eps are drawn for the whole global batch from one generator on every rank and sliced,
-so N ranks see exactly what one process sees.
+(trainer/flow.py; in `grad_accum` micro-batches when asked, the same gradient), AdamW with linear
+warm-up and gradient clipping, bf16 autocast on GPUs, then an EMA update. t and eps are drawn for the
+whole global batch from one generator on every rank and sliced, so N ranks see exactly what one
+process sees.
 
 `train(launch)` takes a `TrainLaunch`: the TOML config plus what only this launch knows (paths, device,
 loader workers, compile, gradient checkpointing). `launch_from_args` builds it from the command line,
@@ -20,6 +21,7 @@ with checkpoints resumes from the latest; on CPU the result is bit-identical to 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,7 +37,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from flowcurate.formats import shards as S
-from flowcurate.formats.config import Config, load_config, override, resolve_device, to_dict
+from flowcurate.formats.config import Config, ConfigError, load_config, override, resolve_device, to_dict
 from flowcurate.formats.hashing import stable_hash
 from flowcurate.models.mmdit import MMDiT, MMDiTConfig, mmdit_config
 from flowcurate.models.mmdit_diffusers import from_pretrained_diffusers
@@ -75,6 +77,9 @@ class TrainLaunch:
     gradient_checkpointing: bool = False
     # trackers beside log.jsonl: "tensorboard", "wandb" (trainer/report.py)
     report_to: tuple[str, ...] = ()
+    # resume even though a data-order setting changed: keep weights and optimizer, restart the data
+    # order at the start of the epoch the run was in (see `resume_data`)
+    accept_data_change: bool = False
 
 
 def launch_record(launch: TrainLaunch) -> dict:
@@ -88,7 +93,55 @@ def data_order(launch: TrainLaunch, world: int, split: str) -> dict:
     (`split_requested` may be "auto")."""
     tc = launch.config.train
     return {"batch_size": tc.batch_size, "world_size": world, "split": split, "split_requested": tc.split,
-            "workers": launch.workers, "shuffle_buffer": tc.shuffle_buffer, "seed": tc.seed}
+            "workers": launch.workers, "shuffle_buffer": tc.shuffle_buffer, "seed": tc.seed,
+            "grad_accum": tc.grad_accum}
+
+
+# the data_order entries a resume must match: each one shapes the saved data position (per rank and
+# worker, batches of this size, this shuffle) or how its batches are stepped (micro-batches); a run
+# saved before an entry existed is not compared on it; `split_requested` is not compared, only the
+# mode it resolved to
+DATA_ORDER_CHECKED = ("batch_size", "world_size", "split", "workers", "shuffle_buffer", "seed", "grad_accum")
+
+
+@dataclass(frozen=True)
+class DataResume:
+    """How the stream resumes: `positions` (one per rank, from the checkpoint) or, after an accepted
+    change of the data-order settings, a fresh stream from the start of `start_epoch`."""
+
+    positions: list[dict] | None
+    start_epoch: int = 0
+    note: str | None = None  # what an accepted change does, for the log
+
+
+def resume_data(saved: dict | None, order: dict, accept_change: bool, where: Path | None = None) -> DataResume:
+    """The data position to resume from, or a refusal (DataError) when this launch would read another
+    stream than the one the checkpoint's position belongs to: batches of another size, another number
+    of ranks or workers, another split mode, shuffle buffer or seed, or batches split into other
+    micro-batches. A silent resume would not continue the run's order (samples skipped or repeated,
+    no bit-identical result), and the saved offsets would be read as if they meant the new layout.
+    `accept_change` keeps the weights and optimizer and restarts the data order at the start of the
+    epoch the run was in (the earliest of its workers)."""
+    if saved is None:
+        return DataResume(None)
+    position = saved.get("data_position")
+    before = saved.get("data_order", {})
+    changes = [(k, before.get(k), order[k]) for k in DATA_ORDER_CHECKED if k in before and before[k] != order[k]]
+    legacy = not isinstance(position, dict)
+    if not changes and not legacy:
+        return DataResume(position["ranks"])
+    what = (", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes) if changes else
+            f"the checkpoint keeps its data position as a batch count ({position}), from before seekable "
+            "data positions")
+    epochs = [w["epoch"] for r in (position["ranks"] if not legacy else []) for w in r["workers"] if w]
+    epoch = min(epochs, default=0)
+    if not accept_change:
+        raise DataError(f"{where or 'the checkpoint'}: cannot resume the run's data order: {what}. Resume with "
+                        "the run's settings (state.json's data_order), train into another --output, or pass "
+                        f"--accept-data-change to keep the weights and optimizer and restart the data order at "
+                        f"the start of epoch {epoch}")
+    return DataResume(None, epoch, f"--accept-data-change: {what}; the data order restarts at the start of epoch "
+                                   f"{epoch} (samples of that epoch seen before the checkpoint are seen again)")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -268,6 +321,30 @@ def step_noise(tc, step: int, shape: tuple[int, ...], world: int, rank: int, spl
     return t[lo:lo + b], eps[lo:lo + b]
 
 
+def accumulate_gradients(net, x0: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, t: torch.Tensor,
+                         eps: torch.Tensor, micro_batches: int = 1, autocast=None, no_sync=None) -> torch.Tensor:
+    """Backward of the batch's mean v-loss in `micro_batches` equal slices (gradient accumulation): each
+    slice's mean loss is scaled by 1 / micro_batches, so the summed gradient is the whole batch's (the
+    mean of equal-size means is the mean) while only one slice's activations are alive at a time.
+    `no_sync` (DDP's) skips the gradient all-reduce on all but the last slice: one all-reduce per
+    step, as without accumulation. t and eps are the whole batch's, drawn before the split, so the
+    same step draws the same noise whatever the accumulation. Returns the batch's loss (detached);
+    gradients add to what `.grad` holds (zero them before)."""
+    n = len(x0)
+    if n % micro_batches:
+        raise ValueError(f"a batch of {n} is not divisible into {micro_batches} micro-batches")
+    size, total = n // micro_batches, None
+    for i in range(micro_batches):
+        part = slice(i * size, (i + 1) * size)
+        sync = no_sync() if no_sync is not None and i < micro_batches - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast or contextlib.nullcontext():
+                loss = flow_loss(net, x0[part], context[part], pooled[part], t[part], eps[part])
+            (loss / micro_batches if micro_batches > 1 else loss).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total / micro_batches if micro_batches > 1 else total
+
+
 def mean_over_ranks(value: torch.Tensor, world: int) -> float:
     value = value.detach().clone()
     if world > 1:
@@ -307,27 +384,40 @@ def train(launch: TrainLaunch) -> Path:
     rank, world = setup_distributed(device)
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if device.startswith("cuda:") and world > 1:
+        torch.cuda.set_device(device)  # nccl's object collectives (the data positions) use the current device
+    if tc.grad_accum < 1 or (tc.batch_size // world) % tc.grad_accum:
+        raise ConfigError(f"grad_accum {tc.grad_accum} does not divide each rank's batch of {tc.batch_size // world} "
+                          f"(batch_size {tc.batch_size} over {world} ranks) into equal micro-batches")
     run = open_run(launch, rank, world)
     record, folder = run.record, run.folder
 
     model, ema, mc = build_models(launch, record, device)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, eps=tc.adam_eps, weight_decay=tc.weight_decay)
-    step = 0
+    step, saved = 0, None
     resume = C.latest(folder)
     if resume is not None:
-        step = C.load(resume, model, ema, opt, device)["step"]
+        saved = C.load(resume, model, ema, opt, device)
+        step = saved["step"]
         if rank == 0:
             print(f"resuming from {resume} (step {step})", file=sys.stderr)
 
     use_bf16 = tc.mixed_precision and device.startswith("cuda") and torch.cuda.is_bf16_supported()
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16)
     net = DistributedDataParallel(model) if world > 1 else model
+    no_sync = net.no_sync if world > 1 else None  # kept before compile wraps the DDP module
     if launch.compile:  # optional: the same maths, faster GPU steps once compiled
         net = torch.compile(net)
     augment = Augment(tc.orig_caption_prob, tc.text_drop_prob)
-    ds = CuratedShards(run.urls, record, tc.batch_size, seed=tc.seed, augment=augment, rank=rank, world_size=world,
-                       split=tc.split, num_workers=launch.workers, shuffle_buffer=tc.shuffle_buffer,
-                       skip_batches=step)
+    stream_settings = dict(seed=tc.seed, augment=augment, rank=rank, world_size=world, split=tc.split,
+                           num_workers=launch.workers, shuffle_buffer=tc.shuffle_buffer)
+    split = CuratedShards(run.urls, record, tc.batch_size, **stream_settings).split  # the mode "auto" picks
+    data = resume_data(saved, data_order(launch, world, split), launch.accept_data_change, resume)
+    if data.note and rank == 0:
+        print(data.note, file=sys.stderr)
+        log_line(folder / "log.jsonl", {"step": step, "data_order_change": data.note})
+    ds = CuratedShards(run.urls, record, tc.batch_size, **stream_settings, start_epoch=data.start_epoch,
+                       position=data.positions[rank] if data.positions else None)
     ae = None
     if rank == 0 and tc.sample_every > 0 and "validation.t5" in record.arrays:  # grids need the record's AE
         from flowcurate.trainer.sample import model_paths
@@ -335,10 +425,20 @@ def train(launch: TrainLaunch) -> Path:
         ae = grid_autoencoder(record, model_paths(record, ("autoencoder",))["autoencoder"], device)
     sample_size = None
 
-    def state() -> dict:  # state.json beside the weights
+    stream = loader(ds, launch.workers)
+
+    def data_position() -> dict:
+        """Every rank's data position (a collective: all ranks call it at the same steps)."""
+        ranks = [stream.position()]
+        if world > 1:
+            ranks = [None] * world
+            dist.all_gather_object(ranks, stream.position())
+        return {"batches": stream.batches, "ranks": ranks}
+
+    def state(position: dict) -> dict:  # state.json beside the weights
         return {"config": to_dict(launch.config), "launch": launch_record(launch),
                 "data_order": data_order(launch, world, ds.split), "model_config": dataclasses.asdict(mc),
-                "data_position": step, "world_size": world, "conditioning": record.hash,
+                "data_position": position, "world_size": world, "conditioning": record.hash,
                 "sample_size": sample_size, "shards": launch.shards}
 
     reporter = Reporter(folder, launch.report_to if rank == 0 else (), to_dict(launch.config))
@@ -349,9 +449,12 @@ def train(launch: TrainLaunch) -> Path:
 
     model.train()
     t0, seen = time.time(), 0
-    for batch in loader(ds, launch.workers):
-        if step >= tc.max_steps:
-            break
+    batches = iter(stream)
+    while step < tc.max_steps:  # checked before taking a batch: the saved position counts trained batches only
+        batch = next(batches)
+        if data.positions is not None and rank == 0 and stream.batches == data.positions[0]["batches"] + 1:
+            print(f"data position restored: loader workers read {stream.first_samples_read} samples before "
+                  "the first step (the held samples and this batch; no replay)", file=sys.stderr)
         x0 = batch["latents"].to(device)
         if sample_size is None:
             down = record.json["autoencoder"]["downsample"]
@@ -359,13 +462,12 @@ def train(launch: TrainLaunch) -> Path:
         t, eps = (a.to(device) for a in step_noise(tc, step, tuple(x0.shape), world, rank, ds.split))
         for g in opt.param_groups:
             g["lr"] = learning_rate(tc, step)
-        with autocast:
-            loss = flow_loss(net, x0, batch["context"].to(device), batch["pooled"].to(device), t, eps)
+        opt.zero_grad(set_to_none=True)
+        loss = accumulate_gradients(net, x0, batch["context"].to(device), batch["pooled"].to(device), t, eps,
+                                    tc.grad_accum, autocast, no_sync)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"step {step}: loss is {loss.item()} (keys {batch['keys'][:4]}...); lower lr, "
                                      "keep grad clipping on, or resume from the last checkpoint")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         update_ema(ema, model, min(tc.ema_decay, (1 + step) / (10 + step)))
@@ -380,13 +482,16 @@ def train(launch: TrainLaunch) -> Path:
                 log_line(folder / "log.jsonl", entry)
                 reporter.scalars(step, {k: v for k, v in entry.items() if k != "step"})
                 bar.set_postfix(loss=f"{value:.4f}", samples_s=f"{entry['samples_per_s']:.1f}", refresh=False)
-        if rank == 0 and tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0:
-            C.save(folder, step, model, ema, opt, state(), keep=tc.keep_checkpoints)
+        if tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0:
+            position = data_position()
+            if rank == 0:
+                C.save(folder, step, model, ema, opt, state(position), keep=tc.keep_checkpoints)
         if rank == 0 and tc.sample_every > 0 and step % tc.sample_every == 0:
             periodic()
+    position = data_position()
     if rank == 0:
         if C.latest(folder) is None or C.read_state(C.latest(folder))["step"] != step:
-            C.save(folder, step, model, ema, opt, state(), keep=tc.keep_checkpoints)
+            C.save(folder, step, model, ema, opt, state(position), keep=tc.keep_checkpoints)
         if tc.sample_every == 0 or step % tc.sample_every:
             periodic()
         bar.close()
@@ -404,11 +509,11 @@ def train(launch: TrainLaunch) -> Path:
 def launch_from_args(args: argparse.Namespace) -> TrainLaunch:
     cfg = override(load_config(args.config), "train", max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
                    seed=args.seed, batch_size=args.batch_size, sample_every=args.sample_every, lr=args.lr,
-                   split=args.split, shuffle_buffer=args.shuffle_buffer)
+                   split=args.split, shuffle_buffer=args.shuffle_buffer, grad_accum=args.grad_accum)
     return TrainLaunch(config=cfg, shards=args.shards, output=args.output, val_shards=args.val_shards,
                        conditioning=args.conditioning, init_from=args.init_from, device=args.device,
                        workers=args.workers, compile=args.compile, gradient_checkpointing=args.gradient_checkpointing,
-                       report_to=parse_report_to(args.report_to))
+                       report_to=parse_report_to(args.report_to), accept_data_change=args.accept_data_change)
 
 
 def run_cli(args: argparse.Namespace) -> int:
