@@ -53,3 +53,99 @@ def test_moves_chain_and_keep_the_first_base():
     assert at_resolution(TINY, 32, 32) is TINY
     with pytest.raises(ValueError, match="whole number of patches"):
         at_resolution(dataclasses.replace(TINY, pos_embed_max_size=15), 32, 48)
+
+
+# ------------------------------------------------------------------------------------------------------
+# shift "auto"
+
+def test_auto_shift_is_sqrt_of_the_pixel_ratio():
+    from flowcurate.trainer.init import auto_shift
+
+    assert auto_shift((256, 256), 256) == 1.0   # at the base resolution: no shift
+    assert auto_shift((512, 512), 256) == 2.0   # 2x side: sqrt(4)
+    assert auto_shift((1024, 1024), 256) == 4.0
+    assert auto_shift((192, 256), 256) == pytest.approx((192 * 256) ** 0.5 / 256)
+
+
+def test_shift_takes_a_number_or_auto():
+    from flowcurate.formats.config import ConfigError, from_dict, load_config, override
+
+    assert from_dict({"train": {"shift": "auto", "shift_base_resolution": 512}}).train.shift == "auto"
+    assert from_dict({"train": {"shift": 3}}).train.shift == 3.0
+    assert override(load_config("tiny"), "train", shift="auto").train.shift == "auto"
+    with pytest.raises(ConfigError, match='expected float or "auto"'):
+        from_dict({"train": {"shift": "big"}})
+    with pytest.raises(ConfigError, match="expected int"):
+        from_dict({"train": {"shift_base_resolution": "auto"}})
+
+
+# ------------------------------------------------------------------------------------------------------
+# Done-when (issue 16): a two-command curriculum on the tiny model, 32^2 -> 64^2 images (latent 4 -> 8,
+# 2 -> 4 patches with the f=8 tiny autoencoder): 256 -> 512 takes minutes on two CPU cores, this the
+# same maths in seconds
+
+@pytest.fixture(scope="module")
+def two_resolutions(tiny_models, tmp_path_factory):
+    """Shards of the same tiny models at 32^2 and at 64^2 (8 training samples each, no val split)."""
+    from conftest import _make_golden
+
+    root = tmp_path_factory.mktemp("curriculum")
+    for size in (32, 64):
+        _make_golden().main(root / f"out{size}", n=8, odd=(), val_fraction=0.0, size=size)
+    return root / "out32", root / "out64"
+
+
+def test_curriculum_32_to_64_in_two_commands(two_resolutions, tmp_path):
+    from flowcurate.trainer import checkpoint as C
+    from flowcurate.trainer.cli import main
+
+    out32, out64 = two_resolutions
+    cfg = tmp_path / "tiny-curriculum.toml"
+    cfg.write_text('[train]\nmodel = "tiny"\nbatch_size = 4\nlr = 1e-3\nwarmup_steps = 2\nmax_steps = 3\n'
+                   'shift = "auto"\nshift_base_resolution = 32\ncheckpoint_every = 0\nsample_every = 0\n'
+                   'log_every = 1\nmixed_precision = false\n')
+    stage1, stage2 = tmp_path / "run32", tmp_path / "run64"
+    assert main(["train", "--shards", str(out32), "--config", str(cfg), "--output", str(stage1)]) == 0
+    assert main(["train", "--shards", str(out64), "--config", str(cfg), "--output", str(stage2),
+                 "--init-from", str(stage1)]) == 0
+
+    s1, s2 = (C.read_state(C.latest(run)) for run in (stage1, stage2))
+    # shift "auto" resolved at launch and recorded as a number: 1.0 at the base, sqrt(4) at 2x side
+    assert s1["config"]["train"]["shift"] == 1.0 and s2["config"]["train"]["shift"] == 2.0
+    assert s2["shift"] == {"requested": "auto", "shift": 2.0, "resolution": [64, 64], "base_resolution": 32}
+    assert (s1["sample_size"], s2["sample_size"]) == ([32, 32], [64, 64])
+    # positions: the 64^2 stage's table is twice as fine and spans the range the 32^2 stage trained on
+    c1, c2 = (mmdit.MMDiTConfig(**s["model_config"]) for s in (s1, s2))
+    assert (c2.pos_embed_max_size, c2.pos_embed_base_size) == (2 * c1.pos_embed_max_size, 4)
+    at_32, at_64 = cropped_positions(c1, 2), cropped_positions(c2, 4)
+    assert at_64.min() == at_32.min() and at_64.max() + (at_64[1] - at_64[0]) == at_32.max() + (at_32[1] - at_32[0])
+    w2 = C.load_weights(C.latest(stage2), "ema")
+    assert torch.equal(w2["pos_embed"], MMDiT(c2).pos_embed)  # the checkpoint carries the moved table
+    # the second stage starts from the first one's weights (all but the rebuilt table), fresh optimizer
+    # and data position
+    from flowcurate.formats import shards as S
+    from flowcurate.trainer.init import from_flowcurate
+
+    model, ema = from_flowcurate(stage1, S.read_record(stage2 / S.RECORD_JSON), (64, 64), "cpu")
+    for got, which in ((model.state_dict(), "model"), (ema, "ema")):
+        want = C.load_weights(C.latest(stage1), which)
+        assert all(torch.equal(got[k], want[k]) for k in want if k != "pos_embed"), which
+    assert s2["step"] == s2["data_position"] == 3
+
+
+def test_init_from_a_step_folder_takes_its_weights_and_ema(two_resolutions, tmp_path):
+    from flowcurate.trainer import checkpoint as C
+    from flowcurate.trainer.cli import main
+
+    out32, _ = two_resolutions
+    common = ["--config", "tiny", "--batch-size", "4", "--sample-every", "0", "--checkpoint-every", "0"]
+    assert main(["train", "--shards", str(out32), "--output", str(tmp_path / "a"), "--max-steps", "2", *common]) == 0
+    step = C.latest(tmp_path / "a")
+    assert main(["train", "--shards", str(out32), "--output", str(tmp_path / "b"), "--max-steps", "0",
+                 "--init-from", str(step), *common]) == 0
+    for which in ("model", "ema"):
+        got, want = C.load_weights(C.latest(tmp_path / "b"), which), C.load_weights(step, which)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), which
+    assert not torch.equal(C.load_weights(step, "model")["final_layer.linear.weight"],
+                           C.load_weights(step, "ema")["final_layer.linear.weight"])  # two different tensors
+    assert C.read_state(C.latest(tmp_path / "b"))["step"] == 0
