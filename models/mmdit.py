@@ -439,6 +439,11 @@ def at_resolution(config: MMDiTConfig, trained_latent: int, latent: int) -> MMDi
     position, i.e. on the same cells). Still a fixed sin-cos table that diffusers' config
     (`sample_size`, `pos_embed_max_size`) reproduces exactly. The first move records `trained_latent`
     as `pos_embed_base_size`; later moves keep it.
+
+    The table must grow for that, not just be refilled: diffusers' grid starts at position 0 and inputs
+    take its centre, so the same first position at half the spacing needs twice the side. Its memory
+    grows with (latent / trained_latent)^2: d24's 192-patch table (226 MB in float32) is 906 MB at 2x.
+    A base stage whose table has room to spare (192 patches hold 3072^2 images) can start smaller.
     """
     if latent == trained_latent:
         return config

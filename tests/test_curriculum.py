@@ -149,3 +149,22 @@ def test_init_from_a_step_folder_takes_its_weights_and_ema(two_resolutions, tmp_
     assert not torch.equal(C.load_weights(step, "model")["final_layer.linear.weight"],
                            C.load_weights(step, "ema")["final_layer.linear.weight"])  # two different tensors
     assert C.read_state(C.latest(tmp_path / "b"))["step"] == 0
+
+
+@pytest.mark.parametrize("subfolder", [None, "transformer"])
+def test_init_from_a_pipeline_folder_takes_its_transformer(golden, tmp_path, subfolder):
+    # a hub pipeline id needs the same subfolder: "id/transformer" is no valid repo id (the old --help)
+    from flowcurate.formats import shards as S
+    from flowcurate.formats.config import load_config
+    from flowcurate.models.mmdit_diffusers import from_diffusers
+    from flowcurate.trainer.init import init_models
+    from flowcurate.trainer.train import TrainLaunch
+
+    torch.manual_seed(3)
+    ref = SD3Transformer2DModel(**diffusers_config(TINY))
+    ref.save_pretrained(tmp_path / "pipe" / "transformer")
+    launch = TrainLaunch(config=load_config("tiny"), shards=str(golden), output=str(tmp_path / "run"),
+                         init_from=str(tmp_path / "pipe"), init_subfolder=subfolder)
+    model, ema = init_models(launch, S.read_record(golden / S.RECORD_JSON), "cpu")
+    want = from_diffusers(ref).state_dict()
+    assert ema is None and all(torch.equal(v, want[k]) for k, v in model.state_dict().items())

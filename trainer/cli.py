@@ -49,7 +49,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--init-from", help="start from a flowcurate run or step folder (weights and EMA; fresh optimizer "
                                        "and data position; positions moved to the new resolution), a diffusers "
                                        "SD3Transformer2DModel folder, or a hub id with --init-subfolder")
-    p.add_argument("--init-subfolder", help="subfolder of a diffusers --init-from (transformer for a pipeline hub id)")
+    p.add_argument("--init-subfolder", help="subfolder of a diffusers --init-from (default: transformer, unless "
+                                            "the folder itself holds config.json; '' for a transformer repo)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto: cuda when available)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank")
     p.add_argument("--shuffle-buffer", type=int, help="samples in each worker's shuffle buffer (default: the "

@@ -7,7 +7,8 @@ resolution curriculum (train at 256^2, then go on at 512^2, 1024^2 from the prev
   `flowcurate sample` / `export` read a number.
 - `init_models`: `--init-from` a flowcurate run folder or step folder (its weights and EMA; the
   optimizer and data position start fresh, as in a new stage), a local diffusers
-  `SD3Transformer2DModel` folder, or a hub id with `--init-subfolder transformer`. A flowcurate run
+  `SD3Transformer2DModel` folder, or a pipeline (hub id or folder) whose `transformer/` is taken
+  (`--init-subfolder` names another; "" for a transformer repo). A flowcurate run
   trained at another resolution has its positions moved with `models.mmdit.at_resolution`, so the new
   resolution spans the position range the previous one trained on.
 
@@ -128,9 +129,8 @@ def init_models(launch: TrainLaunch, record: S.Conditioning, device: str) -> tup
     if is_flowcurate_checkpoint(source):
         return from_flowcurate(source, record, first_sample_resolution(launch.shards), device)
     subfolder = launch.init_subfolder
-    if subfolder is None and not (Path(source) / "config.json").is_file() \
-            and (Path(source) / "transformer" / "config.json").is_file():
-        subfolder = "transformer"  # a local pipeline folder: its transformer
-    model = from_pretrained_diffusers(source, subfolder=subfolder).to(device)
+    if subfolder is None:  # a transformer folder as it is, else a pipeline's (local or hub) transformer/
+        subfolder = None if (Path(source) / "config.json").is_file() else "transformer"
+    model = from_pretrained_diffusers(source, subfolder=subfolder or None).to(device)
     _check_widths(model.config, record, source)
     return model, None

@@ -66,7 +66,7 @@ class TrainLaunch:
     # weights to start from instead of a fresh initialisation: a flowcurate run or step folder (weights and
     # EMA, the next stage of a resolution curriculum) or a diffusers SD3Transformer2DModel (trainer/init.py)
     init_from: str | None = None
-    # subfolder of a diffusers init_from ("transformer" for a hub pipeline id)
+    # subfolder of a diffusers init_from (None: "transformer" unless init_from/config.json exists)
     init_subfolder: str | None = None
     # "auto" (formats.config.resolve_device), "cpu", "cuda", ...; under torchrun "cuda" means the local rank's GPU
     device: str = "auto"
