@@ -48,8 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from benchmarks.common import machine  # noqa: E402
+from common import machine  # benchmarks/ is on sys.path when run as a script
 
 # ---------------------------------------------------------------------------------------------------------
 # Real-size configs (random weights)
@@ -132,7 +131,7 @@ def build_models(out: Path, t5_layers: int, log=print) -> dict:
     info["tokenizers"] = {"clip_vocab": len(vocab), "t5_vocab": len(toks["tokenizer_3"])}
     sscd = out / "sscd_r50.torchscript.pt"
     if not sscd.is_file():
-        from benchmarks.sscd_throughput_bench import SSCDResNet50
+        from sscd_throughput_bench import SSCDResNet50
 
         log("[models] SSCD ResNet-50 ...")
         net = SSCDResNet50().eval()

@@ -26,8 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from benchmarks.common import machine  # noqa: E402
+from common import machine  # benchmarks/ is on sys.path when run as a script
 
 
 class Bottleneck(nn.Module):

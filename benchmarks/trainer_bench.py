@@ -1,10 +1,8 @@
 """Trainer speed: our MM-DiT against diffusers' SD3Transformer2DModel, and the shard loader against the step.
 
-    OPENBLAS_NUM_THREADS=1 python -m benchmarks.trainer_bench                 # CPU: step ratio + loader
-    OPENBLAS_NUM_THREADS=1 python -m benchmarks.trainer_bench --depths 2 4 6 --text-tokens 77 154
-    python -m benchmarks.trainer_bench --mfu --device cuda --depth 24 --batch 32   # GPU: MFU, bf16
-
-(from the repository root: `benchmarks` is not installed, `-m` puts the root on the path)
+    OPENBLAS_NUM_THREADS=1 python benchmarks/trainer_bench.py                 # CPU: step ratio + loader
+    OPENBLAS_NUM_THREADS=1 python benchmarks/trainer_bench.py --depths 2 4 6 --text-tokens 77 154
+    python benchmarks/trainer_bench.py --mfu --device cuda --depth 24 --batch 32   # GPU: MFU, bf16
 
 1. Step time: forward + backward (+ an AdamW step) of `MMDiT` and of diffusers' transformer with the
    same weights (converted with `to_diffusers_state_dict`), the same config and the same inputs, timed
@@ -29,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import machine, peak_rss_mb  # benchmarks/ is on sys.path when run as a script
 
-from benchmarks.common import machine, peak_rss_mb
 from flowcurate.models.mmdit import MMDiT, MMDiTConfig
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0}
