@@ -112,18 +112,16 @@ def synthetic_shards(folder: Path, n: int, shard_size: int = 32) -> tuple[list[s
     from flowcurate.formats import shards as S
     from flowcurate.formats.files import write_atomic
 
-    w = {"clip_l": 768, "clip_l_pooled": 768, "clip_g": 1280, "clip_g_pooled": 1280, "t5": 4096}
-    te = {r: {"width": w[r], "max_length": 77, "source": "synthetic", "content_hash": "-"} for r in ("clip_l", "clip_g", "t5")}
-    for r in ("clip_l", "clip_g"):
-        te[r]["pooled_width"] = w[f"{r}_pooled"]
+    w = {"clip_l": 768, "clip_g": 1280, "t5": 4096}
+    te = {r: {"width": w[r], "max_length": 77, "source": "synthetic", "content_hash": "-",
+              **({"pooled_width": w[r]} if r != "t5" else {})} for r in w}
     doc = {"format_version": S.FORMAT_VERSION, "store_dtype": "float16", "text_encoders": te,
            "autoencoder": {"latent_channels": 16, "downsample": 8, "scaling_factor": 1.5305, "shift_factor": 0.0609},
            "context": {"clip_length": 77, "t5_length": 77, "length": 154, "width": 4096, "pooled_width": 2048},
            "prompts": {"empty": "", "validation": []}}
     record = S.write_record(folder, doc, {})
     rng = np.random.default_rng(0)
-    shapes = {"clip_l": (77, 768), "clip_l_pooled": (768,), "clip_g": (77, 1280), "clip_g_pooled": (1280,),
-              "t5": (77, 4096)}
+    shapes = {**{r: (77, w[r]) for r in w}, **{f"{r}_pooled": (w[r],) for r in ("clip_l", "clip_g")}}
     urls, buf = [], []
     for i in range(n):
         enc = {v: {k: rng.standard_normal(s).astype(np.float16) for k, s in shapes.items()} for v in S.VARIANTS}
