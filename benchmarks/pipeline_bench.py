@@ -42,13 +42,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine  # benchmarks/ is on sys.path when run as a script
+from common import load_now, machine, run_measured  # benchmarks/ is on sys.path when run as a script
 
 from flowcurate.models.tiny import sd3 as tiny_sd3
 
@@ -143,10 +142,6 @@ def build_vlm(out: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------
 # Inputs
-
-def load_now() -> float:
-    return round(os.getloadavg()[0], 2)
-
 
 def images(n: int, side: int, seed: int) -> list[np.ndarray]:
     """Procedural RGB images of random size (256-768 px sides), centre-cropped and resized to side x side."""
@@ -444,53 +439,6 @@ def cmd_stages(args) -> int:
 MODES = {"inproc": [], "mp2": ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"],
          "bare": None}  # bare: not a run, the tiny models' bare forwards over the first run's inputs (bare-tiny)
 MODES.update({f"{mode}-omp1": flags for mode, flags in list(MODES.items())})  # the same, OMP_NUM_THREADS=1
-
-
-def _tree_cpu(root: int, seen: dict) -> None:
-    """Add the CPU ticks of `root` and its live descendants to `seen` (pid -> latest ticks)."""
-    children: dict[int, list[int]] = {}
-    stats: dict[int, int] = {}
-    for d in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{d}/stat") as fh:
-                f = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(f[1]), []).append(int(d))
-        stats[int(d)] = int(f[11]) + int(f[12])  # utime + stime (ticks)
-    todo = [root]
-    while todo:
-        p = todo.pop()
-        if p in stats:
-            seen[p] = max(seen.get(p, 0), stats[p])
-        todo += children.get(p, [])
-
-
-def run_measured(cmd: list[str], env: dict, log_path: Path) -> dict:
-    """Run cmd; wall seconds, CPU seconds of the process tree (sampled from /proc every 0.2 s, and
-    RUSAGE_CHILDREN: descendants that were waited for), processes seen, load before/after."""
-    import resource
-
-    load0, r0, seen = load_now(), resource.getrusage(resource.RUSAGE_CHILDREN), {}
-    t0 = time.perf_counter()
-    with open(log_path, "w") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        stop = threading.Event()
-
-        def sample():
-            while not stop.is_set():
-                _tree_cpu(proc.pid, seen)
-                stop.wait(0.2)
-
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
-        rc = proc.wait()
-        stop.set()
-        th.join()
-    wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
-    rus = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    return {"rc": rc, "wall_s": wall, "cpu_s_proc": sum(seen.values()) / os.sysconf("SC_CLK_TCK"),
-            "cpu_s_rusage": rus, "processes": len(seen), "load_before": load0, "load_after": load_now()}
 
 
 def cmd_demo(args) -> int:

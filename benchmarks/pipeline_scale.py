@@ -4,7 +4,7 @@ input, on procedural sample data with the tiny models, in process (Beam's FnApiR
     OPENBLAS_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/pipeline_scale.py --work /tmp/scale \
         --n 1024 4096 32768 --resolution 64 [--baseline-src /path/to/old/checkout]
 
-Each run is a fresh subprocess (peak RSS from the kernel's rusage of that child, os.wait4). Sample data is made
+Each run is a fresh subprocess (peak RSS from the kernel's rusage of that child). Sample data is made
 once per size under WORK/data-N. With --baseline-src, the same data also runs through another
 checkout's pipeline (`python -m pipeline` with that checkout on PYTHONPATH: the layout before the
 flowcurate namespace), side by side, for the sizes given in --baseline-n.
@@ -17,11 +17,9 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-from common import machine  # benchmarks/ is on sys.path when run as a script
+from common import machine, run_measured  # benchmarks/ is on sys.path when run as a script
 
 CHILD = """
 import json, sys
@@ -31,22 +29,6 @@ sb = s.get("shuffle_bytes") or {}
 print("STATS " + json.dumps({"inputs": s["inputs"], "status": s["status"], "shuffle_bytes": sum(sb.values()),
                              "largest_shuffle": max(sb.items(), key=lambda kv: kv[1]) if sb else None}))
 """
-
-
-def measured(cmd: list[str], env: dict) -> dict:
-    """Run `cmd`; wall seconds, its peak RSS (MB: the rusage os.wait4 gives for this child and what it
-    waited for), its STATS line if any."""
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall, proc.returncode = time.perf_counter() - t0, os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            err.seek(0)
-            raise RuntimeError(f"{cmd[:4]}... failed ({proc.returncode}):\n{err.read()[-3000:]}")
-    stats = next((json.loads(line[6:]) for line in out.splitlines() if line.startswith("STATS ")), None)
-    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "stats": stats}
 
 
 def ensure_data(work: Path, n: int, env: dict) -> Path:
@@ -78,7 +60,12 @@ def main(argv=None) -> int:
                 cmd = [sys.executable, "-m", "pipeline"] if src else [sys.executable, "-c", CHILD]
                 cmd += ["--input", f"{data}/raw/*.tar", "--output", str(args.work / f"out-{name}-{n}-{res}"),
                         "--config", "tiny", "--overwrite", "--resolution", str(res)]
-                r = measured(cmd, {**env, "PYTHONPATH": src} if src else env)
+                log = args.work / f"out-{name}-{n}-{res}.log"
+                r = run_measured(cmd, {**env, "PYTHONPATH": src} if src else env, log)
+                if r["rc"] != 0:
+                    raise RuntimeError(f"{cmd[:4]}... failed ({r['rc']}):\n{log.read_text()[-3000:]}")
+                r["stats"] = next((json.loads(line[6:]) for line in log.read_text().splitlines()
+                                   if line.startswith("STATS ")), None)
                 s = r["stats"] or {}
                 status = s.get("status")
                 print(f"| {name} | {n} | {res} | {r['wall_s']:.1f} | {1000 * r['wall_s'] / n:.1f} | "
