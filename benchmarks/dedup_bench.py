@@ -1,29 +1,24 @@
 """Dedup side by side on planted 512-d embeddings: exact FAISS, the SD3 recipe, SemDeDup's keep rule, ours.
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/dedup_bench.py --n 100000 --generator clustered
-    OPENBLAS_NUM_THREADS=1 python benchmarks/dedup_bench.py --n 1000000 --json dedup_1m.json
+    OPENBLAS_NUM_THREADS=1 python benchmarks/dedup_bench.py --n 100000 --generator clustered --json 100k.json
     python benchmarks/dedup_bench.py --n 10000000 --methods ours --memmap /tmp/emb10m.npy \\
         --dtype float16 --device cuda --clusters 12649       # scale run: data on disk, read in blocks
-    python benchmarks/dedup_bench.py --n 1000000 --dtype float16 --methods ours-exact,faiss --device cuda \\
-        --queries 1000                                        # exact mode on a GPU against FAISS
     python benchmarks/dedup_bench.py --n 50000 --methods faiss,ours-exact --threads 16   # CPU exact
 
 Data: `flowcurate.models.tiny.planted.generate` (clustered or isotropic, 6 % planted copies), seeded.
 Methods (all at cosine > --threshold; SD3 and SemDeDup with k = sqrt(N), k-means on ~100k rows):
   faiss      exact: IndexFlatIP.range_search of every row (N <= --exact-full-max) or of a query
-             sample (random rows + planted rows), its time extrapolated x N/queries. Ground truth.
-  sd3        SD3 App. E.2: faiss spherical k-means, top-1 assignment, a flat index per cluster and
-             range_search, Algorithm 1 per cluster (keep the first-visited, drop its neighbours).
-  semdedup   SemDeDup's rule on the same clusters: members sorted farthest-from-centroid first
-             ("hard"), j removed iff max cos to any earlier member > t, even if that member was itself
-             removed. Same pairs as sd3, so the same recall.
+             sample (random + planted rows), its time extrapolated x N/queries. Ground truth.
+  sd3        SD3 App. E.2: faiss spherical k-means, top-1 assignment, a flat index and range_search
+             per cluster, Algorithm 1 per cluster (keep the first-visited, drop its neighbours).
+  semdedup   SemDeDup's rule on the same clusters (same pairs): members farthest-from-centroid first
+             ("hard"), j removed iff max cos to any earlier member > t, even a removed one.
   ours       flowcurate.dedup.core.find_duplicates, the [dedup] defaults (--clusters overrides k).
   ours-exact the same with exact=True; on the CPU above --exact-full-max timed on a random 1/10
              subset and extrapolated (search x r^2, the rest x r); on a GPU always in full.
-Recall: found / exact pairs by exact cosine bin (at large N only pairs with an end in the query
-sample; "identical" says whether an exact method found exactly FAISS's pairs there), and planted-pair
-recall (needs no exact search). Memory: peak RssAnon per method (not the pages of a memory-mapped
-input), sampled every 20 ms; VmHWM (all resident pages) for the whole process; GPU peak in `info`.
+Recall: found / exact pairs by cosine bin (at large N of the pairs touching the query rows;
+"identical": exactly FAISS's pairs there), and planted-pair recall. Memory: peak RssAnon per method
+(not a memmap's pages), sampled every 20 ms; VmHWM for the whole process; GPU peak in `info`.
 """
 
 from __future__ import annotations

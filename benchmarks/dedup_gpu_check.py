@@ -1,17 +1,14 @@
-"""dedup on a GPU machine in one time-guarded run: `dedup_bench.py` children, each with a timeout from
-what is left of --budget-s, so the whole run ends inside it.
+"""dedup on a GPU machine in one time-guarded run of `dedup_bench.py` children, each with a timeout from
+what is left of --budget-s.  `python benchmarks/dedup_gpu_check.py --budget-s 470 --out $OUT` (as
+benchmarks/device_check.sh runs it):
 
-    python benchmarks/dedup_gpu_check.py --budget-s 470 --out $OUT          # (benchmarks/device_check.sh)
-
-1. exact mode on the device at --exact-n (float16 in memory) against exact FAISS on a query sample of
-   the same rows (time extrapolated x N / queries; the pair sets must be identical on those rows);
-2. clustered mode (k = 4 sqrt(N) at every size; on a GPU "auto" would search up to 4M rows exactly) on
-   a float16 memory map at --calib-n, with peak anonymous memory;
+1. exact mode on the device at --exact-n (float16 in memory) against exact FAISS on --queries rows;
+2. clustered mode (k = 4 sqrt(N); on a GPU "auto" would search up to 4M rows exactly) on a float16
+   memory map at --calib-n, with peak anonymous memory;
 3. the same at the largest --scale-n whose time, extrapolated from step 2, fits what is left;
 4. more exact sizes (--extra-exact-n) while their N^2 estimate from step 1 fits.
-Each child writes $OUT/<phase>-<N>.json (every number) and prints its table; $OUT/results.jsonl gets
-one line per child (return code, seconds, limit) as soon as it ends. The identity of the device path
-with FAISS and the CPU path is a test: tests/test_dedup_gpu.py (`pytest -m gpu`).
+Each child writes $OUT/<phase>-<N>.json and prints its table; $OUT/results.jsonl gets one line per child
+as it ends. The identity of the device path with FAISS and the CPU path is tests/test_dedup_gpu.py.
 """
 
 from __future__ import annotations
@@ -43,10 +40,9 @@ def main(argv=None) -> int:
     ap.add_argument("--extra-exact-n", type=int, nargs="*", default=[2_000_000, 4_000_000])
     ap.add_argument("--skip", nargs="*", default=[], choices=["exact", "cluster"], help="steps already measured")
     args = ap.parse_args(argv)
-    out, scratch = Path(args.out), Path(args.scratch)
-    out.mkdir(parents=True, exist_ok=True)
-    scratch.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
+    out, scratch, start = Path(args.out), Path(args.scratch), time.monotonic()
+    for d in (out, scratch):
+        d.mkdir(parents=True, exist_ok=True)
 
     def left() -> float:
         return args.budget_s - (time.monotonic() - start)

@@ -26,26 +26,22 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from common import machine  # benchmarks/ is on sys.path when run as a script
 
-from benchmarks.common import machine  # noqa: E402
+
+def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout))
 
 
 class Bottleneck(nn.Module):
     def __init__(self, cin: int, width: int, stride: int):
         super().__init__()
-        cout = width * 4
-        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.body = nn.Sequential(conv_bn(cin, width, 1), nn.ReLU(), conv_bn(width, width, 3, stride), nn.ReLU(),
+                                  conv_bn(width, width * 4, 1))
+        self.down = conv_bn(cin, width * 4, 1, stride) if stride != 1 or cin != width * 4 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = F.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return F.relu(y + (x if self.down is None else self.down(x)))
+        return F.relu(self.body(x) + self.down(x))
 
 
 class SSCDResNet50(nn.Module):

@@ -1,10 +1,8 @@
 """Trainer speed: our MM-DiT against diffusers' SD3Transformer2DModel, and the shard loader against the step.
 
-    OPENBLAS_NUM_THREADS=1 python -m benchmarks.trainer_bench                 # CPU: step ratio + loader
-    OPENBLAS_NUM_THREADS=1 python -m benchmarks.trainer_bench --depths 2 4 6 --text-tokens 77 154
-    python -m benchmarks.trainer_bench --mfu --device cuda --depth 24 --batch 32   # GPU: MFU, bf16
-
-(from the repository root: `benchmarks` is not installed, `-m` puts the root on the path)
+    OPENBLAS_NUM_THREADS=1 python benchmarks/trainer_bench.py                 # CPU: step ratio + loader
+    OPENBLAS_NUM_THREADS=1 python benchmarks/trainer_bench.py --depths 2 4 6 --text-tokens 77 154
+    python benchmarks/trainer_bench.py --mfu --device cuda --depth 24 --batch 32   # GPU: MFU, bf16
 
 1. Step time: forward + backward (+ an AdamW step) of `MMDiT` and of diffusers' transformer with the
    same weights (converted with `to_diffusers_state_dict`), the same config and the same inputs, timed
@@ -29,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import machine, peak_rss_mb  # benchmarks/ is on sys.path when run as a script
 
-from benchmarks.common import machine, peak_rss_mb
 from flowcurate.models.mmdit import MMDiT, MMDiTConfig
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0}
@@ -114,18 +112,16 @@ def synthetic_shards(folder: Path, n: int, shard_size: int = 32) -> tuple[list[s
     from flowcurate.formats import shards as S
     from flowcurate.formats.files import write_atomic
 
-    w = {"clip_l": 768, "clip_l_pooled": 768, "clip_g": 1280, "clip_g_pooled": 1280, "t5": 4096}
-    te = {r: {"width": w[r], "max_length": 77, "source": "synthetic", "content_hash": "-"} for r in ("clip_l", "clip_g", "t5")}
-    for r in ("clip_l", "clip_g"):
-        te[r]["pooled_width"] = w[f"{r}_pooled"]
+    w = {"clip_l": 768, "clip_g": 1280, "t5": 4096}
+    te = {r: {"width": w[r], "max_length": 77, "source": "synthetic", "content_hash": "-",
+              **({"pooled_width": w[r]} if r != "t5" else {})} for r in w}
     doc = {"format_version": S.FORMAT_VERSION, "store_dtype": "float16", "text_encoders": te,
            "autoencoder": {"latent_channels": 16, "downsample": 8, "scaling_factor": 1.5305, "shift_factor": 0.0609},
            "context": {"clip_length": 77, "t5_length": 77, "length": 154, "width": 4096, "pooled_width": 2048},
            "prompts": {"empty": "", "validation": []}}
     record = S.write_record(folder, doc, {})
     rng = np.random.default_rng(0)
-    shapes = {"clip_l": (77, 768), "clip_l_pooled": (768,), "clip_g": (77, 1280), "clip_g_pooled": (1280,),
-              "t5": (77, 4096)}
+    shapes = {**{r: (77, w[r]) for r in w}, **{f"{r}_pooled": (w[r],) for r in ("clip_l", "clip_g")}}
     urls, buf = [], []
     for i in range(n):
         enc = {v: {k: rng.standard_normal(s).astype(np.float16) for k, s in shapes.items()} for v in S.VARIANTS}

@@ -95,27 +95,31 @@ def build_tokenizer(rng: np.random.Generator):
                                    padding_side="left", model_max_length=256)
 
 
-def build_processor(tokenizer):
+VISION = dict(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2, num_attention_heads=4,
+              image_size=IMAGE_SIZE, patch_size=PATCH)
+TEXT = dict(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+
+
+def build_processor(tokenizer, vision: dict = VISION):
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
-    image_processor = CLIPImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    image_processor = CLIPImageProcessorPil(size={"height": vision["image_size"], "width": vision["image_size"]},
                                             do_center_crop=False)
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision["patch_size"],
                           vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
                           image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
 
 
-def build_model(tokenizer):
+def build_model(tokenizer, vision: dict = VISION, text: dict = TEXT):
+    """The LLaVA model at the tiny size, or at another (`vision`: CLIPVisionConfig, `text`: LlamaConfig
+    fields; the real-size one in benchmarks/pipeline_bench.py)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2,
-                                       num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=2 * WIDTH,
-                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                tie_word_embeddings=True),
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=LlamaConfig(**{"vocab_size": len(tokenizer), **text}, bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-2,
         vision_feature_select_strategy="default")
     return LlavaForConditionalGeneration(config)

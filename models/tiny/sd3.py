@@ -354,6 +354,30 @@ def _seeded(seed: int, part: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence([seed, part]).generate_state(1)[0]))
 
 
+def tokenizers():
+    """(vocab, merges, (CLIP-L, CLIP-G, T5 tokenizer)): CLIP-L pads with <|endoftext|>, CLIP-G with "!"
+    (id 0) as SD3's; no seed involved."""
+    words = vocabulary_words()
+    vocab, merges = clip_bpe(words)
+    return vocab, merges, (clip_tokenizer(vocab, merges), clip_tokenizer(vocab, merges, pad_token="!"),
+                           t5_tokenizer(words))
+
+
+def text_encoder(part: int, tok, seed: int = 0, spec: dict | None = None):
+    """CLIP-L (part 0), CLIP-G (1) or T5 (2) for tokenizer `tok`, seeded per part; `spec` gives another
+    size (the real widths in benchmarks/pipeline_bench.py; its vocab_size, if any, wins over len(tok))."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    spec = {"vocab_size": len(tok), **(spec or (CLIP_L, CLIP_G, T5)[part])}
+    _seeded(seed, part)
+    if part == 2:
+        return T5EncoderModel(T5Config(**spec, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                       decoder_start_token_id=0)).eval()
+    return CLIPTextModelWithProjection(CLIPTextConfig(**spec, bos_token_id=tok.bos_token_id,
+                                                      eos_token_id=tok.eos_token_id,
+                                                      pad_token_id=tok.pad_token_id)).eval()
+
+
 def build_sd3(out_dir: Path, seed: int = 0, ae_steps: int | None = None, log=None) -> dict:
     """Write a complete StableDiffusion3Pipeline folder into `out_dir` (which must not exist yet).
 
@@ -364,28 +388,15 @@ def build_sd3(out_dir: Path, seed: int = 0, ae_steps: int | None = None, log=Non
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; build_sd3 writes a fresh folder")
     steps = AE_STEPS if ae_steps is None else ae_steps
-    words = vocabulary_words()
-    vocab, merges = clip_bpe(words)
-    tok_l = clip_tokenizer(vocab, merges)  # CLIP-L: pads with <|endoftext|>
-    tok_g = clip_tokenizer(vocab, merges, pad_token="!")  # CLIP-G: pads with "!" = id 0, as SD3's
-    tok_t5 = t5_tokenizer(words)
+    vocab, merges, (tok_l, tok_g, tok_t5) = tokenizers()
 
     with torch.random.fork_rng(devices=[]):
-        encoders = []
-        for part, (spec, tok) in enumerate(((CLIP_L, tok_l), (CLIP_G, tok_g))):
-            _seeded(seed, part)
-            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(
-                vocab_size=len(tok), **spec, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id)).eval())
-        _seeded(seed, 2)
-        t5 = T5EncoderModel(T5Config(vocab_size=len(tok_t5), **T5, pad_token_id=tok_t5.pad_token_id,
-                                     eos_token_id=tok_t5.eos_token_id, decoder_start_token_id=0)).eval()
+        encoders = [text_encoder(part, tok, seed) for part, tok in enumerate((tok_l, tok_g))]
+        t5 = text_encoder(2, tok_t5, seed)
         _seeded(seed, 3)
         transformer = SD3Transformer2DModel(**TRANSFORMER).eval()
         _seeded(seed, 4)
