@@ -300,10 +300,10 @@ def test_tiled_distance_is_the_largest_per_tile_rms_difference():
     assert np.sqrt(np.mean((grey[0] / 255.0 - grey[1] / 255.0) ** 2)) == pytest.approx(127 / 255 / 4)
 
 
-def test_clique_sizes_match_a_brute_force_search():
+def test_clique_test_matches_a_brute_force_search():
     from itertools import combinations
 
-    from flowcurate.trainer.memorization import clique_sizes
+    from flowcurate.trainer.memorization import clique_edges, clique_test
 
     rng = np.random.default_rng(1)
     for trial in range(20):
@@ -311,12 +311,18 @@ def test_clique_sizes_match_a_brute_force_search():
         edge = np.triu(rng.random((n, n)) < (0.3 + 0.03 * trial), 1)
         edge = edge | edge.T
         dist = np.where(edge, 0.1, 0.2)  # an edge is d < eps = 0.15
+        np.fill_diagonal(dist, 0.0)
+        assert (clique_edges(dist, 0.15) == edge).all()
         best = np.ones(n, int)
         for size in range(2, n + 1):
             for c in combinations(range(n), size):
                 if all(edge[i, j] for i, j in combinations(c, 2)):
                     best[list(c)] = size
-        assert clique_sizes(dist, 0.15).tolist() == best.tolist(), trial
+        for t in (3, 4):
+            a = clique_test(clique_edges(dist, 0.15), t)
+            assert a.memorized.tolist() == (best >= t).tolist(), (trial, t)
+            assert not a.undecided.any() and (a.size <= best).all() and (a.size[a.exact] == best[a.exact]).all()
+            assert ((a.size >= t) == a.memorized).all(), (trial, t)
 
 
 def test_nearest_rescores_breaks_ties_low_and_excludes_self():
