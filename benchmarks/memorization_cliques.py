@@ -14,6 +14,7 @@ it did not finish; the ratio is against the new method's wall time on the same g
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -34,7 +35,8 @@ CASES = [
     ("uniform 0.95", 500, 0.95, 0),
     ("planted 60 in 0.05", 500, 0.05, 60),
 ]
-SMALL = [("uniform 0.9", 40, 0.9, 0), ("uniform 0.9", 50, 0.9, 0), ("uniform 0.9", 64, 0.9, 0)]
+SMALL = [("uniform 0.6 (largest clique ~T)", 60, 0.6, 0), ("uniform 0.9", 40, 0.9, 0), ("uniform 0.9", 50, 0.9, 0),
+         ("uniform 0.9", 64, 0.9, 0)]
 
 
 def graph(n: int, p: float, planted: int, seed: int) -> np.ndarray:
@@ -50,16 +52,17 @@ def graph(n: int, p: float, planted: int, seed: int) -> np.ndarray:
     return edges
 
 
-def exhaustive_seconds(n: int, p: float, planted: int, seed: int, timeout: float) -> float | None:
-    """Seconds the exhaustive method took in a fresh process (its imports not counted: the process
-    starts the clock and its alarm after them), None if it ran past `timeout`."""
-    cmd = [sys.executable, __file__, "--exhaustive-one", str(n), str(p), str(planted), str(seed), str(timeout)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1]
-    return None if out == "timeout" else float(out)
+def exhaustive(n: int, p: float, planted: int, seed: int, t: int, timeout: float) -> dict | None:
+    """{"seconds", "memorized" (nodes in a clique of >= t)} from the exhaustive method in a fresh process
+    (its imports not counted: the process starts the clock and its alarm after them), None if it ran
+    past `timeout`."""
+    cmd = [sys.executable, __file__, "--exhaustive-one", *map(str, (n, p, planted, seed, t, timeout))]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+    return None if out == "timeout" else json.loads(out)
 
 
-def exhaustive_one(n: int, p: float, planted: int, seed: int, timeout: float) -> None:
-    """The child process: prints the exhaustive method's seconds, or "timeout" after `timeout` s."""
+def exhaustive_one(n: int, p: float, planted: int, seed: int, t: int, timeout: float) -> None:
+    """The child process: prints the exhaustive method's result as JSON, or "timeout" after `timeout` s."""
     from flowcurate.trainer import memorization as M
 
     def give_up(*_):
@@ -70,8 +73,10 @@ def exhaustive_one(n: int, p: float, planted: int, seed: int, timeout: float) ->
     signal.signal(signal.SIGALRM, give_up)
     signal.setitimer(signal.ITIMER_REAL, timeout)
     start = time.perf_counter()
-    M._exhaustive_clique_sizes(edges)
-    print(time.perf_counter() - start, flush=True)
+    sizes = M._exhaustive_clique_sizes(edges)
+    seconds = time.perf_counter() - start
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    print(json.dumps({"seconds": seconds, "memorized": np.flatnonzero(sizes >= t).tolist()}), flush=True)
 
 
 def main() -> None:
@@ -80,11 +85,11 @@ def main() -> None:
     ap.add_argument("--min-clique", type=int, default=None, help="T (default: the check's, 10)")
     ap.add_argument("--budget", type=int, default=None, help="search nodes per generation (default: the check's)")
     ap.add_argument("--exhaustive-timeout", type=float, default=20.0)
-    ap.add_argument("--exhaustive-one", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--exhaustive-one", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.exhaustive_one:
-        n, p, planted, seed, timeout = args.exhaustive_one
-        return exhaustive_one(int(n), float(p), int(planted), int(seed), float(timeout))
+        n, p, planted, seed, t, timeout = args.exhaustive_one
+        return exhaustive_one(int(n), float(p), int(planted), int(seed), int(t), float(timeout))
 
     from common import machine
 
@@ -96,10 +101,10 @@ def main() -> None:
     print(f"# T = {t}, budget {budget} search nodes per generation, {args.seeds} graphs per case; exhaustive "
           f"method killed after {args.exhaustive_timeout:g} s")
     print("| graph | nodes | s/prompt wall (mean / max) | CPU s (mean / max) | memorized | undecided | "
-          "expanded (max) | exhaustive s/prompt | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "expanded (max) | exhaustive s/prompt | ratio | same answers |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for label, n, p, planted in SMALL + CASES:
-        secs, cpu, memorized, undecided, expanded = [], [], [], 0, []
+        secs, cpu, memorized, undecided, expanded, first = [], [], [], 0, [], None
         for seed in range(args.seeds):
             edges = graph(n, p, planted, seed)
             start, start_cpu = time.perf_counter(), time.process_time()
@@ -109,12 +114,15 @@ def main() -> None:
             memorized.append(int(a.memorized.sum()))
             undecided += int(a.undecided.sum())
             expanded.append(a.expanded)
-        old = exhaustive_seconds(n, p, planted, 0, args.exhaustive_timeout)
-        old_s = f"> {args.exhaustive_timeout:g}" if old is None else f"{old:.3f}"
-        ratio = f"> {args.exhaustive_timeout / secs[0]:.0f}x" if old is None else f"{old / secs[0]:.0f}x"
+            first = a if first is None else first
+        old = exhaustive(n, p, planted, 0, t, args.exhaustive_timeout)
+        old_s = f"> {args.exhaustive_timeout:g}" if old is None else f"{old['seconds']:.3f}"
+        ratio = f"> {args.exhaustive_timeout / secs[0]:.0f}x" if old is None else f"{old['seconds'] / secs[0]:.0f}x"
+        same = "n/a" if old is None else (
+            "yes" if np.flatnonzero(first.memorized).tolist() == old["memorized"] else "NO")
         print(f"| {label} | {n} | {np.mean(secs):.3f} / {max(secs):.3f} | {np.mean(cpu):.3f} / {max(cpu):.3f} | "
               f"{'/'.join(map(str, memorized))} | "
-              f"{undecided} | {max(expanded)} | {old_s} | {ratio} |", flush=True)
+              f"{undecided} | {max(expanded)} | {old_s} | {ratio} | {same} |", flush=True)
 
 
 if __name__ == "__main__":
