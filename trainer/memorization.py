@@ -639,7 +639,7 @@ def write_report(sc: Scores, m: Models, curated: Curated, output: Path, st: Sett
             "eps": st.eps, "min_clique": st.min_clique, "grid": st.grid,
             "memorized_generations": int(memorized.sum()), "memorized_prompts": int(prompt_mem.sum()),
             "fraction_prompts_memorized": float(prompt_mem.mean()), "largest_clique": int(clique.max()),
-            "largest_clique_exact": bool(sc.clique.exact[clique == clique.max()].any()),
+            "exact_sizes": int(sc.clique.exact.sum()),  # generations whose clique_size is the largest there is
             "budget": st.clique_budget, "expanded": sc.clique.expanded,
             "undecided_generations": int(undecided.sum()), "undecided_prompts": int(prompt_undecided.sum())},
         "pairs_png": {"shown": len(sc.shown), **from_origin},
