@@ -253,6 +253,11 @@ def test_cli_writes_report_summary_and_pairs(curated, reports):
     s = summary(folder)
     assert s["retrieval"]["flagged"] == sum(r["flagged"] for r in rows)
     assert s["clique"]["memorized_prompts"] == len({r["prompt_index"] for r in rows if r["prompt_memorized"]})
+    # 8 generations a prompt: every clique question decided, sizes consistent with the answers (T = 4)
+    assert s["clique"]["undecided_generations"] == sum(r["clique_undecided"] for r in rows) == 0
+    assert all(r["memorized"] == (r["clique_size"] >= 4) for r in rows)
+    assert s["clique"]["exact_sizes"] == sum(r["clique_exact"] for r in rows)
+    assert s["clique"]["largest_clique"] == max(r["clique_size"] for r in rows)
     # pairs.png: originals re-read from a file or a raw tar; the one with a remote source decoded from its latent
     assert s["pairs_png"] == {"shown": min(30, s["retrieval"]["flagged"]), "from_source": 3, "from_latent": 1,
                               "from_missing": 0}, s["pairs_png"]
