@@ -253,6 +253,11 @@ def test_cli_writes_report_summary_and_pairs(curated, reports):
     s = summary(folder)
     assert s["retrieval"]["flagged"] == sum(r["flagged"] for r in rows)
     assert s["clique"]["memorized_prompts"] == len({r["prompt_index"] for r in rows if r["prompt_memorized"]})
+    # 8 generations a prompt: every clique question decided, sizes consistent with the answers (T = 4)
+    assert s["clique"]["undecided_generations"] == sum(r["clique_undecided"] for r in rows) == 0
+    assert all(r["memorized"] == (r["clique_size"] >= 4) for r in rows)
+    assert s["clique"]["exact_sizes"] == sum(r["clique_exact"] for r in rows)
+    assert s["clique"]["largest_clique"] == max(r["clique_size"] for r in rows)
     # pairs.png: originals re-read from a file or a raw tar; the one with a remote source decoded from its latent
     assert s["pairs_png"] == {"shown": min(30, s["retrieval"]["flagged"]), "from_source": 3, "from_latent": 1,
                               "from_missing": 0}, s["pairs_png"]
@@ -300,10 +305,10 @@ def test_tiled_distance_is_the_largest_per_tile_rms_difference():
     assert np.sqrt(np.mean((grey[0] / 255.0 - grey[1] / 255.0) ** 2)) == pytest.approx(127 / 255 / 4)
 
 
-def test_clique_sizes_match_a_brute_force_search():
+def test_clique_test_matches_a_brute_force_search():
     from itertools import combinations
 
-    from flowcurate.trainer.memorization import clique_sizes
+    from flowcurate.trainer.memorization import clique_edges, clique_test
 
     rng = np.random.default_rng(1)
     for trial in range(20):
@@ -311,12 +316,18 @@ def test_clique_sizes_match_a_brute_force_search():
         edge = np.triu(rng.random((n, n)) < (0.3 + 0.03 * trial), 1)
         edge = edge | edge.T
         dist = np.where(edge, 0.1, 0.2)  # an edge is d < eps = 0.15
+        np.fill_diagonal(dist, 0.0)
+        assert (clique_edges(dist, 0.15) == edge).all()
         best = np.ones(n, int)
         for size in range(2, n + 1):
             for c in combinations(range(n), size):
                 if all(edge[i, j] for i, j in combinations(c, 2)):
                     best[list(c)] = size
-        assert clique_sizes(dist, 0.15).tolist() == best.tolist(), trial
+        for t in (3, 4):
+            a = clique_test(clique_edges(dist, 0.15), t)
+            assert a.memorized.tolist() == (best >= t).tolist(), (trial, t)
+            assert not a.undecided.any() and (a.size <= best).all() and (a.size[a.exact] == best[a.exact]).all()
+            assert ((a.size >= t) == a.memorized).all(), (trial, t)
 
 
 def test_nearest_rescores_breaks_ties_low_and_excludes_self():

@@ -137,6 +137,9 @@ def add_memorization_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, default=0.15, help="tiled-l2 edge threshold (default 0.15)")
     p.add_argument("--min-clique", type=int, default=10, help="clique size T that marks memorization "
                                                                        "(default 10)")
+    p.add_argument("--clique-budget", type=int, default=20_000,
+                   help="search nodes per generation before its clique answer is reported undecided "
+                        "(default 20000)")
     p.add_argument("--background-queries", type=int, default=10_000,
                    help="training images whose top-1 training neighbour makes the background (default 10000)")
     p.add_argument("--max-pairs", type=int, default=30, help="flagged pairs shown in pairs.png (default 30)")
