@@ -118,9 +118,19 @@ def test_a_resume_that_changes_the_data_order_is_refused_unless_accepted(golden,
     assert state["step"] == 3 and state["data_order"]["batch_size"] == 2 and state["data_position"]["batches"] == 1
 
 
-def test_two_process_ddp_with_accumulation_matches_one_process(golden, tmp_path):
-    cfg = write_config(tmp_path / "c.toml", max_steps=3, checkpoint_every=3)
-    common = ["--shards", str(golden), "--config", str(cfg), "--shuffle-buffer", "4", "--device", "cpu"]
+def val_losses(run: Path) -> dict[int, float]:
+    import json
+
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+
+
+def test_two_process_ddp_with_accumulation_and_validation_matches_one_process(fresh_shards, tmp_path):
+    # validation and sample grids every 2 steps and at the end; the val set is the 8-sample train shard,
+    # 3 batches of up to 4 (two latent shapes), so both ranks evaluate part of it and rank 0 draws grids
+    cfg = write_config(tmp_path / "c.toml", max_steps=3, checkpoint_every=3, sample_every=2, sample_steps=2)
+    common = ["--shards", str(fresh_shards), "--config", str(cfg), "--shuffle-buffer", "4", "--device", "cpu",
+              "--val-shards", str(fresh_shards / "shards" / "train-000000.tar")]
     one = run_cli(*common, "--output", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-2000:]
     # and with 2 micro-batches a rank (DDP's no_sync on the first): the same weights as one process in one batch
@@ -137,6 +147,13 @@ def test_two_process_ddp_with_accumulation_matches_one_process(golden, tmp_path)
     state = C.read_state(tmp_path / "two" / "checkpoints" / "step-000003")
     # one shard cannot feed two ranks: "auto" chose the global stream
     assert state["world_size"] == state["data_order"]["world_size"] == 2 and state["data_order"]["split"] == "global"
+    # validation split over the ranks and summed: the one-process score, logged once per validation
+    v1, v2 = val_losses(tmp_path / "one"), val_losses(tmp_path / "two")
+    assert sorted(v1) == sorted(v2) == [2, 3]
+    for s in v1:
+        assert abs(v2[s] - v1[s]) <= 1e-4 * abs(v1[s]), (s, v1[s], v2[s])
+    for run in ("one", "two"):
+        assert sorted(p.name for p in (tmp_path / run / "samples").iterdir()) == ["step-000002.png", "step-000003.png"]
 
 
 def test_foreign_shards_are_refused_with_a_clear_message(golden, tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -147,11 +148,30 @@ def resume_data(saved: dict | None, order: dict, accept_change: bool, where: Pat
 # ------------------------------------------------------------------------------------------------------
 # Helpers
 
-def setup_distributed(device: str) -> tuple[int, int]:
+# How long a rank waits in a collective (gloo and nccl) before the run fails. Rank 0 alone writes
+# checkpoints and draws sample grids (cfg_scale guidance over sample_steps Euler steps at full size)
+# while the other ranks wait in the barrier after them or in their next collective; torch's default
+# (10 min for nccl) could end a healthy run on a slow disk or a large grid, so the wait is generous.
+# A real hang still ends the run, later.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
+
+
+def setup_distributed(device: str) -> tuple[int, int, str]:
+    """(rank, world size, this rank's device). Under torchrun, "cuda" becomes the local rank's GPU, made
+    the current device before the process group exists, so that nccl (bound to it by `device_id`) and
+    every later CUDA call use that GPU, not GPU 0 on every rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+    if world == 1:
+        return 0, 1, device
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if not dist.is_initialized():
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=torch.device(device))
+        else:
+            dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
+    return dist.get_rank(), world, device
 
 
 def log_line(path: Path, entry: dict) -> None:
@@ -222,17 +242,30 @@ def copy_record(record: S.Conditioning, run: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, urls, record, batch_size: int, device, autocast) -> tuple[float, list[float]]:
-    """Mean validation v-loss at t_i = (i + 0.5) / 8 over every validation sample (fixed noise)."""
-    total, count = None, 0
+def evaluate(model, urls, record, batch_size: int, device, autocast, rank: int = 0,
+             world: int = 1) -> tuple[float, list[float]]:
+    """Mean validation v-loss at t_i = (i + 0.5) / 8 over every validation sample (fixed noise: batch i
+    draws from a generator seeded i). The ranks share the work: every rank reads the same batches and
+    evaluates batch i when i % world == rank, then the per-level sums and the sample count are summed
+    over ranks, so N ranks score the set one process scores (up to the order of the float sums) in
+    1/N of the time, and no rank idles in a collective while another evaluates everything."""
+    total, count = torch.zeros(8), 0
     ds = CuratedShards(urls, record, batch_size, train=False)
     for i, batch in enumerate(loader(ds)):
+        if i % world != rank:
+            continue
         with autocast:
             per_t = validation_loss(model, batch["latents"].to(device), batch["context"].to(device),
                                     batch["pooled"].to(device), generator=torch.Generator().manual_seed(i))
         n = len(batch["keys"])
-        total = per_t.float().cpu() * n if total is None else total + per_t.float().cpu() * n
+        total = total + per_t.float().cpu() * n
         count += n
+    if world > 1:  # on the device: nccl reduces CUDA tensors only (gloo either)
+        sums = torch.cat([total, torch.tensor([float(count)])]).to(device)
+        dist.all_reduce(sums)
+        total, count = sums[:-1].cpu(), int(sums[-1].item())
+    if count == 0:
+        raise DataError(f"no validation samples in {urls[:2]}...")
     per_t = (total / count).tolist()
     return float(sum(per_t) / len(per_t)), per_t
 
@@ -261,8 +294,9 @@ def check_models_fit(config: Config, record: S.Conditioning) -> None:
                         f"{', '.join(TINY_SHARD_SIZES)}")
 
 
-def open_run(launch: TrainLaunch, rank: int, world: int) -> Run:
-    """The launch's shards and record; rank 0 creates the run folder and its copy of the record."""
+def open_run(launch: TrainLaunch, rank: int) -> Run:
+    """The launch's shards and record; rank 0 creates the run folder and its copy of the record (the
+    other ranks wait for it at the barrier after the model is placed, see `train`)."""
     urls, found = resolve_shards(launch.shards, "train")
     val_spec = launch.val_shards or (launch.shards if Path(launch.shards).is_dir() else None)
     val_urls = resolve_shards(val_spec, "val")[0] if val_spec else []
@@ -272,8 +306,6 @@ def open_run(launch: TrainLaunch, rank: int, world: int) -> Run:
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         copy_record(record, folder)
-    if world > 1:
-        dist.barrier()
     return Run(folder, urls, val_urls, record)
 
 
@@ -354,14 +386,18 @@ def mean_over_ranks(value: torch.Tensor, world: int) -> float:
 
 
 def validate_and_show(run: Run, ema, ae, tc, step: int, sample_size, device: str, autocast,
-                      reporter: Reporter) -> None:
-    """Validation loss (logged), a sample grid of the record's validation prompts, the loss plot."""
+                      reporter: Reporter, rank: int = 0, world: int = 1) -> None:
+    """Validation loss (logged), a sample grid of the record's validation prompts, the loss plot. Every
+    rank calls it at the same steps: validation is split over the ranks (`evaluate`); the grid and the
+    files are rank 0's, and the other ranks wait for them at a barrier here rather than inside the next
+    step's gradient all-reduce (same wait, but at a named place; COLLECTIVE_TIMEOUT bounds it)."""
     record, log = run.record, run.folder / "log.jsonl"
     if run.val_urls:
-        val, per_t = evaluate(ema, run.val_urls, record, max(1, tc.batch_size), device, autocast)
-        log_line(log, {"step": step, "val_loss": val, "val_loss_by_t": per_t})
-        reporter.scalars(step, {"val_loss": val, "val_loss_by_t": per_t})
-    if ae is not None and sample_size is not None:
+        val, per_t = evaluate(ema, run.val_urls, record, max(1, tc.batch_size), device, autocast, rank, world)
+        if rank == 0:
+            log_line(log, {"step": step, "val_loss": val, "val_loss_by_t": per_t})
+            reporter.scalars(step, {"val_loss": val, "val_loss_by_t": per_t})
+    if rank == 0 and ae is not None and sample_size is not None:
         from flowcurate.trainer.sample import generate, grid
 
         cond, empty = record.prompt_parts("validation"), record.prompt_parts("empty")
@@ -372,7 +408,10 @@ def validate_and_show(run: Run, ema, ae, tc, step: int, sample_size, device: str
         picture = grid(images)
         picture.save(run.folder / "samples" / f"step-{step:06d}.png")
         reporter.image(step, "samples", picture)
-    plot_losses(log, run.folder / "loss.png")
+    if rank == 0:
+        plot_losses(log, run.folder / "loss.png")
+    if world > 1:
+        dist.barrier()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -381,19 +420,19 @@ def validate_and_show(run: Run, ema, ae, tc, step: int, sample_size, device: str
 def train(launch: TrainLaunch) -> Path:
     tc = launch.config.train
     device = resolve_device(launch.device)
-    rank, world = setup_distributed(device)
-    if device == "cuda" and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    if device.startswith("cuda:") and world > 1:
-        torch.cuda.set_device(device)  # nccl's object collectives (the data positions) use the current device
+    rank, world, device = setup_distributed(device)
     if tc.grad_accum < 1 or (tc.batch_size // world) % tc.grad_accum:
         raise ConfigError(f"grad_accum {tc.grad_accum} does not divide each rank's batch of {tc.batch_size // world} "
                           f"(batch_size {tc.batch_size} over {world} ranks) into equal micro-batches")
-    run = open_run(launch, rank, world)
+    run = open_run(launch, rank)
     record, folder = run.record, run.folder
 
     model, ema, mc = build_models(launch, record, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, eps=tc.adam_eps, weight_decay=tc.weight_decay)
+    if world > 1:  # after the model is placed (nccl's barrier runs on the current device); rank 0 made the folder
+        dist.barrier()
+    # fused AdamW: one kernel for all parameters on CUDA instead of a loop of small ones (same update)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, eps=tc.adam_eps, weight_decay=tc.weight_decay,
+                            fused=device.startswith("cuda") or None)
     step, saved = 0, None
     resume = C.latest(folder)
     if resume is not None:
@@ -404,7 +443,10 @@ def train(launch: TrainLaunch) -> Path:
 
     use_bf16 = tc.mixed_precision and device.startswith("cuda") and torch.cuda.is_bf16_supported()
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16)
-    net = DistributedDataParallel(model) if world > 1 else model
+    net = model
+    if world > 1:
+        net = DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda")
+                                      else None)
     no_sync = net.no_sync if world > 1 else None  # kept before compile wraps the DDP module
     if launch.compile:  # optional: the same maths, faster GPU steps once compiled
         net = torch.compile(net)
@@ -445,7 +487,7 @@ def train(launch: TrainLaunch) -> Path:
     bar = progress_bar(step, tc.max_steps, enabled=rank == 0)
 
     def periodic() -> None:
-        validate_and_show(run, ema, ae, tc, step, sample_size, device, autocast, reporter)
+        validate_and_show(run, ema, ae, tc, step, sample_size, device, autocast, reporter, rank, world)
 
     model.train()
     t0, seen = time.time(), 0
@@ -486,14 +528,14 @@ def train(launch: TrainLaunch) -> Path:
             position = data_position()
             if rank == 0:
                 C.save(folder, step, model, ema, opt, state(position), keep=tc.keep_checkpoints)
-        if rank == 0 and tc.sample_every > 0 and step % tc.sample_every == 0:
+        if tc.sample_every > 0 and step % tc.sample_every == 0:
             periodic()
     position = data_position()
+    if rank == 0 and (C.latest(folder) is None or C.read_state(C.latest(folder))["step"] != step):
+        C.save(folder, step, model, ema, opt, state(position), keep=tc.keep_checkpoints)
+    if tc.sample_every == 0 or step % tc.sample_every:
+        periodic()
     if rank == 0:
-        if C.latest(folder) is None or C.read_state(C.latest(folder))["step"] != step:
-            C.save(folder, step, model, ema, opt, state(position), keep=tc.keep_checkpoints)
-        if tc.sample_every == 0 or step % tc.sample_every:
-            periodic()
         bar.close()
         reporter.close()
         print(f"trained {step} steps; run folder {folder}")
