@@ -6,7 +6,9 @@ conditioning (trainer/data.py), t ~ the configured density then shifted, eps ~ N
 (trainer/flow.py; in `grad_accum` micro-batches when asked, the same gradient), AdamW with linear
 warm-up and gradient clipping, bf16 autocast on GPUs, then an EMA update. t and eps are drawn for the
 whole global batch from one generator on every rank and sliced, so N ranks see exactly what one
-process sees.
+process sees; the generator lives on the step's device, so a CUDA step waits for nothing on the host
+(pinned batches, fused AdamW, the loss read back once per log interval: `LossInterval`). Validation
+is split over the ranks (`evaluate`); grids and checkpoints are rank 0's.
 
 `train(launch)` takes a `TrainLaunch`: the TOML config plus what only this launch knows (paths, device,
 loader workers, compile, gradient checkpointing). `launch_from_args` builds it from the command line,
@@ -81,6 +83,10 @@ class TrainLaunch:
     # resume even though a data-order setting changed: keep weights and optimizer, restart the data
     # order at the start of the epoch the run was in (see `resume_data`)
     accept_data_change: bool = False
+    # bf16 autocast on the CPU as well when the config's mixed_precision is on (by default only CUDA
+    # autocasts): lets a machine without a GPU check bf16 training against fp32 (tests/test_train.py);
+    # slower than fp32 on most CPUs
+    bf16_on_cpu: bool = False
 
 
 def launch_record(launch: TrainLaunch) -> dict:
@@ -206,8 +212,11 @@ def plot_losses(log: Path, out: Path) -> None:
     plt.close(fig)
 
 
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(stable_hash("noise", f"{seed}:{step}:{stream}") >> 1)
+def step_generator(seed: int, step: int, stream: int = 0, device: str = "cpu") -> torch.Generator:
+    """The generator of one step's noise, on `device` so that t and eps are drawn where the step runs
+    (no host-to-device copy per step). Seeded by (seed, step, stream): a CUDA generator draws other
+    numbers than a CPU one from the same seed, but the same ones on every run, rank and resume."""
+    return torch.Generator(device=device).manual_seed(stable_hash("noise", f"{seed}:{step}:{stream}") >> 1)
 
 
 def learning_rate(tc, step: int) -> float:
@@ -339,18 +348,26 @@ def grid_autoencoder(record: S.Conditioning, path: str, device: str):
         return None
 
 
-def step_noise(tc, step: int, shape: tuple[int, ...], world: int, rank: int, split: str):
-    """(t, eps) for this rank's `shape[0]` samples of `step`. They come from a generator seeded by
-    (seed, step[, rank]): nothing to save, and a resumed run draws what an uninterrupted one draws. In
-    `global` mode every rank draws the global batch and keeps its slice, so N ranks see exactly what
-    one process sees."""
+def step_noise(tc, step: int, shape: tuple[int, ...], world: int, rank: int, split: str, device: str = "cpu"):
+    """(t, eps) for this rank's `shape[0]` samples of `step`, drawn on `device`. They come from a
+    generator seeded by (seed, step[, rank]): nothing to save, and a resumed run draws what an
+    uninterrupted one draws. In `global` mode every rank draws the global batch and keeps its slice, so
+    N ranks see exactly what one process sees."""
     b = shape[0]
     n = b * world if split == "global" else b
-    gen = step_generator(tc.seed, step, 0 if split == "global" else rank)
-    t = sample_t(n, tc.timestep_density, tc.logit_mean, tc.logit_std, shift=tc.shift, generator=gen)
-    eps = torch.randn((n, *shape[1:]), generator=gen)
+    gen = step_generator(tc.seed, step, 0 if split == "global" else rank, device)
+    t = sample_t(n, tc.timestep_density, tc.logit_mean, tc.logit_std, shift=tc.shift, generator=gen, device=device)
+    eps = torch.randn((n, *shape[1:]), generator=gen, device=device)
     lo = rank * b if split == "global" else 0
     return t[lo:lo + b], eps[lo:lo + b]
+
+
+def training_autocast(device: str, mixed_precision: bool, bf16_on_cpu: bool = False) -> torch.autocast:
+    """bf16 autocast for the forward passes (weights, optimizer and loss stay float32): on CUDA when the
+    config asks for mixed precision and the GPU has bf16; on the CPU only when also `bf16_on_cpu`."""
+    kind = device.split(":")[0]
+    enabled = mixed_precision and (torch.cuda.is_bf16_supported() if kind == "cuda" else kind == "cpu" and bf16_on_cpu)
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=enabled)
 
 
 def accumulate_gradients(net, x0: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, t: torch.Tensor,
@@ -383,6 +400,40 @@ def mean_over_ranks(value: torch.Tensor, world: int) -> float:
         dist.all_reduce(value)
         value /= world
     return value.item()
+
+
+class LossInterval:
+    """The training loss since the last log line, summed on the device: adding a step's loss does not
+    wait for the GPU, so the host queues steps ahead. `mean_checked` reads it back (one sync, and one
+    all-reduce under DDP) at log and checkpoint steps only, and raises there when it is not finite;
+    checking every step, as before, cost a host sync per step. The log reports this mean over the
+    interval, not the interval's last step. A non-finite loss is caught at the next log or checkpoint
+    step, before any checkpoint of the weights it reached is written."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.steps = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        self.total = loss if self.total is None else self.total + loss
+        self.steps += 1
+
+    def mean_checked(self, step: int, world: int) -> float | None:
+        """The interval's mean loss over steps and ranks (None when no step was added since the last
+        reset); a collective: every rank calls it at the same steps."""
+        if self.total is None:
+            return None
+        value = mean_over_ranks(self.total / self.steps, world)
+        if not math.isfinite(value):
+            first = step - self.steps + 1
+            raise FloatingPointError(f"steps {first}-{step}: mean training loss is {value}; lower lr, keep grad "
+                                     "clipping on, or resume from the last checkpoint (none is written after a "
+                                     "non-finite loss)")
+        return value
 
 
 def validate_and_show(run: Run, ema, ae, tc, step: int, sample_size, device: str, autocast,
@@ -441,8 +492,7 @@ def train(launch: TrainLaunch) -> Path:
         if rank == 0:
             print(f"resuming from {resume} (step {step})", file=sys.stderr)
 
-    use_bf16 = tc.mixed_precision and device.startswith("cuda") and torch.cuda.is_bf16_supported()
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16)
+    autocast = training_autocast(device, tc.mixed_precision, launch.bf16_on_cpu)
     net = model
     if world > 1:
         net = DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda")
@@ -467,7 +517,7 @@ def train(launch: TrainLaunch) -> Path:
         ae = grid_autoencoder(record, model_paths(record, ("autoencoder",))["autoencoder"], device)
     sample_size = None
 
-    stream = loader(ds, launch.workers)
+    stream = loader(ds, launch.workers, pin_memory=device.startswith("cuda"))
 
     def data_position() -> dict:
         """Every rank's data position (a collective: all ranks call it at the same steps)."""
@@ -491,25 +541,25 @@ def train(launch: TrainLaunch) -> Path:
 
     model.train()
     t0, seen = time.time(), 0
+    interval = LossInterval()
     batches = iter(stream)
     while step < tc.max_steps:  # checked before taking a batch: the saved position counts trained batches only
         batch = next(batches)
         if data.positions is not None and rank == 0 and stream.batches == data.positions[0]["batches"] + 1:
             print(f"data position restored: loader workers read {stream.first_samples_read} samples before "
                   "the first step (the held samples and this batch; no replay)", file=sys.stderr)
-        x0 = batch["latents"].to(device)
+        x0 = batch["latents"].to(device, non_blocking=True)
         if sample_size is None:
             down = record.json["autoencoder"]["downsample"]
             sample_size = [x0.shape[-2] * down, x0.shape[-1] * down]
-        t, eps = (a.to(device) for a in step_noise(tc, step, tuple(x0.shape), world, rank, ds.split))
+        t, eps = step_noise(tc, step, tuple(x0.shape), world, rank, ds.split, device)
         for g in opt.param_groups:
             g["lr"] = learning_rate(tc, step)
         opt.zero_grad(set_to_none=True)
-        loss = accumulate_gradients(net, x0, batch["context"].to(device), batch["pooled"].to(device), t, eps,
-                                    tc.grad_accum, autocast, no_sync)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: loss is {loss.item()} (keys {batch['keys'][:4]}...); lower lr, "
-                                     "keep grad clipping on, or resume from the last checkpoint")
+        loss = accumulate_gradients(net, x0, batch["context"].to(device, non_blocking=True),
+                                    batch["pooled"].to(device, non_blocking=True), t, eps, tc.grad_accum, autocast,
+                                    no_sync)
+        interval.add(loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         update_ema(ema, model, min(tc.ema_decay, (1 + step) / (10 + step)))
@@ -517,7 +567,8 @@ def train(launch: TrainLaunch) -> Path:
         seen += len(x0) * world
         bar.update()
         if step % tc.log_every == 0 or step == tc.max_steps:
-            value = mean_over_ranks(loss, world)
+            value = interval.mean_checked(step, world)
+            interval.reset()
             if rank == 0:
                 entry = {"step": step, "loss": value, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
                          "samples_per_s": seen / max(time.time() - t0, 1e-9)}
@@ -525,11 +576,13 @@ def train(launch: TrainLaunch) -> Path:
                 reporter.scalars(step, {k: v for k, v in entry.items() if k != "step"})
                 bar.set_postfix(loss=f"{value:.4f}", samples_s=f"{entry['samples_per_s']:.1f}", refresh=False)
         if tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0:
+            interval.mean_checked(step, world)  # no checkpoint of weights a non-finite loss has reached
             position = data_position()
             if rank == 0:
                 C.save(folder, step, model, ema, opt, state(position), keep=tc.keep_checkpoints)
         if tc.sample_every > 0 and step % tc.sample_every == 0:
             periodic()
+    interval.mean_checked(step, world)
     position = data_position()
     if rank == 0 and (C.latest(folder) is None or C.read_state(C.latest(folder))["step"] != step):
         C.save(folder, step, model, ema, opt, state(position), keep=tc.keep_checkpoints)
@@ -555,7 +608,8 @@ def launch_from_args(args: argparse.Namespace) -> TrainLaunch:
     return TrainLaunch(config=cfg, shards=args.shards, output=args.output, val_shards=args.val_shards,
                        conditioning=args.conditioning, init_from=args.init_from, device=args.device,
                        workers=args.workers, compile=args.compile, gradient_checkpointing=args.gradient_checkpointing,
-                       report_to=parse_report_to(args.report_to), accept_data_change=args.accept_data_change)
+                       report_to=parse_report_to(args.report_to), accept_data_change=args.accept_data_change,
+                       bf16_on_cpu=args.bf16_on_cpu)
 
 
 def run_cli(args: argparse.Namespace) -> int:
