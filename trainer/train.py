@@ -482,13 +482,15 @@ def train(launch: TrainLaunch) -> Path:
     if world > 1:  # after the model is placed (nccl's barrier runs on the current device); rank 0 made the folder
         dist.barrier()
     # fused AdamW: one kernel for all parameters on CUDA instead of a loop of small ones (same update)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, eps=tc.adam_eps, weight_decay=tc.weight_decay,
-                            fused=device.startswith("cuda") or None)
+    fused = device.startswith("cuda") or None
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, eps=tc.adam_eps, weight_decay=tc.weight_decay, fused=fused)
     step, saved = 0, None
     resume = C.latest(folder)
     if resume is not None:
         saved = C.load(resume, model, ema, opt, device)
         step = saved["step"]
+        for group in opt.param_groups:  # load_state_dict took the saving run's choice; this device decides
+            group["fused"] = fused
         if rank == 0:
             print(f"resuming from {resume} (step {step})", file=sys.stderr)
 
