@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -149,8 +149,14 @@ class TrainConfig:
     timestep_density: str = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    # resolution-dependent timestep shift alpha (SD3: 3.0 at 1024^2)
-    shift: float = 3.0
+    # resolution-dependent timestep shift alpha (SD3 §5.3.2: 3.0 at 1024^2), a number or "auto":
+    # alpha = sqrt(m / n), m = latent pixels of the training samples, n = latent pixels at
+    # shift_base_resolution^2, i.e. training side / base side for square images (1024^2 over 256^2
+    # gives 4.0; SD3 chose 3.0 by human preference). "auto" resolves at launch from the shards' first
+    # training sample and the resolved number is what checkpoints record (trainer/init.py).
+    shift: float | str = 3.0
+    # image side, in pixels, at which "auto" gives shift 1.0 (SD3 pretrained at 256^2 with no shift)
+    shift_base_resolution: int = 256
     # each text encoder dropped to zeros independently (SD3 App. B.3: 0.464, 0.464^3 ~ 10 % unconditional)
     text_drop_prob: float = 0.464
     # probability of the original (vs synthetic) caption (SD3 §5.2.2: 50/50)
@@ -165,6 +171,15 @@ class TrainConfig:
     seed: int = 0
     # bf16 autocast where the device supports it
     mixed_precision: bool = True
+
+    # fields that take the string "auto" besides their type's values
+    AUTO: ClassVar[frozenset[str]] = frozenset({"shift"})
+
+    def __post_init__(self):
+        if isinstance(self.shift, str) and self.shift != "auto":
+            raise ConfigError(f"[train] shift must be a number or \"auto\", got {self.shift!r}")
+        if self.shift_base_resolution <= 0:
+            raise ConfigError(f"[train] shift_base_resolution must be positive, got {self.shift_base_resolution}")
 
 
 @dataclass(frozen=True)
@@ -211,8 +226,11 @@ def _section(cls, values: dict[str, Any], where: str):
             value = tuple(value)
         elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        elif value == "auto" and name in getattr(cls, "AUTO", ()):
+            pass
         elif default is not None and not isinstance(value, type(default)):
-            raise ConfigError(f"{where}.{name}: expected {type(default).__name__}, got {value!r}")
+            also = ' or "auto"' if name in getattr(cls, "AUTO", ()) else ""
+            raise ConfigError(f"{where}.{name}: expected {type(default).__name__}{also}, got {value!r}")
         kwargs[name] = value
     return cls(**kwargs)
 

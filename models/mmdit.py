@@ -47,8 +47,14 @@ class MMDiTConfig:
     # side, in patches, of the stored sin-cos table that inputs are centre-cropped from (released: 192)
     pos_embed_max_size: int = 192
     # latent side the sin-cos frequencies are scaled for: position p becomes p * (sample_size / patch) /
-    # pos_embed_max_size (diffusers `sample_size`; only fills a fresh table, checkpoints carry their own)
+    # pos_embed_max_size (diffusers `sample_size`; only fills a fresh table, checkpoints carry their own).
+    # The whole table always spans [0, sample_size / patch): a bigger table is a finer grid of that range.
     sample_size: int = 128
+    # SD3 §5.3.2 resolution curriculum: the latent side (latent pixels; 32 = 256 px images with an f=8
+    # autoencoder) whose position range this table keeps when training at a higher resolution
+    # (`at_resolution`). None: the model was not moved to another resolution. A record only: the table
+    # is fixed by pos_embed_max_size and sample_size, which is all diffusers needs to rebuild it.
+    pos_embed_base_size: int | None = None
     # per-head RMS norm on queries and keys, "rms" or None: needed for stable bf16 training (§5.3.2)
     qk_norm: str | None = "rms"
     # MLP width / hidden width
@@ -391,6 +397,12 @@ def get_1d_sincos_pos_embed(dim: int, pos: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
 
+def sincos_positions(grid_size: int, base_size: int) -> torch.Tensor:
+    """(grid_size,) float32 positions `p / (grid_size / base_size)` of one axis of the stored table, computed
+    as diffusers does: the whole table spans [0, base_size) whatever grid_size is."""
+    return torch.arange(grid_size, dtype=torch.float32) / (grid_size / base_size)
+
+
 def get_2d_sincos_pos_embed(dim: int, grid_size: int, base_size: int) -> torch.Tensor:
     """(grid_size**2, dim) float32 for a row-major square grid: first half encodes the column, second the row.
 
@@ -399,11 +411,48 @@ def get_2d_sincos_pos_embed(dim: int, grid_size: int, base_size: int) -> torch.T
     positions the same way). Positions in float32, frequencies in float64, then float32, matching
     diffusers so that a fresh table equals its `pos_embed.pos_embed` exactly.
     """
-    pos = torch.arange(grid_size, dtype=torch.float32) / (grid_size / base_size)
+    pos = sincos_positions(grid_size, base_size)
     cols = pos.repeat(grid_size)              # token n = row * grid_size + col
     rows = pos.repeat_interleave(grid_size)
     emb = torch.cat([get_1d_sincos_pos_embed(dim // 2, cols), get_1d_sincos_pos_embed(dim // 2, rows)], dim=1)
     return emb.float()
+
+
+def cropped_positions(config: MMDiTConfig, patches: int) -> torch.Tensor:
+    """(patches,) positions along one axis that an input `patches` patches wide gets (the centre crop of
+    `sincos_positions`, as `MMDiT.cropped_pos_embed` takes it): what the curriculum test compares."""
+    m = config.pos_embed_max_size
+    if patches > m:
+        raise ValueError(f"{patches} patches is more than pos_embed_max_size {m}")
+    top = (m - patches) // 2
+    return sincos_positions(m, config.sample_size // config.patch_size)[top:top + patches]
+
+
+def at_resolution(config: MMDiTConfig, trained_latent: int, latent: int) -> MMDiTConfig:
+    """The config for training at latent side `latent` a model that `config` trained at `trained_latent`,
+    with positions interpolated into the range the trained resolution saw (SD3 §5.3.2).
+
+    The table side grows with the resolution (pos_embed_max_size * latent / trained_latent) while
+    sample_size, and so the range the whole table spans, stays: the grid gets finer by the same factor,
+    and an input `latent / trained_latent` times wider covers the positions the trained one covered
+    (at 2x: the same first position, half the spacing, so it ends half a new step past the old last
+    position, i.e. on the same cells). Still a fixed sin-cos table that diffusers' config
+    (`sample_size`, `pos_embed_max_size`) reproduces exactly. The first move records `trained_latent`
+    as `pos_embed_base_size`; later moves keep it.
+
+    The table must grow for that, not just be refilled: diffusers' grid starts at position 0 and inputs
+    take its centre, so the same first position at half the spacing needs twice the side. Its memory
+    grows with (latent / trained_latent)^2: d24's 192-patch table (226 MB in float32) is 906 MB at 2x.
+    A base stage whose table has room to spare (192 patches hold 3072^2 images) can start smaller.
+    """
+    if latent == trained_latent:
+        return config
+    side = config.pos_embed_max_size * latent / trained_latent
+    if side != int(side):
+        raise ValueError(f"cannot move positions from latent side {trained_latent} to {latent}: the table side "
+                         f"{config.pos_embed_max_size} * {latent} / {trained_latent} is not a whole number of patches")
+    base = config.pos_embed_base_size if config.pos_embed_base_size is not None else trained_latent
+    return replace(config, pos_embed_max_size=int(side), pos_embed_base_size=base)
 
 
 #################################################################################

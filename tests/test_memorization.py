@@ -350,3 +350,26 @@ def test_prompt_file_and_the_default_selection(curated, tmp_path):
     (tmp_path / "p.txt").write_text("a red circle\n\n  a blue square  \n")
     assert [(p.text, p.origin, p.key) for p in read_prompt_file(tmp_path / "p.txt")] == [
         ("a red circle", "file", None), ("a blue square", "file", None)]
+
+
+def test_training_descriptors_are_of_the_crop_and_older_outputs_fall_back(curated, tmp_path):
+    """Generations reproduce the training crop, so retrieval compares them with the crop's SSCD
+    (OUT/crop_embeddings/, written by pass 2); an output without crop descriptors uses the whole
+    originals' (OUT/embeddings/)."""
+    import shutil
+
+    from flowcurate.dedup.inputs import write_embeddings
+    from flowcurate.trainer.memorization import read_curated
+
+    before = read_curated(curated)  # this fixture has no crop descriptors
+    assert before.view == "original"
+    new = tmp_path / "new"
+    shutil.copytree(curated, new)
+    crops = np.random.default_rng(0).standard_normal((len(before.keys), before.embeddings.shape[1])).astype(np.float32)
+    crops /= np.linalg.norm(crops, axis=1, keepdims=True)
+    (new / "crop_embeddings").mkdir()
+    write_embeddings(new / "crop_embeddings" / "part-000000.parquet", before.keys, crops, [8] * len(crops),
+                     [8] * len(crops))
+    cur = read_curated(new)
+    assert cur.view == "crop" and cur.keys == before.keys
+    np.testing.assert_allclose(cur.embeddings, crops, atol=1e-6)

@@ -88,8 +88,8 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(golden, tmp_path):
     assert sb["data_order"] == {"batch_size": 4, "world_size": 1, "split": "shards", "split_requested": "auto",
                                 "workers": 0, "shuffle_buffer": 4, "seed": 0, "grad_accum": 1}
     assert sb["launch"] == {"shards": str(golden), "output": str(tmp_path / "b"), "val_shards": None,
-                            "conditioning": None, "init_from": None, "device": "auto", "workers": 0,
-                            "compile": False, "gradient_checkpointing": False, "report_to": [],
+                            "conditioning": None, "init_from": None, "init_subfolder": None, "device": "auto",
+                            "workers": 0, "compile": False, "gradient_checkpointing": False, "report_to": [],
                             "accept_data_change": False, "bf16_on_cpu": False}
     assert sb["config"]["train"]["shuffle_buffer"] == 4 and sb["config"]["train"]["max_steps"] == end
 

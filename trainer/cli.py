@@ -31,7 +31,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                "  flowcurate train --shards 'out/shards/train-{000000..000031}.tar' --config sd3 --output run/\n"
                "  torchrun --nproc_per_node 8 -m flowcurate.trainer train --shards out/ --config sd3 --output run/\n"
                "  flowcurate train --shards out/ --config sd3 --output run/ \\\n"
-               "      --init-from stabilityai/stable-diffusion-3-medium-diffusers/transformer   # fine-tune\n"
+               "      --init-from stabilityai/stable-diffusion-3-medium-diffusers --init-subfolder transformer\n"
+               "  flowcurate train --shards out512/ --config sd3 --output run512/ --init-from run256/   # next stage\n"
                "  flowcurate train --shards out/ --config tiny --output run/ --report-to tensorboard\n"
                "  flowcurate train --shards out/ --config sd3 --output run/ --batch-size 1024 --grad-accum 8\n"
                "Rerun the same command on an existing run folder to resume from its latest checkpoint: the\n"
@@ -55,7 +56,11 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                         "--grad-accum 4")
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--init-from", help="diffusers SD3Transformer2DModel folder to start from (official weights)")
+    p.add_argument("--init-from", help="start from a flowcurate run or step folder (weights and EMA; fresh optimizer "
+                                       "and data position; positions moved to the new resolution), a diffusers "
+                                       "SD3Transformer2DModel folder, or a hub id with --init-subfolder")
+    p.add_argument("--init-subfolder", help="subfolder of a diffusers --init-from (default: transformer, unless "
+                                            "the folder itself holds config.json; '' for a transformer repo)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto: cuda when available)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank")
     p.add_argument("--shuffle-buffer", type=int, help="samples in each worker's shuffle buffer (default: the "

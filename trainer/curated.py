@@ -1,7 +1,9 @@
 """The curated output folder `OUT` of `flowcurate run`, as the memorization check reads it.
 
-- the training set: the manifest's kept rows in `train-` shards, with their SSCD descriptors from
-  `OUT/embeddings/`, and the SSCD model and preprocessing `OUT/stats.json` records (`"sscd"`), so
+- the training set: the manifest's kept rows in `train-` shards, with the SSCD descriptors of their
+  training crops from `OUT/crop_embeddings/` (the view a generation reproduces: pass 2 embeds the crop
+  it encodes), or of the whole originals from `OUT/embeddings/` for outputs made before crop
+  descriptors existed (a non-square original then loses similarity to a copy of its crop); the SSCD model and preprocessing `OUT/stats.json` records (`"sscd"`), so
   generations are embedded exactly as the training images were;
 - prompts: the original captions of the most-duplicated training images (most manifest rows naming them
   as `duplicate_of`; SD3 prompted with its most-duplicated examples) plus a seeded random sample of
@@ -49,6 +51,7 @@ class Curated:
     duplicates: dict[str, int]  # training key -> manifest rows naming it as duplicate_of
     sscd_location: str
     preprocess: SSCDPreprocess
+    view: str = "crop"  # what the descriptors show: "crop" (the training crop) or "original" (older outputs)
 
 
 def preprocess_from_record(rec: dict) -> SSCDPreprocess:
@@ -78,17 +81,26 @@ def read_curated(out: Path) -> Curated:
     counts = table.filter(pc.equal(table["status"], "duplicate"))["duplicate_of"].value_counts().to_pylist()
     duplicates = {k: 0 for k in rows}
     duplicates.update((c["values"], c["counts"]) for c in counts if c["values"] in rows)
-    found: dict[str, np.ndarray] = {}
-    for f in sorted((out / "embeddings").glob("*.parquet")):
-        e = read_embeddings(f)
-        found.update((k, e.embeddings[i]) for i, k in enumerate(e.keys) if k in rows)
     keys = sorted(rows)
+    view, folder = "crop", "crop_embeddings"
+    found = _descriptors(out / folder, rows)
+    if len(found) < len(keys):  # an output made before pass 2 embedded the crops: the whole originals
+        view, folder = "original", "embeddings"
+        found = _descriptors(out / folder, rows)
     missing = [k for k in keys if k not in found]
     if missing:
-        raise MemorizationError(f"{out}/embeddings: {len(missing)} training keys have no embedding, "
+        raise MemorizationError(f"{out}/{folder}: {len(missing)} training keys have no embedding, "
                                 f"e.g. {missing[:3]}")
     emb = unit_rows(np.stack([found[k] for k in keys]))
-    return Curated(out, keys, emb, rows, duplicates, location, pre)
+    return Curated(out, keys, emb, rows, duplicates, location, pre, view)
+
+
+def _descriptors(folder: Path, rows: dict) -> dict[str, np.ndarray]:
+    found: dict[str, np.ndarray] = {}
+    for f in sorted(folder.glob("*.parquet")):
+        e = read_embeddings(f)
+        found.update((k, e.embeddings[i]) for i, k in enumerate(e.keys) if k in rows)
+    return found
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -43,10 +43,10 @@ from flowcurate.formats import shards as S
 from flowcurate.formats.config import Config, ConfigError, load_config, override, resolve_device, to_dict
 from flowcurate.formats.hashing import stable_hash
 from flowcurate.models.mmdit import MMDiT, MMDiTConfig, mmdit_config
-from flowcurate.models.mmdit_diffusers import from_pretrained_diffusers
 from flowcurate.trainer import checkpoint as C
 from flowcurate.trainer.data import Augment, CuratedShards, DataError, loader, open_record, resolve_shards
 from flowcurate.trainer.flow import flow_loss, sample_t, validation_loss
+from flowcurate.trainer.init import init_models, resolve_shift
 from flowcurate.trainer.report import Reporter, parse_report_to, progress_bar
 
 # ------------------------------------------------------------------------------------------------------
@@ -68,8 +68,11 @@ class TrainLaunch:
     val_shards: str | None = None
     # conditioning.json (None: the record found beside the shards)
     conditioning: str | None = None
-    # diffusers SD3Transformer2DModel to start from instead of a fresh initialisation
+    # weights to start from instead of a fresh initialisation: a flowcurate run or step folder (weights and
+    # EMA, the next stage of a resolution curriculum) or a diffusers SD3Transformer2DModel (trainer/init.py)
     init_from: str | None = None
+    # subfolder of a diffusers init_from (None: "transformer" unless init_from/config.json exists)
+    init_subfolder: str | None = None
     # "auto" (formats.config.resolve_device), "cpu", "cuda", ...; under torchrun "cuda" means the local rank's GPU
     device: str = "auto"
     # DataLoader worker processes per rank (part of the data order: each reads every W-th shard)
@@ -320,19 +323,20 @@ def open_run(launch: TrainLaunch, rank: int) -> Run:
 
 def build_models(launch: TrainLaunch, record: S.Conditioning, device: str) -> tuple[MMDiT, MMDiT, MMDiTConfig]:
     """(model, EMA copy, its config): the config's size with the record's widths, seeded, or the
-    `init_from` weights; the EMA starts equal to the model."""
+    `init_from` weights (trainer/init.py); the EMA starts equal to the model unless init_from has one."""
     tc = launch.config.train
     mc = mmdit_config(tc.model, context_dim=record.context_width, pooled_dim=record.pooled_width,
                       in_channels=record.latent_channels)
     torch.manual_seed(tc.seed)
     model = MMDiT(mc).to(device)
+    ema_weights = None
     if launch.init_from:
-        model = from_pretrained_diffusers(launch.init_from).to(device)
+        model, ema_weights = init_models(launch, record, device)
         mc = model.config
     if launch.gradient_checkpointing:
         model.gradient_checkpointing = True
     ema = MMDiT(mc).to(device).requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
+    ema.load_state_dict(model.state_dict() if ema_weights is None else ema_weights)
     return model, ema, mc
 
 
@@ -469,6 +473,7 @@ def validate_and_show(run: Run, ema, ae, tc, step: int, sample_size, device: str
 # Training
 
 def train(launch: TrainLaunch) -> Path:
+    launch, shift_record = resolve_shift(launch)  # shift "auto" -> a number, from the shards' resolution
     tc = launch.config.train
     device = resolve_device(launch.device)
     rank, world, device = setup_distributed(device)
@@ -533,7 +538,7 @@ def train(launch: TrainLaunch) -> Path:
         return {"config": to_dict(launch.config), "launch": launch_record(launch),
                 "data_order": data_order(launch, world, ds.split), "model_config": dataclasses.asdict(mc),
                 "data_position": position, "world_size": world, "conditioning": record.hash,
-                "sample_size": sample_size, "shards": launch.shards}
+                "sample_size": sample_size, "shards": launch.shards, "shift": shift_record}
 
     reporter = Reporter(folder, launch.report_to if rank == 0 else (), to_dict(launch.config))
     bar = progress_bar(step, tc.max_steps, enabled=rank == 0)
@@ -608,7 +613,8 @@ def launch_from_args(args: argparse.Namespace) -> TrainLaunch:
                    seed=args.seed, batch_size=args.batch_size, sample_every=args.sample_every, lr=args.lr,
                    split=args.split, shuffle_buffer=args.shuffle_buffer, grad_accum=args.grad_accum)
     return TrainLaunch(config=cfg, shards=args.shards, output=args.output, val_shards=args.val_shards,
-                       conditioning=args.conditioning, init_from=args.init_from, device=args.device,
+                       conditioning=args.conditioning, init_from=args.init_from,
+                       init_subfolder=args.init_subfolder, device=args.device,
                        workers=args.workers, compile=args.compile, gradient_checkpointing=args.gradient_checkpointing,
                        report_to=parse_report_to(args.report_to), accept_data_change=args.accept_data_change,
                        bf16_on_cpu=args.bf16_on_cpu)
