@@ -73,6 +73,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                         "at the start of the epoch the run was in (its samples so far are seen again)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster GPU steps)")
+    p.add_argument("--bf16-on-cpu", action="store_true",
+                   help="bf16 autocast on the CPU too when the config's mixed_precision is on (by default only "
+                        "CUDA autocasts): to check bf16 against fp32 without a GPU; slower than fp32 on most CPUs")
     p.add_argument("--report-to", action="append", metavar="TRACKER",
                    help="also log to tensorboard (RUN/tensorboard/) or wandb (RUN/wandb/, offline unless "
                         "WANDB_API_KEY or WANDB_MODE is set); repeatable or comma-separated; none (default)")

@@ -385,13 +385,15 @@ class _WorkerStream:
                 yield ds._decode(self.buckets[shape])
 
 
-def loader(dataset: CuratedShards, num_workers: int = 0) -> BatchStream:
+def loader(dataset: CuratedShards, num_workers: int = 0, pin_memory: bool = False) -> BatchStream:
     """Batches come formed from the dataset (batch_size=None); workers keep round-robin order.
-    Workers are capped at the shards each one can own (an idle worker would end the round-robin)."""
+    Workers are capped at the shards each one can own (an idle worker would end the round-robin).
+    `pin_memory` (for a CUDA trainer) puts the batches in page-locked memory, so copies to the GPU
+    with `non_blocking=True` overlap the step instead of stalling it."""
     if dataset.split != "resampled":
         per_rank = len(dataset.urls) // (dataset.world_size if dataset.split == "shards" else 1)
         num_workers = min(num_workers, max(per_rank, 1)) if num_workers > 1 else num_workers
-    dl = DataLoader(dataset, batch_size=None, num_workers=num_workers,
+    dl = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                     persistent_workers=False, prefetch_factor=4 if num_workers else None)
     return BatchStream(dl, dataset, max(1, num_workers))
 

@@ -6,7 +6,9 @@ conditioning (trainer/data.py), t ~ the configured density then shifted, eps ~ N
 (trainer/flow.py; in `grad_accum` micro-batches when asked, the same gradient), AdamW with linear
 warm-up and gradient clipping, bf16 autocast on GPUs, then an EMA update. t and eps are drawn for the
 whole global batch from one generator on every rank and sliced, so N ranks see exactly what one
-process sees.
+process sees; the generator lives on the step's device, so a CUDA step waits for nothing on the host
+(pinned batches, fused AdamW, the loss read back once per log interval: `LossInterval`). Validation
+is split over the ranks (`evaluate`); grids and checkpoints are rank 0's.
 
 `train(launch)` takes a `TrainLaunch`: the TOML config plus what only this launch knows (paths, device,
 loader workers, compile, gradient checkpointing). `launch_from_args` builds it from the command line,
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -83,6 +86,10 @@ class TrainLaunch:
     # resume even though a data-order setting changed: keep weights and optimizer, restart the data
     # order at the start of the epoch the run was in (see `resume_data`)
     accept_data_change: bool = False
+    # bf16 autocast on the CPU as well when the config's mixed_precision is on (by default only CUDA
+    # autocasts): lets a machine without a GPU check bf16 training against fp32 (tests/test_train.py);
+    # slower than fp32 on most CPUs
+    bf16_on_cpu: bool = False
 
 
 def launch_record(launch: TrainLaunch) -> dict:
@@ -150,11 +157,30 @@ def resume_data(saved: dict | None, order: dict, accept_change: bool, where: Pat
 # ------------------------------------------------------------------------------------------------------
 # Helpers
 
-def setup_distributed(device: str) -> tuple[int, int]:
+# How long a rank waits in a collective (gloo and nccl) before the run fails. Rank 0 alone writes
+# checkpoints and draws sample grids (cfg_scale guidance over sample_steps Euler steps at full size)
+# while the other ranks wait in the barrier after them or in their next collective; torch's default
+# (10 min for nccl) could end a healthy run on a slow disk or a large grid, so the wait is generous.
+# A real hang still ends the run, later.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
+
+
+def setup_distributed(device: str) -> tuple[int, int, str]:
+    """(rank, world size, this rank's device). Under torchrun, "cuda" becomes the local rank's GPU, made
+    the current device before the process group exists, so that nccl (bound to it by `device_id`) and
+    every later CUDA call use that GPU, not GPU 0 on every rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+    if world == 1:
+        return 0, 1, device
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if not dist.is_initialized():
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=torch.device(device))
+        else:
+            dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
+    return dist.get_rank(), world, device
 
 
 def log_line(path: Path, entry: dict) -> None:
@@ -189,8 +215,11 @@ def plot_losses(log: Path, out: Path) -> None:
     plt.close(fig)
 
 
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(stable_hash("noise", f"{seed}:{step}:{stream}") >> 1)
+def step_generator(seed: int, step: int, stream: int = 0, device: str = "cpu") -> torch.Generator:
+    """The generator of one step's noise, on `device` so that t and eps are drawn where the step runs
+    (no host-to-device copy per step). Seeded by (seed, step, stream): a CUDA generator draws other
+    numbers than a CPU one from the same seed, but the same ones on every run, rank and resume."""
+    return torch.Generator(device=device).manual_seed(stable_hash("noise", f"{seed}:{step}:{stream}") >> 1)
 
 
 def learning_rate(tc, step: int) -> float:
@@ -225,17 +254,30 @@ def copy_record(record: S.Conditioning, run: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, urls, record, batch_size: int, device, autocast) -> tuple[float, list[float]]:
-    """Mean validation v-loss at t_i = (i + 0.5) / 8 over every validation sample (fixed noise)."""
-    total, count = None, 0
+def evaluate(model, urls, record, batch_size: int, device, autocast, rank: int = 0,
+             world: int = 1) -> tuple[float, list[float]]:
+    """Mean validation v-loss at t_i = (i + 0.5) / 8 over every validation sample (fixed noise: batch i
+    draws from a generator seeded i). The ranks share the work: every rank reads the same batches and
+    evaluates batch i when i % world == rank, then the per-level sums and the sample count are summed
+    over ranks, so N ranks score the set one process scores (up to the order of the float sums) in
+    1/N of the time, and no rank idles in a collective while another evaluates everything."""
+    total, count = torch.zeros(8), 0
     ds = CuratedShards(urls, record, batch_size, train=False)
     for i, batch in enumerate(loader(ds)):
+        if i % world != rank:
+            continue
         with autocast:
             per_t = validation_loss(model, batch["latents"].to(device), batch["context"].to(device),
                                     batch["pooled"].to(device), generator=torch.Generator().manual_seed(i))
         n = len(batch["keys"])
-        total = per_t.float().cpu() * n if total is None else total + per_t.float().cpu() * n
+        total = total + per_t.float().cpu() * n
         count += n
+    if world > 1:  # on the device: nccl reduces CUDA tensors only (gloo either)
+        sums = torch.cat([total, torch.tensor([float(count)])]).to(device)
+        dist.all_reduce(sums)
+        total, count = sums[:-1].cpu(), int(sums[-1].item())
+    if count == 0:
+        raise DataError(f"no validation samples in {urls[:2]}...")
     per_t = (total / count).tolist()
     return float(sum(per_t) / len(per_t)), per_t
 
@@ -264,8 +306,9 @@ def check_models_fit(config: Config, record: S.Conditioning) -> None:
                         f"{', '.join(TINY_SHARD_SIZES)}")
 
 
-def open_run(launch: TrainLaunch, rank: int, world: int) -> Run:
-    """The launch's shards and record; rank 0 creates the run folder and its copy of the record."""
+def open_run(launch: TrainLaunch, rank: int) -> Run:
+    """The launch's shards and record; rank 0 creates the run folder and its copy of the record (the
+    other ranks wait for it at the barrier after the model is placed, see `train`)."""
     urls, found = resolve_shards(launch.shards, "train")
     val_spec = launch.val_shards or (launch.shards if Path(launch.shards).is_dir() else None)
     val_urls = resolve_shards(val_spec, "val")[0] if val_spec else []
@@ -275,8 +318,6 @@ def open_run(launch: TrainLaunch, rank: int, world: int) -> Run:
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         copy_record(record, folder)
-    if world > 1:
-        dist.barrier()
     return Run(folder, urls, val_urls, record)
 
 
@@ -311,18 +352,26 @@ def grid_autoencoder(record: S.Conditioning, path: str, device: str):
         return None
 
 
-def step_noise(tc, step: int, shape: tuple[int, ...], world: int, rank: int, split: str):
-    """(t, eps) for this rank's `shape[0]` samples of `step`. They come from a generator seeded by
-    (seed, step[, rank]): nothing to save, and a resumed run draws what an uninterrupted one draws. In
-    `global` mode every rank draws the global batch and keeps its slice, so N ranks see exactly what
-    one process sees."""
+def step_noise(tc, step: int, shape: tuple[int, ...], world: int, rank: int, split: str, device: str = "cpu"):
+    """(t, eps) for this rank's `shape[0]` samples of `step`, drawn on `device`. They come from a
+    generator seeded by (seed, step[, rank]): nothing to save, and a resumed run draws what an
+    uninterrupted one draws. In `global` mode every rank draws the global batch and keeps its slice, so
+    N ranks see exactly what one process sees."""
     b = shape[0]
     n = b * world if split == "global" else b
-    gen = step_generator(tc.seed, step, 0 if split == "global" else rank)
-    t = sample_t(n, tc.timestep_density, tc.logit_mean, tc.logit_std, shift=tc.shift, generator=gen)
-    eps = torch.randn((n, *shape[1:]), generator=gen)
+    gen = step_generator(tc.seed, step, 0 if split == "global" else rank, device)
+    t = sample_t(n, tc.timestep_density, tc.logit_mean, tc.logit_std, shift=tc.shift, generator=gen, device=device)
+    eps = torch.randn((n, *shape[1:]), generator=gen, device=device)
     lo = rank * b if split == "global" else 0
     return t[lo:lo + b], eps[lo:lo + b]
+
+
+def training_autocast(device: str, mixed_precision: bool, bf16_on_cpu: bool = False) -> torch.autocast:
+    """bf16 autocast for the forward passes (weights, optimizer and loss stay float32): on CUDA when the
+    config asks for mixed precision and the GPU has bf16; on the CPU only when also `bf16_on_cpu`."""
+    kind = device.split(":")[0]
+    enabled = mixed_precision and (torch.cuda.is_bf16_supported() if kind == "cuda" else kind == "cpu" and bf16_on_cpu)
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=enabled)
 
 
 def accumulate_gradients(net, x0: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, t: torch.Tensor,
@@ -357,15 +406,53 @@ def mean_over_ranks(value: torch.Tensor, world: int) -> float:
     return value.item()
 
 
+class LossInterval:
+    """The training loss since the last log line, summed on the device: adding a step's loss does not
+    wait for the GPU, so the host queues steps ahead. `mean_checked` reads it back (one sync, and one
+    all-reduce under DDP) at log and checkpoint steps only, and raises there when it is not finite;
+    checking every step, as before, cost a host sync per step. The log reports this mean over the
+    interval, not the interval's last step. A non-finite loss is caught at the next log or checkpoint
+    step, before any checkpoint of the weights it reached is written."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.steps = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        self.total = loss if self.total is None else self.total + loss
+        self.steps += 1
+
+    def mean_checked(self, step: int, world: int) -> float | None:
+        """The interval's mean loss over steps and ranks (None when no step was added since the last
+        reset); a collective: every rank calls it at the same steps."""
+        if self.total is None:
+            return None
+        value = mean_over_ranks(self.total / self.steps, world)
+        if not math.isfinite(value):
+            first = step - self.steps + 1
+            raise FloatingPointError(f"steps {first}-{step}: mean training loss is {value}; lower lr, keep grad "
+                                     "clipping on, or resume from the last checkpoint (none is written after a "
+                                     "non-finite loss)")
+        return value
+
+
 def validate_and_show(run: Run, ema, ae, tc, step: int, sample_size, device: str, autocast,
-                      reporter: Reporter) -> None:
-    """Validation loss (logged), a sample grid of the record's validation prompts, the loss plot."""
+                      reporter: Reporter, rank: int = 0, world: int = 1) -> None:
+    """Validation loss (logged), a sample grid of the record's validation prompts, the loss plot. Every
+    rank calls it at the same steps: validation is split over the ranks (`evaluate`); the grid and the
+    files are rank 0's, and the other ranks wait for them at a barrier here rather than inside the next
+    step's gradient all-reduce (same wait, but at a named place; COLLECTIVE_TIMEOUT bounds it)."""
     record, log = run.record, run.folder / "log.jsonl"
     if run.val_urls:
-        val, per_t = evaluate(ema, run.val_urls, record, max(1, tc.batch_size), device, autocast)
-        log_line(log, {"step": step, "val_loss": val, "val_loss_by_t": per_t})
-        reporter.scalars(step, {"val_loss": val, "val_loss_by_t": per_t})
-    if ae is not None and sample_size is not None:
+        val, per_t = evaluate(ema, run.val_urls, record, max(1, tc.batch_size), device, autocast, rank, world)
+        if rank == 0:
+            log_line(log, {"step": step, "val_loss": val, "val_loss_by_t": per_t})
+            reporter.scalars(step, {"val_loss": val, "val_loss_by_t": per_t})
+    if rank == 0 and ae is not None and sample_size is not None:
         from flowcurate.trainer.sample import generate, grid
 
         cond, empty = record.prompt_parts("validation"), record.prompt_parts("empty")
@@ -376,7 +463,10 @@ def validate_and_show(run: Run, ema, ae, tc, step: int, sample_size, device: str
         picture = grid(images)
         picture.save(run.folder / "samples" / f"step-{step:06d}.png")
         reporter.image(step, "samples", picture)
-    plot_losses(log, run.folder / "loss.png")
+    if rank == 0:
+        plot_losses(log, run.folder / "loss.png")
+    if world > 1:
+        dist.barrier()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -386,30 +476,34 @@ def train(launch: TrainLaunch) -> Path:
     launch, shift_record = resolve_shift(launch)  # shift "auto" -> a number, from the shards' resolution
     tc = launch.config.train
     device = resolve_device(launch.device)
-    rank, world = setup_distributed(device)
-    if device == "cuda" and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    if device.startswith("cuda:") and world > 1:
-        torch.cuda.set_device(device)  # nccl's object collectives (the data positions) use the current device
+    rank, world, device = setup_distributed(device)
     if tc.grad_accum < 1 or (tc.batch_size // world) % tc.grad_accum:
         raise ConfigError(f"grad_accum {tc.grad_accum} does not divide each rank's batch of {tc.batch_size // world} "
                           f"(batch_size {tc.batch_size} over {world} ranks) into equal micro-batches")
-    run = open_run(launch, rank, world)
+    run = open_run(launch, rank)
     record, folder = run.record, run.folder
 
     model, ema, mc = build_models(launch, record, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, eps=tc.adam_eps, weight_decay=tc.weight_decay)
+    if world > 1:  # after the model is placed (nccl's barrier runs on the current device); rank 0 made the folder
+        dist.barrier()
+    # fused AdamW: one kernel for all parameters on CUDA instead of a loop of small ones (same update)
+    fused = device.startswith("cuda") or None
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, eps=tc.adam_eps, weight_decay=tc.weight_decay, fused=fused)
     step, saved = 0, None
     resume = C.latest(folder)
     if resume is not None:
         saved = C.load(resume, model, ema, opt, device)
         step = saved["step"]
+        for group in opt.param_groups:  # load_state_dict took the saving run's choice; this device decides
+            group["fused"] = fused
         if rank == 0:
             print(f"resuming from {resume} (step {step})", file=sys.stderr)
 
-    use_bf16 = tc.mixed_precision and device.startswith("cuda") and torch.cuda.is_bf16_supported()
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16)
-    net = DistributedDataParallel(model) if world > 1 else model
+    autocast = training_autocast(device, tc.mixed_precision, launch.bf16_on_cpu)
+    net = model
+    if world > 1:
+        net = DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda")
+                                      else None)
     no_sync = net.no_sync if world > 1 else None  # kept before compile wraps the DDP module
     if launch.compile:  # optional: the same maths, faster GPU steps once compiled
         net = torch.compile(net)
@@ -430,7 +524,7 @@ def train(launch: TrainLaunch) -> Path:
         ae = grid_autoencoder(record, model_paths(record, ("autoencoder",))["autoencoder"], device)
     sample_size = None
 
-    stream = loader(ds, launch.workers)
+    stream = loader(ds, launch.workers, pin_memory=device.startswith("cuda"))
 
     def data_position() -> dict:
         """Every rank's data position (a collective: all ranks call it at the same steps)."""
@@ -450,29 +544,29 @@ def train(launch: TrainLaunch) -> Path:
     bar = progress_bar(step, tc.max_steps, enabled=rank == 0)
 
     def periodic() -> None:
-        validate_and_show(run, ema, ae, tc, step, sample_size, device, autocast, reporter)
+        validate_and_show(run, ema, ae, tc, step, sample_size, device, autocast, reporter, rank, world)
 
     model.train()
     t0, seen = time.time(), 0
+    interval = LossInterval()
     batches = iter(stream)
     while step < tc.max_steps:  # checked before taking a batch: the saved position counts trained batches only
         batch = next(batches)
         if data.positions is not None and rank == 0 and stream.batches == data.positions[0]["batches"] + 1:
             print(f"data position restored: loader workers read {stream.first_samples_read} samples before "
                   "the first step (the held samples and this batch; no replay)", file=sys.stderr)
-        x0 = batch["latents"].to(device)
+        x0 = batch["latents"].to(device, non_blocking=True)
         if sample_size is None:
             down = record.json["autoencoder"]["downsample"]
             sample_size = [x0.shape[-2] * down, x0.shape[-1] * down]
-        t, eps = (a.to(device) for a in step_noise(tc, step, tuple(x0.shape), world, rank, ds.split))
+        t, eps = step_noise(tc, step, tuple(x0.shape), world, rank, ds.split, device)
         for g in opt.param_groups:
             g["lr"] = learning_rate(tc, step)
         opt.zero_grad(set_to_none=True)
-        loss = accumulate_gradients(net, x0, batch["context"].to(device), batch["pooled"].to(device), t, eps,
-                                    tc.grad_accum, autocast, no_sync)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: loss is {loss.item()} (keys {batch['keys'][:4]}...); lower lr, "
-                                     "keep grad clipping on, or resume from the last checkpoint")
+        loss = accumulate_gradients(net, x0, batch["context"].to(device, non_blocking=True),
+                                    batch["pooled"].to(device, non_blocking=True), t, eps, tc.grad_accum, autocast,
+                                    no_sync)
+        interval.add(loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         update_ema(ema, model, min(tc.ema_decay, (1 + step) / (10 + step)))
@@ -480,7 +574,8 @@ def train(launch: TrainLaunch) -> Path:
         seen += len(x0) * world
         bar.update()
         if step % tc.log_every == 0 or step == tc.max_steps:
-            value = mean_over_ranks(loss, world)
+            value = interval.mean_checked(step, world)
+            interval.reset()
             if rank == 0:
                 entry = {"step": step, "loss": value, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
                          "samples_per_s": seen / max(time.time() - t0, 1e-9)}
@@ -488,17 +583,19 @@ def train(launch: TrainLaunch) -> Path:
                 reporter.scalars(step, {k: v for k, v in entry.items() if k != "step"})
                 bar.set_postfix(loss=f"{value:.4f}", samples_s=f"{entry['samples_per_s']:.1f}", refresh=False)
         if tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0:
+            interval.mean_checked(step, world)  # no checkpoint of weights a non-finite loss has reached
             position = data_position()
             if rank == 0:
                 C.save(folder, step, model, ema, opt, state(position), keep=tc.keep_checkpoints)
-        if rank == 0 and tc.sample_every > 0 and step % tc.sample_every == 0:
+        if tc.sample_every > 0 and step % tc.sample_every == 0:
             periodic()
+    interval.mean_checked(step, world)
     position = data_position()
+    if rank == 0 and (C.latest(folder) is None or C.read_state(C.latest(folder))["step"] != step):
+        C.save(folder, step, model, ema, opt, state(position), keep=tc.keep_checkpoints)
+    if tc.sample_every == 0 or step % tc.sample_every:
+        periodic()
     if rank == 0:
-        if C.latest(folder) is None or C.read_state(C.latest(folder))["step"] != step:
-            C.save(folder, step, model, ema, opt, state(position), keep=tc.keep_checkpoints)
-        if tc.sample_every == 0 or step % tc.sample_every:
-            periodic()
         bar.close()
         reporter.close()
         print(f"trained {step} steps; run folder {folder}")
@@ -519,7 +616,8 @@ def launch_from_args(args: argparse.Namespace) -> TrainLaunch:
                        conditioning=args.conditioning, init_from=args.init_from,
                        init_subfolder=args.init_subfolder, device=args.device,
                        workers=args.workers, compile=args.compile, gradient_checkpointing=args.gradient_checkpointing,
-                       report_to=parse_report_to(args.report_to), accept_data_change=args.accept_data_change)
+                       report_to=parse_report_to(args.report_to), accept_data_change=args.accept_data_change,
+                       bf16_on_cpu=args.bf16_on_cpu)
 
 
 def run_cli(args: argparse.Namespace) -> int:
