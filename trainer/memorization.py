@@ -69,6 +69,7 @@ from flowcurate.trainer.curated import (
 )
 from flowcurate.trainer.sample import (
     MODEL_ROLES,
+    StepProgress,
     generate,
     load_autoencoder,
     load_run,
@@ -554,12 +555,14 @@ def generate_and_score(m: Models, curated: Curated, prompts: list[Prompt], st: S
         f"cfg {cfg:g}) from {m.step}, against {len(curated.keys)} training images")
     idx, sim, clique = [], [], []
     shown: list[tuple[float, int, np.ndarray]] = []
+    batches = sum(-(-min(group, len(prompts) - s) * k // st.batch_size) for s in range(0, len(prompts), group))
+    model = StepProgress(m.model, batches * steps, f"generating {len(prompts) * k} images")
     for s in range(0, len(prompts), group):
         chunk = prompts[s:s + group]
         enc = m.te.encode([p.text for p in chunk])
         rows, row_seeds = np.repeat(np.arange(len(chunk)), k), seeds * len(chunk)
         imgs = np.concatenate([
-            generate(m.model, m.ae, {p: enc[p][rows[b:b + st.batch_size]] for p in S.PARTS}, empty, size,
+            generate(model, m.ae, {p: enc[p][rows[b:b + st.batch_size]] for p in S.PARTS}, empty, size,
                      row_seeds[b:b + st.batch_size], steps, shift, cfg)
             for b in range(0, len(rows), st.batch_size)])
         i, c = search(sscd_embed(m.sscd, curated.preprocess, imgs, st.device))
@@ -569,8 +572,7 @@ def generate_and_score(m: Models, curated: Curated, prompts: list[Prompt], st: S
                                st.clique_budget) for j in range(0, len(imgs), k)]
         shown += [(float(c[j]), s * k + j, imgs[j]) for j in np.flatnonzero(above(c, st.threshold))]
         shown = sorted(shown, key=lambda x: (-x[0], x[1]))[:st.max_pairs]
-        if (s // group) % 10 == 9:
-            log(f"  {s + group}/{len(prompts)} prompts")
+    model.close()
     return Scores(prompts, seeds, size, steps, cfg, shift, np.concatenate(idx), np.concatenate(sim),
                   concat_answers(clique), shown, background(curated, search, st.background_queries))
 
@@ -628,7 +630,8 @@ def write_report(sc: Scores, m: Models, curated: Curated, output: Path, st: Sett
         "checkpoint": str(m.step), "step": m.state["step"], "weights": st.weights, "curated": str(curated.root),
         "settings": {**asdict(st), "size": list(sc.size), "steps": sc.steps, "cfg": sc.cfg, "shift": sc.shift,
                      "seed_values": sc.seeds},
-        "sscd": {"location": curated.sscd_location, "preprocess": curated.preprocess.record()},
+        "sscd": {"location": curated.sscd_location, "preprocess": curated.preprocess.record(),
+                 "view": curated.view},
         "generations": len(sim), "prompts": len(prompts), "training_images": len(curated.keys),
         "retrieval": {
             "threshold": st.threshold, "flagged": int(flagged.sum()), "fraction_flagged": float(flagged.mean()),
