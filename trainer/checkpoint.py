@@ -5,6 +5,11 @@ is drawn from generators seeded by (seed, step), so there is no RNG state to car
 
 Written into a temporary folder and renamed, so a killed run never leaves a half checkpoint; the last
 K are kept. Tensors only go through safetensors and JSON; nothing is unpickled.
+
+An FSDP run's step folder has no optimizer.safetensors but `sharded/`: model, EMA and optimizer as a
+torch.distributed.checkpoint written by every rank (trainer/parallel.py). Only a resume of that run
+reads it (DCP's own metadata file is a pickle); model.safetensors and ema.safetensors are whole, as
+in every other run, so `sample`, `memorization`, `export` and `--init-from` read them unchanged.
 """
 
 from __future__ import annotations
@@ -77,15 +82,30 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def save(run: Path, step: int, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
          state: dict, keep: int = 3) -> Path:
+    tmp = stage(run, step)
+    tensors, meta = _optimizer_tensors(opt)
+    _save_tensors(tensors, tmp / "optimizer.safetensors")
+    return commit(run, step, tmp, model.state_dict(), ema.state_dict(), {**state, "optimizer": meta}, keep)
+
+
+def stage(run: Path, step: int) -> Path:
+    """A fresh temporary folder beside the step folder, for `commit` to rename into place. Named by this
+    process (two writers never share one); FSDP ranks all write into rank 0's (trainer/parallel.py)."""
     final = step_dir(run, step)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _save_tensors(model.state_dict(), tmp / "model.safetensors")
-    _save_tensors(ema.state_dict(), tmp / "ema.safetensors")
-    tensors, meta = _optimizer_tensors(opt)
-    _save_tensors(tensors, tmp / "optimizer.safetensors")
-    (tmp / STATE).write_text(json.dumps({**state, "step": step, "optimizer": meta}, indent=2, sort_keys=True))
+    return tmp
+
+
+def commit(run: Path, step: int, tmp: Path, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor],
+           state: dict, keep: int = 3) -> Path:
+    """Write the weights and state.json into the staged `tmp`, rename it to the step folder, keep the
+    last `keep` checkpoints."""
+    final = step_dir(run, step)
+    _save_tensors(model, tmp / "model.safetensors")
+    _save_tensors(ema, tmp / "ema.safetensors")
+    (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -23,13 +23,15 @@ def _lazy(module: str):
 
 def add_train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "train", help="train the MM-DiT on curated shards (one process or torchrun DDP)",
+        "train", help="train the MM-DiT on curated shards (one process, or torchrun DDP or FSDP)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train the rectified-flow MM-DiT on curated shards: one process, or torchrun for DDP.",
+        description="Train the rectified-flow MM-DiT on curated shards: one process, or torchrun for DDP or FSDP.",
         epilog="examples:\n"
                "  flowcurate train --shards out/ --config tiny --output run/ --max-steps 400\n"
                "  flowcurate train --shards 'out/shards/train-{000000..000031}.tar' --config sd3 --output run/\n"
                "  torchrun --nproc_per_node 8 -m flowcurate.trainer train --shards out/ --config sd3 --output run/\n"
+               "  torchrun --nproc_per_node 8 -m flowcurate.trainer train --shards out/ --config sd3 --output run/ \\\n"
+               "      --parallel fsdp --fsdp-mixed-precision bf16   # model, EMA, optimizer sharded over 8 GPUs\n"
                "  flowcurate train --shards out/ --config sd3 --output run/ \\\n"
                "      --init-from stabilityai/stable-diffusion-3-medium-diffusers --init-subfolder transformer\n"
                "  flowcurate train --shards out512/ --config sd3 --output run512/ --init-from run256/   # next stage\n"
@@ -71,6 +73,13 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    help="resume although a data-order setting (batch size, ranks, workers, split, shuffle buffer, "
                         "seed, grad accum) differs from the run's: weights and optimizer are kept, the data order restarts "
                         "at the start of the epoch the run was in (its samples so far are seen again)")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                   help="under torchrun: ddp (default; a whole model on every rank) or fsdp (parameters, "
+                        "gradients, optimizer state and EMA sharded over the ranks; checkpoints add a sharded/ "
+                        "folder, and the whole model/EMA safetensors are still written)")
+    p.add_argument("--fsdp-mixed-precision", choices=("bf16",),
+                   help="with --parallel fsdp: bf16 parameters in forward and backward, gradients reduced in "
+                        "fp32 into fp32 shards (default: fp32 throughout)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (faster GPU steps)")
     p.add_argument("--bf16-on-cpu", action="store_true",

@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -37,13 +35,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from flowcurate.formats import shards as S
 from flowcurate.formats.config import Config, ConfigError, load_config, override, resolve_device, to_dict
 from flowcurate.formats.hashing import stable_hash
 from flowcurate.models.mmdit import MMDiT, MMDiTConfig, mmdit_config
 from flowcurate.trainer import checkpoint as C
+from flowcurate.trainer import parallel as P
 from flowcurate.trainer.data import Augment, CuratedShards, DataError, loader, open_record, resolve_shards
 from flowcurate.trainer.flow import flow_loss, sample_t, validation_loss
 from flowcurate.trainer.init import init_models, resolve_shift
@@ -90,6 +88,12 @@ class TrainLaunch:
     # autocasts): lets a machine without a GPU check bf16 training against fp32 (tests/test_train.py);
     # slower than fp32 on most CPUs
     bf16_on_cpu: bool = False
+    # how ranks share the model under torchrun: "ddp" (a whole copy each, gradients all-reduced) or "fsdp"
+    # (parameters, gradients, optimizer state and EMA sharded over the ranks; trainer/parallel.py)
+    parallel: str = "ddp"
+    # FSDP only: "bf16" gathers bf16 parameters for forward and backward and reduces gradients in fp32
+    # into fp32 shards; None keeps fp32 throughout
+    fsdp_mixed_precision: str | None = None
 
 
 def launch_record(launch: TrainLaunch) -> dict:
@@ -156,32 +160,6 @@ def resume_data(saved: dict | None, order: dict, accept_change: bool, where: Pat
 
 # ------------------------------------------------------------------------------------------------------
 # Helpers
-
-# How long a rank waits in a collective (gloo and nccl) before the run fails. Rank 0 alone writes
-# checkpoints and draws sample grids (cfg_scale guidance over sample_steps Euler steps at full size)
-# while the other ranks wait in the barrier after them or in their next collective; torch's default
-# (10 min for nccl) could end a healthy run on a slow disk or a large grid, so the wait is generous.
-# A real hang still ends the run, later.
-COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
-
-
-def setup_distributed(device: str) -> tuple[int, int, str]:
-    """(rank, world size, this rank's device). Under torchrun, "cuda" becomes the local rank's GPU, made
-    the current device before the process group exists, so that nccl (bound to it by `device_id`) and
-    every later CUDA call use that GPU, not GPU 0 on every rank."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    if not dist.is_initialized():
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=torch.device(device))
-        else:
-            dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
-    return dist.get_rank(), world, device
-
 
 def log_line(path: Path, entry: dict) -> None:
     with open(path, "a") as fh:
@@ -321,6 +299,18 @@ def open_run(launch: TrainLaunch, rank: int) -> Run:
     return Run(folder, urls, val_urls, record)
 
 
+def check_parallel(launch: TrainLaunch, world: int, rank: int) -> bool:
+    """Whether this launch shards the model (FSDP over more than one rank); refuses unknown settings."""
+    if launch.parallel not in P.PARALLEL:
+        raise ConfigError(f"parallel must be one of {', '.join(P.PARALLEL)}, got {launch.parallel!r}")
+    if launch.fsdp_mixed_precision is not None and launch.parallel != "fsdp":
+        raise ConfigError("--fsdp-mixed-precision is FSDP's parameter/reduction policy: pass --parallel fsdp "
+                          "(for bf16 autocast with DDP, set [train] mixed_precision)")
+    if launch.parallel == "fsdp" and world == 1 and rank == 0:
+        print("--parallel fsdp in one process: nothing to shard, training as one process", file=sys.stderr)
+    return launch.parallel == "fsdp" and world > 1
+
+
 def build_models(launch: TrainLaunch, record: S.Conditioning, device: str) -> tuple[MMDiT, MMDiT, MMDiTConfig]:
     """(model, EMA copy, its config): the config's size with the record's widths, seeded, or the
     `init_from` weights (trainer/init.py); the EMA starts equal to the model unless init_from has one."""
@@ -398,14 +388,6 @@ def accumulate_gradients(net, x0: torch.Tensor, context: torch.Tensor, pooled: t
     return total / micro_batches if micro_batches > 1 else total
 
 
-def mean_over_ranks(value: torch.Tensor, world: int) -> float:
-    value = value.detach().clone()
-    if world > 1:
-        dist.all_reduce(value)
-        value /= world
-    return value.item()
-
-
 class LossInterval:
     """The training loss since the last log line, summed on the device: adding a step's loss does not
     wait for the GPU, so the host queues steps ahead. `mean_checked` reads it back (one sync, and one
@@ -431,7 +413,7 @@ class LossInterval:
         reset); a collective: every rank calls it at the same steps."""
         if self.total is None:
             return None
-        value = mean_over_ranks(self.total / self.steps, world)
+        value = P.mean_over_ranks(self.total / self.steps, world)
         if not math.isfinite(value):
             first = step - self.steps + 1
             raise FloatingPointError(f"steps {first}-{step}: mean training loss is {value}; lower lr, keep grad "
@@ -441,24 +423,28 @@ class LossInterval:
 
 
 def validate_and_show(run: Run, ema, ae, tc, step: int, sample_size, device: str, autocast,
-                      reporter: Reporter, rank: int = 0, world: int = 1) -> None:
+                      reporter: Reporter, rank: int = 0, world: int = 1, sharded: bool = False) -> None:
     """Validation loss (logged), a sample grid of the record's validation prompts, the loss plot. Every
     rank calls it at the same steps: validation is split over the ranks (`evaluate`); the grid and the
     files are rank 0's, and the other ranks wait for them at a barrier here rather than inside the next
-    step's gradient all-reduce (same wait, but at a named place; COLLECTIVE_TIMEOUT bounds it)."""
+    step's gradient all-reduce (same wait, but at a named place; COLLECTIVE_TIMEOUT bounds it).
+    A `sharded` (FSDP) EMA's every forward is a collective, so each rank scores the whole validation set
+    and draws the grid with the others (the same number of forwards on every rank); rank 0 keeps it."""
     record, log = run.record, run.folder / "log.jsonl"
     if run.val_urls:
-        val, per_t = evaluate(ema, run.val_urls, record, max(1, tc.batch_size), device, autocast, rank, world)
+        val, per_t = evaluate(ema, run.val_urls, record, max(1, tc.batch_size), device, autocast,
+                              *((0, 1) if sharded else (rank, world)))
         if rank == 0:
             log_line(log, {"step": step, "val_loss": val, "val_loss_by_t": per_t})
             reporter.scalars(step, {"val_loss": val, "val_loss_by_t": per_t})
-    if rank == 0 and ae is not None and sample_size is not None:
+    if (rank == 0 or sharded) and ae is not None and sample_size is not None:
         from flowcurate.trainer.sample import generate, grid
 
         cond, empty = record.prompt_parts("validation"), record.prompt_parts("empty")
         seeds = list(range(len(record.json["prompts"]["validation"])))
         with autocast:
             images = generate(ema, ae, cond, empty, sample_size, seeds, tc.sample_steps, tc.shift, tc.cfg_scale)
+    if rank == 0 and ae is not None and sample_size is not None:
         (run.folder / "samples").mkdir(exist_ok=True)
         picture = grid(images)
         picture.save(run.folder / "samples" / f"step-{step:06d}.png")
@@ -476,23 +462,27 @@ def train(launch: TrainLaunch) -> Path:
     launch, shift_record = resolve_shift(launch)  # shift "auto" -> a number, from the shards' resolution
     tc = launch.config.train
     device = resolve_device(launch.device)
-    rank, world, device = setup_distributed(device)
+    rank, world, device = P.setup_distributed(device)
     if tc.grad_accum < 1 or (tc.batch_size // world) % tc.grad_accum:
         raise ConfigError(f"grad_accum {tc.grad_accum} does not divide each rank's batch of {tc.batch_size // world} "
                           f"(batch_size {tc.batch_size} over {world} ranks) into equal micro-batches")
+    sharded = check_parallel(launch, world, rank)
     run = open_run(launch, rank)
     record, folder = run.record, run.folder
 
     model, ema, mc = build_models(launch, record, device)
     if world > 1:  # after the model is placed (nccl's barrier runs on the current device); rank 0 made the folder
         dist.barrier()
+    if sharded:  # before the optimizer: it holds the sharded parameters
+        P.shard_models(model, ema, device, world, launch.fsdp_mixed_precision)
     # fused AdamW: one kernel for all parameters on CUDA instead of a loop of small ones (same update)
     fused = device.startswith("cuda") or None
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, eps=tc.adam_eps, weight_decay=tc.weight_decay, fused=fused)
     step, saved = 0, None
     resume = C.latest(folder)
     if resume is not None:
-        saved = C.load(resume, model, ema, opt, device)
+        P.check_checkpoint_kind(resume, sharded)
+        saved = P.load_sharded(resume, model, ema, opt) if sharded else C.load(resume, model, ema, opt, device)
         step = saved["step"]
         for group in opt.param_groups:  # load_state_dict took the saving run's choice; this device decides
             group["fused"] = fused
@@ -500,11 +490,10 @@ def train(launch: TrainLaunch) -> Path:
             print(f"resuming from {resume} (step {step})", file=sys.stderr)
 
     autocast = training_autocast(device, tc.mixed_precision, launch.bf16_on_cpu)
-    net = model
+    net = P.wrap_ddp(model, device) if world > 1 and not sharded else model  # fully_shard wrapped it in place
+    no_sync = None  # kept before compile wraps the module
     if world > 1:
-        net = DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda")
-                                      else None)
-    no_sync = net.no_sync if world > 1 else None  # kept before compile wraps the DDP module
+        no_sync = (lambda: P.fsdp_no_sync(model)) if sharded else net.no_sync
     if launch.compile:  # optional: the same maths, faster GPU steps once compiled
         net = torch.compile(net)
     augment = Augment(tc.orig_caption_prob, tc.text_drop_prob)
@@ -518,7 +507,7 @@ def train(launch: TrainLaunch) -> Path:
     ds = CuratedShards(run.urls, record, tc.batch_size, **stream_settings, start_epoch=data.start_epoch,
                        position=data.positions[rank] if data.positions else None)
     ae = None
-    if rank == 0 and tc.sample_every > 0 and "validation.t5" in record.arrays:  # grids need the record's AE
+    if (rank == 0 or sharded) and tc.sample_every > 0 and "validation.t5" in record.arrays:  # grids need the record's AE
         from flowcurate.trainer.sample import model_paths
 
         ae = grid_autoencoder(record, model_paths(record, ("autoencoder",))["autoencoder"], device)
@@ -544,7 +533,13 @@ def train(launch: TrainLaunch) -> Path:
     bar = progress_bar(step, tc.max_steps, enabled=rank == 0)
 
     def periodic() -> None:
-        validate_and_show(run, ema, ae, tc, step, sample_size, device, autocast, reporter, rank, world)
+        validate_and_show(run, ema, ae, tc, step, sample_size, device, autocast, reporter, rank, world, sharded)
+
+    def save(position: dict) -> None:
+        if sharded:  # a collective: every rank writes its shards
+            P.save_sharded(folder, step, model, ema, opt, state(position), tc.keep_checkpoints, rank)
+        elif rank == 0:
+            C.save(folder, step, model, ema, opt, state(position), keep=tc.keep_checkpoints)
 
     model.train()
     t0, seen = time.time(), 0
@@ -567,7 +562,7 @@ def train(launch: TrainLaunch) -> Path:
                                     batch["pooled"].to(device, non_blocking=True), t, eps, tc.grad_accum, autocast,
                                     no_sync)
         interval.add(loss)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        grad_norm = P.clip_gradients(model, tc.grad_clip)
         opt.step()
         update_ema(ema, model, min(tc.ema_decay, (1 + step) / (10 + step)))
         step += 1
@@ -584,15 +579,13 @@ def train(launch: TrainLaunch) -> Path:
                 bar.set_postfix(loss=f"{value:.4f}", samples_s=f"{entry['samples_per_s']:.1f}", refresh=False)
         if tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0:
             interval.mean_checked(step, world)  # no checkpoint of weights a non-finite loss has reached
-            position = data_position()
-            if rank == 0:
-                C.save(folder, step, model, ema, opt, state(position), keep=tc.keep_checkpoints)
+            save(data_position())
         if tc.sample_every > 0 and step % tc.sample_every == 0:
             periodic()
     interval.mean_checked(step, world)
     position = data_position()
-    if rank == 0 and (C.latest(folder) is None or C.read_state(C.latest(folder))["step"] != step):
-        C.save(folder, step, model, ema, opt, state(position), keep=tc.keep_checkpoints)
+    if (rank == 0 or sharded) and (C.latest(folder) is None or C.read_state(C.latest(folder))["step"] != step):
+        save(position)
     if tc.sample_every == 0 or step % tc.sample_every:
         periodic()
     if rank == 0:
@@ -617,7 +610,8 @@ def launch_from_args(args: argparse.Namespace) -> TrainLaunch:
                        init_subfolder=args.init_subfolder, device=args.device,
                        workers=args.workers, compile=args.compile, gradient_checkpointing=args.gradient_checkpointing,
                        report_to=parse_report_to(args.report_to), accept_data_change=args.accept_data_change,
-                       bf16_on_cpu=args.bf16_on_cpu)
+                       bf16_on_cpu=args.bf16_on_cpu, parallel=args.parallel,
+                       fsdp_mixed_precision=args.fsdp_mixed_precision)
 
 
 def run_cli(args: argparse.Namespace) -> int:
