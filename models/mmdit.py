@@ -373,7 +373,9 @@ class MMDiT(nn.Module):
         Returns (B, C, H, W).
         """
         height, width = x.shape[-2:]
-        x = self.x_embedder(x) + self.cropped_pos_embed(height, width)   # (B, T, D), T = H * W / p**2
+        # the fixed table in the parameters' dtype: a bf16 FSDP policy casts parameters, never buffers
+        pos = self.cropped_pos_embed(height, width).to(self.x_embedder.proj.weight.dtype)
+        x = self.x_embedder(x) + pos                                      # (B, T, D), T = H * W / p**2
         c = self.t_embedder(t * 1000, x.dtype) + self.y_embedder(pooled)  # (B, D), t * 1000 (§1.5)
         context = self.context_embedder(context)                          # (B, L, D)
         for block in self.joint_blocks:

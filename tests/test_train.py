@@ -90,7 +90,8 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(golden, tmp_path):
     assert sb["launch"] == {"shards": str(golden), "output": str(tmp_path / "b"), "val_shards": None,
                             "conditioning": None, "init_from": None, "init_subfolder": None, "device": "auto",
                             "workers": 0, "compile": False, "gradient_checkpointing": False, "report_to": [],
-                            "accept_data_change": False, "bf16_on_cpu": False}
+                            "accept_data_change": False, "bf16_on_cpu": False, "parallel": "ddp",
+                            "fsdp_mixed_precision": None}
     assert sb["config"]["train"]["shuffle_buffer"] == 4 and sb["config"]["train"]["max_steps"] == end
 
 

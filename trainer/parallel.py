@@ -82,16 +82,21 @@ def shard_models(model: torch.nn.Module, ema: torch.nn.Module, device: str, worl
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(torch.device(device).type, (world,))
-    policy = MixedPrecisionPolicy()
-    if mixed_precision == "bf16":
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                      output_dtype=torch.float32)
+    block_policy = root_policy = MixedPrecisionPolicy()
+    if mixed_precision == "bf16":  # blocks pass bf16 on; the root's output (the velocity) comes back fp32
+        block_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        root_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                           output_dtype=torch.float32)
     elif mixed_precision is not None:
         raise ValueError(f"FSDP mixed precision must be one of {FSDP_MIXED_PRECISION}, got {mixed_precision!r}")
-    for net, mp in ((model, policy), (ema, MixedPrecisionPolicy())):
-        for block in net.joint_blocks:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(net, mesh=mesh, mp_policy=mp)
+    for block in model.joint_blocks:
+        fully_shard(block, mesh=mesh, mp_policy=block_policy)
+    fully_shard(model, mesh=mesh, mp_policy=root_policy)  # the root stays gathered from forward to its backward
+    # the EMA runs forwards only (validation, grids): its root too reshards after each, or its parameters
+    # would stay whole, and no longer the model's shards, when the next EMA update comes
+    for block in ema.joint_blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fully_shard(ema, mesh=mesh, reshard_after_forward=True)
 
 
 def wrap_ddp(model: torch.nn.Module, device: str):
