@@ -33,7 +33,7 @@ from flowcurate.trainer import checkpoint as C
 from flowcurate.trainer.data import DataError, resolve_shards
 
 if TYPE_CHECKING:
-    from flowcurate.trainer.train import TrainLaunch
+    from flowcurate.trainer.launch import TrainLaunch
 
 
 # ------------------------------------------------------------------------------------------------------
