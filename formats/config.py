@@ -78,8 +78,12 @@ class PipelineConfig:
     text_encoder_dtype: str = "float32"
     # model-based filters after validation (SD3 filtered by aesthetics and NSFW), each a table:
     #   filters = [{name = "aesthetic", clip = "openai/clip-vit-large-patch14", head = "/w/aesthetic.safetensors",
-    #               min = 5.0}, {name = "nsfw", clip = "...", head = "/w/nsfw.safetensors", max = 0.5}]
-    # rejected rows read filtered:<name> (pipeline/filters.py); weights are the user's
+    #               min = 5.0}, {name = "nsfw", clip = "...", head = "/w/nsfw.safetensors", max = 0.5},
+    #              {name = "clip", kind = "clip_score", clip = "openai/clip-vit-large-patch14", min = 0.2}]
+    # rejected rows read filtered:<name> (pipeline/filters.py); every score is a manifest column
+    # score_<name>; kind = "clip_score" is the built-in image-caption cosine of a full CLIP (no head; it
+    # may have no bound, then it only records), also recorded for the synthetic caption (score_<name>_syn).
+    # Heads are the user's, or fitted with `flowcurate filters fit` (a linear probe)
     filters: tuple = ()
     # one copy of the captioner and of the encoders per machine, shared by its SDK worker processes
     # (Beam's multi_process_shared): for models too big to load once per process (7B VLMs, T5-XXL)

@@ -28,7 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from flowcurate.captioning.handler import CaptionModelHandler
 from flowcurate.formats.images import ImageRejected, encode_view, image_extension
-from flowcurate.formats.manifest import FAILED_PREFIX
+from flowcurate.formats.manifest import FAILED_PREFIX, score_column
 from flowcurate.formats.shards import SPLITS, encode_sample, image_members, sample_json, shard_name
 from flowcurate.pipeline.handlers import EncodeInput, EncodeModelHandler, ModelSlot, SSCDModelHandler
 from flowcurate.pipeline.progress import Progress, Timer
@@ -59,11 +59,13 @@ class Pass2Settings:
     columns: tuple[str | None, str | None, str | None] = ("key", None, None)  # as Pass1Settings.columns
     first_shard: tuple[tuple[str, int], ...] = ()  # (split, first shard number): after earlier outputs'
     images: tuple | None = None  # "images" output: (view format "jpg" | "png", JPEG quality, keep original)
+    clip_scores: tuple = ()  # clip_score filters (pipeline/filters.py): the synthetic caption's score, recorded
 
     def identity(self) -> tuple:
-        """What decides a sample's members besides its item and the conditioning (part of the digest
-        that lets a rerun reuse a finished file: other outputs must not reuse stale parts)."""
-        return (self.encoder is not None, self.captioner is not None, self.images, self.store_dtype)
+        """What decides a sample's members and rows besides its item and the conditioning (part of the
+        digest that lets a rerun reuse a finished file: other outputs must not reuse stale parts)."""
+        return (self.encoder is not None, self.captioner is not None, self.images, self.store_dtype,
+                self.clip_scores)
 
 
 def shard_positions(file_index: int, kept: list[Kept], offsets: dict, shard_size: int,
@@ -81,7 +83,7 @@ def shard_positions(file_index: int, kept: list[Kept], offsets: dict, shard_size
 
 def _failed(k: Kept, stage: str) -> dict:
     return manifest_row(k.key, k.source, "rejected", reason=f"{FAILED_PREFIX}{stage}", width=k.width,
-                        height=k.height, cluster=k.cluster)
+                        height=k.height, cluster=k.cluster, scores=k.scores)
 
 
 class Pass2(beam.DoFn):
@@ -97,7 +99,8 @@ class Pass2(beam.DoFn):
         self.captioner = ModelSlot(s.captioner) if s.captioner is not None else None
         self.encoder = ModelSlot(s.encoder) if s.encoder is not None else None
         self.sscd = ModelSlot(s.sscd)
-        for slot in (self.captioner, self.encoder, self.sscd):
+        self.clip_scores = [(f, ModelSlot(f.handler())) for f in s.clip_scores] if s.captioner is not None else []
+        for slot in (self.captioner, self.encoder, self.sscd, *(slot for _, slot in self.clip_scores)):
             if slot is not None:
                 slot.load()
         self.progress = Progress.get("pass 2", ("files", "kept", "written", "failed", "reused"))
@@ -188,6 +191,17 @@ class Pass2(beam.DoFn):
             self.progress.add("failed", len(chunk))
             yield from (_failed(k, "caption") for k, _, _ in chunk)
             return
+        syn_scores: list[list] = [[] for _ in chunk]
+        for f, slot in self.clip_scores:  # the synthetic caption's clip_score: recorded, never filtering
+            try:
+                got = slot.run([(v.image, syn) for (_, _, v), (_, syn, _) in zip(chunk, texts)])
+            except Exception as e:  # noqa: BLE001
+                log.warning("clip_score %s failed on a chunk of %d: %r", f.name, len(chunk), e)
+                self.progress.add("failed", len(chunk))
+                yield from (_failed(k, f"filter:{f.name}") for k, _, _ in chunk)
+                return
+            for row, score in zip(syn_scores, got):
+                row.append((score_column(f.name, synthetic=True), score))
         try:
             encoded = [None] * len(chunk)
             if self.encoder is not None:  # without a captioner the syn variant encodes the original caption
@@ -199,7 +213,7 @@ class Pass2(beam.DoFn):
             self.progress.add("failed", len(chunk))
             yield from (_failed(k, "encode") for k, _, _ in chunk)
             return
-        for (k, raw, v), (orig, syn, notes), e, crop in zip(chunk, texts, encoded, crops):
+        for (k, raw, v), (orig, syn, notes), e, crop, scores in zip(chunk, texts, encoded, crops, syn_scores):
             shard = shards[k.id]
             split = shard.split("-", 1)[0]
             w = writers.get(split)
@@ -215,7 +229,7 @@ class Pass2(beam.DoFn):
             notes = list(notes) + (["caption_truncated_77"] if e is not None and e.truncated else [])
             yield manifest_row(k.key, k.source, "kept", cluster=k.cluster, width=v.width, height=v.height,
                                caption_original=raw.caption, caption_synthetic=syn, notes=notes, shard=shard,
-                               url=raw.url)
+                               url=raw.url, scores=k.scores, **dict(scores))
             left, top, right, bottom = v.crop
             yield beam.pvalue.TaggedOutput(CROPS, {"key": k.key, "embedding": crop.astype("float32").tolist(),
                                                    "width": right - left, "height": bottom - top})
