@@ -14,6 +14,7 @@ from pathlib import Path
 from flowcurate.dedup.cli import add_parser as add_dedup_parser
 from flowcurate.formats.args import ArgumentParser
 from flowcurate.models.cli import add_parsers as add_model_parsers
+from flowcurate.pipeline.fit import add_filters_parser
 from flowcurate.trainer.cli import add_memorization_parser, add_sample_parser, add_train_parser
 from flowcurate.trainer.export import add_export_parser
 
@@ -29,6 +30,7 @@ examples:
   flowcurate sample --checkpoint run/ --prompt 'a red circle' --output grid.png
   flowcurate memorization --checkpoint run/ --curated out/ --output report/   # SD3 App. E.3 check
   flowcurate export run/ --output sd3-transformer/ [--pipeline]   # to diffusers' format
+  flowcurate filters fit --images labels.csv --config my.toml --output head.safetensors   # a probe filter
 """
 
 def _config(args) -> int:
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_parser(sub)
     add_memorization_parser(sub)
     add_export_parser(sub)
+    add_filters_parser(sub)
 
     p = sub.add_parser("config", help="print a config (preset name or TOML path) as JSON",
                        epilog="examples:\n  flowcurate config --config sd3\n"

@@ -37,7 +37,8 @@ class ModelsConfig:
     sscd: str = "https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_mixup.torchscript.pt"
     # expected sha256 of the SSCD file (checked after download; the released files' digests are built in)
     sscd_sha256: str | None = None
-    # any transformers image-text-to-text VLM (AutoProcessor + AutoModelForImageTextToText)
+    # any transformers image-text-to-text VLM (AutoProcessor + AutoModelForImageTextToText); "": no
+    # captioning: no VLM loads and the original captions are kept (the synthetic variant repeats them)
     captioner: str = "llava-hf/llava-1.5-7b-hf"
     captioner_revision: str | None = None
     # remote code runs arbitrary Python from the hub: off unless the user asks for it
@@ -77,14 +78,39 @@ class PipelineConfig:
     text_encoder_dtype: str = "float32"
     # model-based filters after validation (SD3 filtered by aesthetics and NSFW), each a table:
     #   filters = [{name = "aesthetic", clip = "openai/clip-vit-large-patch14", head = "/w/aesthetic.safetensors",
-    #               min = 5.0}, {name = "nsfw", clip = "...", head = "/w/nsfw.safetensors", max = 0.5}]
-    # rejected rows read filtered:<name> (pipeline/filters.py); weights are the user's
+    #               min = 5.0}, {name = "nsfw", clip = "...", head = "/w/nsfw.safetensors", max = 0.5},
+    #              {name = "clip", kind = "clip_score", clip = "openai/clip-vit-large-patch14", min = 0.2}]
+    # rejected rows read filtered:<name> (pipeline/filters.py); every score is a manifest column
+    # score_<name>; kind = "clip_score" is the built-in image-caption cosine of a full CLIP (no head; it
+    # may have no bound, then it only records), also recorded for the synthetic caption (score_<name>_syn).
+    # Heads are the user's, or fitted with `flowcurate filters fit` (a linear probe)
     filters: tuple = ()
     # one copy of the captioner and of the encoders per machine, shared by its SDK worker processes
     # (Beam's multi_process_shared): for models too big to load once per process (7B VLMs, T5-XXL)
     share_models: bool = False
     # prompts encoded into the conditioning record, for the trainer's sample grids
     validation_prompts: tuple[str, ...] = ("a red circle above a blue square", "a photo of a cat")
+    # what each kept image becomes in the shards: "sd3" (SD3 latents + the three text encodings and the
+    # conditioning record: what `flowcurate train` reads), "images" (img2dataset's WebDataset layout: the
+    # training view as {key}.jpg or .png, {key}.txt, {key}.json, for any other trainer), or both in the
+    # same samples. Without "sd3" no autoencoder or text encoder loads and no conditioning record exists
+    outputs: tuple[str, ...] = ("sd3",)
+    # the training view's encoding in "images" outputs: "jpg" (lossy, small) or "png" (exact pixels)
+    image_format: str = "jpg"
+    jpeg_quality: int = 95
+    # "images" outputs also carry the input's own bytes as {key}.original.{jpg|png|webp|...}
+    keep_original: bool = False
+
+    OUTPUTS: ClassVar[tuple[str, ...]] = ("sd3", "images")
+
+    def __post_init__(self):
+        if not self.outputs or len(set(self.outputs)) != len(self.outputs) or set(self.outputs) - set(self.OUTPUTS):
+            raise ConfigError(f"[pipeline] outputs must be a non-empty list of {list(self.OUTPUTS)} without "
+                              f"repeats, got {list(self.outputs)}")
+        if self.image_format not in ("jpg", "png"):
+            raise ConfigError(f"[pipeline] image_format must be \"jpg\" or \"png\", got {self.image_format!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"[pipeline] jpeg_quality must be in 1..100, got {self.jpeg_quality}")
 
 
 @dataclass(frozen=True)

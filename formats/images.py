@@ -1,4 +1,5 @@
-"""Decoding untrusted image bytes into RGB, with a rejection reason (`formats/manifest.py`) when it fails.
+"""Decoding untrusted image bytes into RGB, with a rejection reason (`formats/manifest.py`) when it fails;
+encoding a training view for the "images" output (`encode_view`).
 
 Shared by every stage that reads images (pipeline validation, `flowcurate dedup`, memorization), so
 one bad file gets the same verdict everywhere. Odd but valid images are converted, not rejected:
@@ -90,3 +91,31 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
         pass
     rgb = _to_rgb(img)
     return Decoded(rgb, rgb.width, rgb.height, mode, fmt)
+
+
+# PIL format -> the file extension img2dataset and webdataset's decoders use
+EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff",
+              "MPO": "jpg", "JPEG2000": "jp2", "ICO": "ico", "PPM": "ppm"}
+
+
+def image_extension(data: bytes) -> str:
+    """The extension of an image's own bytes, from its header (`img` when PIL names no usual one)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return EXTENSIONS.get(img.format or "", "img")
+    except Exception:  # noqa: BLE001  (only decodable images get here; be safe anyway)
+        return "img"
+
+
+def encode_view(image, ext: str, quality: int = 95) -> bytes:
+    """An (H, W, 3) uint8 array as `jpg` (baseline, 4:2:0 at `quality`) or `png` bytes; the same array
+    gives the same bytes (PIL writes no timestamps)."""
+    buf = io.BytesIO()
+    img = Image.fromarray(image, "RGB")
+    if ext == "jpg":
+        img.save(buf, format="JPEG", quality=quality)
+    elif ext == "png":
+        img.save(buf, format="PNG")
+    else:
+        raise ValueError(f"view format {ext!r}: jpg or png")
+    return buf.getvalue()

@@ -2,7 +2,7 @@
 
 Manifest (`OUT/manifest/`, Parquet): exactly one row per input, `status` kept | duplicate | rejected,
 `reason` from the vocabulary below on rejected rows, `duplicate_of` naming a kept key on duplicate
-rows. Embeddings (`OUT/embeddings/`, and `flowcurate dedup`'s `embeddings.parquet`): L2-normalised
+rows, and one `score_<name>` column per configured filter (`manifest_schema`). Embeddings (`OUT/embeddings/`, and `flowcurate dedup`'s `embeddings.parquet`): L2-normalised
 SSCD descriptors by key; also a valid `flowcurate dedup --input`. docs/architecture.md explains each
 column.
 """
@@ -55,6 +55,25 @@ MANIFEST_SCHEMA = pa.schema([
     ("previous", pa.string()),  # --previous runs: the earlier output holding duplicate_of (or the key)
     ("url", pa.string()),  # kept rows: the source's url (img2dataset's url column or json member), if any
 ])
+
+# Filter scores: one float64 column per configured filter, `score_<name>`, on every row the filter
+# scored (kept rows too); null where it did not run (an input rejected before it, or a clip_score
+# without a caption). A clip_score filter also records the synthetic caption's score, `score_<name>_syn`.
+SCORE_PREFIX = "score_"
+SYN_SUFFIX = "_syn"
+
+
+def score_column(name: str, synthetic: bool = False) -> str:
+    return f"{SCORE_PREFIX}{name}{SYN_SUFFIX if synthetic else ''}"
+
+
+def manifest_schema(score_columns=()) -> pa.Schema:
+    """The manifest of a run whose filters write `score_columns` (none: `MANIFEST_SCHEMA` itself)."""
+    schema = MANIFEST_SCHEMA
+    for c in score_columns:
+        schema = schema.append(pa.field(c, pa.float64()))
+    return schema
+
 
 EMBEDDINGS_SCHEMA = pa.schema([
     ("key", pa.string()),

@@ -11,9 +11,13 @@ round-trip test pins it:
   `.npy` arrays (`latent_mean`, `latent_logvar`, and per caption variant `{v}.clip_l`, `{v}.clip_g`,
   `{v}.clip_l_pooled`, `{v}.clip_g_pooled`, `{v}.t5`) and a `json` with key, source, sizes, crop,
   resolution, both captions and the conditioning hash. Tars are written deterministically (sorted
-  keys, fixed headers, temporary name then rename), so reruns are byte-identical.
+  keys, fixed headers, temporary name then rename), so reruns are byte-identical. With `[pipeline]
+  outputs` holding "images", samples also carry img2dataset's members (`image_members`): the
+  training view as `jpg`/`png`, `txt`, optionally `syn.txt` and `original.{ext}`; an images-only
+  sample has neither arrays nor conditioning hash, and `check_sample` refuses it by name.
 - `OUT/shards/index.json`: shard names, splits and sample counts; also a `wids` dataset description
-  (`wids_version`, `shardlist` of the training shards).
+  (`wids_version`, `shardlist` of the training shards). `OUT/shards/{split}.wids.json`: one `wids`
+  description per split (`wids_docs`).
 
 `assemble` builds the MM-DiT's context and pooled vector from the stored parts as the reference does.
 """
@@ -43,6 +47,7 @@ RECORD_JSON = "conditioning.json"
 RECORD_NPZ = "conditioning.npz"
 INDEX_JSON = "index.json"
 WIDS_VERSION = 1  # the dataset-description version webdataset's `wids` reads (index.json's `wids_version`)
+WIDS_SUFFIX = ".wids.json"  # OUT/shards/{split}.wids.json: one wids description per split
 SPLITS = ("train", "val")
 
 
@@ -143,8 +148,29 @@ def encode_sample(key: str, latent_mean: np.ndarray, latent_logvar: np.ndarray,
     for v in VARIANTS:
         for p in PARTS:
             out[f"{v}.{p}.npy"] = npy_bytes(encodings[v][p], dtype)
-    doc = {"format_version": FORMAT_VERSION, "key": key, **meta, "conditioning": conditioning}
-    out["json"] = json.dumps(doc, sort_keys=True).encode()
+    out["json"] = sample_json(key, meta, conditioning)
+    return out
+
+
+def sample_json(key: str, meta: Mapping, conditioning: str | None) -> bytes:
+    """The sample's `json` member; `conditioning` is None for samples without arrays (images only)."""
+    doc = {"format_version": FORMAT_VERSION, "key": key, **meta}
+    if conditioning is not None:
+        doc["conditioning"] = conditioning
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+def image_members(view: bytes, view_ext: str, captions: Mapping[str, str | None],
+                  original: tuple[str, bytes] | None = None) -> dict[str, bytes]:
+    """The "images" output's members, img2dataset's layout: the training view (`jpg` or `png`), the
+    original caption as `txt` (img2dataset's caption member), the synthetic one as `syn.txt` when there
+    is one, and the input's own bytes as `original.{ext}` when asked for. The `json` is `sample_json`."""
+    out = {view_ext: view, "txt": (captions.get("orig") or "").encode()}
+    if captions.get("syn") is not None:
+        out["syn.txt"] = captions["syn"].encode()
+    if original is not None:
+        ext, data = original
+        out[f"original.{ext}"] = data
     return out
 
 
@@ -172,6 +198,10 @@ def check_sample(sample: Mapping, record: Conditioning) -> dict:
     doc = json.loads(sample["json"])
     if doc.get("format_version") != FORMAT_VERSION:
         raise ShardFormatError(f"{where}: format_version {doc.get('format_version')} != {FORMAT_VERSION}")
+    if "conditioning" not in doc and not any(m in sample for m in array_members()):
+        raise ShardFormatError(f"{where}: an images-only sample (the pipeline ran with [pipeline] outputs = "
+                               "[\"images\"]): it has no latents or text encodings to train on; curate with "
+                               "outputs = [\"sd3\"] (or both) for flowcurate train")
     if doc.get("conditioning") != record.hash:
         raise ShardFormatError(
             f"{where}: made with conditioning {doc.get('conditioning')}, but the run's conditioning record "
@@ -268,8 +298,11 @@ def read_record(path: str | Path) -> Conditioning:
 # ------------------------------------------------------------------------------------------------------
 # Index
 
-def index_doc(counts: Mapping[str, int], conditioning: str) -> dict:
+def index_doc(counts: Mapping[str, int], conditioning: str | None, outputs: Iterable[str] = ("sd3",)) -> dict:
     """`counts`: shard file name -> samples. Empty shards are never listed (nor written).
+
+    `outputs`: what the samples hold (`[pipeline] outputs`); listed only when it is not the default
+    `["sd3"]`, so sd3 indexes keep their bytes. Without "sd3", `conditioning` is None (no record).
 
     `shards` (name, split, samples) is what the trainer reads. `wids_version` + `shardlist` make the
     same file a dataset description for webdataset's indexed reader (`wids.ShardListDataset(
@@ -277,10 +310,24 @@ def index_doc(counts: Mapping[str, int], conditioning: str) -> dict:
     validation split, with urls relative to the index (wids resolves them against its location, so
     OUT can be moved or copied to a bucket)."""
     listed = [(n, int(c)) for n, c in sorted(counts.items()) if c > 0]
-    return {"format_version": FORMAT_VERSION, "conditioning": conditioning,
+    extra = {} if list(outputs) == ["sd3"] else {"outputs": list(outputs)}
+    return {"format_version": FORMAT_VERSION, "conditioning": conditioning, **extra,
             "shards": [{"name": n, "split": n.split("-", 1)[0], "samples": c} for n, c in listed],
             "wids_version": WIDS_VERSION,
             "shardlist": [{"url": n, "nsamples": c} for n, c in listed if n.split("-", 1)[0] == "train"]}
+
+
+def wids_docs(counts: Mapping[str, int]) -> dict[str, dict]:
+    """File name -> webdataset `wids` dataset description of one split (`{split}.wids.json` beside the
+    shards: `wids.ShardListDataset("OUT/shards/val.wids.json")`), for each split with samples. One flat
+    list per split; urls relative to the description, as in `index_doc`."""
+    out = {}
+    for split in SPLITS:
+        listed = [{"url": n, "nsamples": int(c)} for n, c in sorted(counts.items())
+                  if c > 0 and n.split("-", 1)[0] == split]
+        if listed:
+            out[f"{split}{WIDS_SUFFIX}"] = {"wids_version": WIDS_VERSION, "shardlist": listed}
+    return out
 
 
 def write_index(shards_dir: Path, counts: Mapping[str, int], conditioning: str) -> dict:

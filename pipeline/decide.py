@@ -51,6 +51,7 @@ class Named(NamedTuple):
     pixel_hash: str
     width: int
     height: int
+    scores: tuple = ()  # pass 1's filter scores (Item.scores), for the manifest row
 
     @property
     def pixels(self) -> float:
@@ -75,16 +76,17 @@ def _number_repeats(kv):
     for it, final, repeat in number_repeats(key, new):
         if repeat or earlier:
             yield beam.pvalue.TaggedOutput("rows", manifest_row(
-                final, it.source, "rejected", reason=DUPLICATE_KEY, previous=earlier[0].source if earlier else None))
+                final, it.source, "rejected", reason=DUPLICATE_KEY, previous=earlier[0].source if earlier else None,
+                scores=it.scores))
         elif it.reason is not None:
             yield beam.pvalue.TaggedOutput("rows", rejected_row(it))
         else:
-            yield Named(it.id, final, it.source, it.pixel_hash, it.width, it.height)
+            yield Named(it.id, final, it.source, it.pixel_hash, it.width, it.height, it.scores)
 
 
 def _slim(it: Item) -> tuple[str, Item]:
-    """The key grouping's element: the item without its descriptor and caption."""
-    return it.key, it._replace(embedding=None, caption=None, scores=())
+    """The key grouping's element: the item without its descriptor and caption (scores are a few floats)."""
+    return it.key, it._replace(embedding=None, caption=None)
 
 
 def _resolve_exact(kv):
@@ -95,7 +97,7 @@ def _resolve_exact(kv):
     for n in group[1:]:
         yield beam.pvalue.TaggedOutput("dups", (group[0].id, manifest_row(
             n.key, n.source, "duplicate", duplicate_of=group[0].key, similarity=1.0, width=n.width,
-            height=n.height)))
+            height=n.height, scores=n.scores)))
 
 
 def _exact_rows(kv):
@@ -199,13 +201,14 @@ def _decide(kv, val_fraction: float):
         kept_key, sim, origin = g["decision"][0]
         yield beam.pvalue.TaggedOutput("rows", manifest_row(
             n.key, n.source, "duplicate", duplicate_of=kept_key, similarity=report_similarity(sim),
-            cluster=cluster, width=n.width, height=n.height, previous=origin))
+            cluster=cluster, width=n.width, height=n.height, previous=origin, scores=n.scores))
     else:
         yield kept_record(n, cluster, val_fraction)
 
 
 def kept_record(n: Named, cluster: int | None, val_fraction: float) -> Kept:
-    return Kept(n.id, n.key, n.source, n.pixel_hash, n.width, n.height, cluster, split_of(n.key, val_fraction))
+    return Kept(n.id, n.key, n.source, n.pixel_hash, n.width, n.height, cluster, split_of(n.key, val_fraction),
+                n.scores)
 
 
 def _bad_or_good(kv):
@@ -218,7 +221,8 @@ def _bad_or_good(kv):
             yield n, emb
         else:
             yield beam.pvalue.TaggedOutput("rows", manifest_row(
-                n.key, n.source, "rejected", reason=BAD_EMBEDDING, width=n.width, height=n.height))
+                n.key, n.source, "rejected", reason=BAD_EMBEDDING, width=n.width, height=n.height,
+                scores=n.scores))
 
 
 # ------------------------------------------------------------------------------------------- reference

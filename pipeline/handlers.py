@@ -151,7 +151,12 @@ def encode_chunk(ae, te, inputs: list[EncodeInput]) -> list[Encoded]:
         m, lv = ae.encode([inputs[i].image for i in idx])
         for j, i in enumerate(idx):
             means[i], logvars[i] = m[j], lv[j]
-    enc = {v: te.encode([getattr(x, v) for x in inputs]) for v in VARIANTS}
+    enc = {}
+    for v in VARIANTS:
+        texts = [getattr(x, v) for x in inputs]
+        # equal texts in an equal batch encode equally: without a captioner, syn repeats orig
+        same = next((enc[u] for u in enc if texts == [getattr(x, u) for x in inputs]), None)
+        enc[v] = same if same is not None else te.encode(texts)
     truncated = enc["orig"]["truncated"] | enc["syn"]["truncated"]
     return [Encoded(means[i], logvars[i], {v: {p: enc[v][p][i] for p in PARTS} for v in VARIANTS},
                     bool(truncated[i]))

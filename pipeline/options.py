@@ -21,7 +21,23 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from flowcurate.formats.config import Config, load_config, override
 
 LOCAL_RUNNER = "FnApiRunner"
-MODEL_ROLES = ("sd3", "sscd", "captioner")  # what `flowcurate run` loads
+MODEL_ROLES = ("sd3", "sscd", "captioner")  # what `flowcurate run` may load
+
+
+def resolve_filter_models(cfg: Config, log=print) -> Config:
+    """`[pipeline] filters` CLIP locations given as `tiny://clip` -> the cached tiny CLIP's path."""
+    from flowcurate.models.tiny.clip import resolve_clip
+
+    filters = tuple({**f, "clip": resolve_clip(f["clip"], log=log)} if isinstance(f.get("clip"), str) else f
+                    for f in cfg.pipeline.filters)
+    return override(cfg, "pipeline", filters=filters) if filters != cfg.pipeline.filters else cfg
+
+
+def model_roles(cfg: Config) -> tuple[str, ...]:
+    """The models a run loads: SSCD always, the captioner unless `[models] captioner = ""`, the SD3
+    autoencoder and text encoders only for the "sd3" output."""
+    return tuple(r for r in MODEL_ROLES if (r != "captioner" or cfg.models.captioner)
+                 and (r != "sd3" or "sd3" in cfg.pipeline.outputs))
 
 
 class FlowcurateOptions(PipelineOptions):
@@ -153,9 +169,10 @@ def launch_options(argv: list[str] | None = None, *, resolve_models: bool = True
         from flowcurate.models.tiny import resolve_models as resolve
 
         try:
-            check_available(cfg, MODEL_ROLES)  # before building tiny models or starting any work
+            check_available(cfg, model_roles(cfg))  # before building tiny models or starting any work
         except ModelUnavailable as e:
             raise OptionsError(str(e)) from None
-        cfg = resolve(cfg, log=log)
+        cfg = resolve(cfg, model_roles(cfg), log=log)
+        cfg = resolve_filter_models(cfg, log=log)
     runner = beam.view_as(StandardOptions).runner
     return Launch(beam, ours, cfg, runner, sd3 if sd3.startswith("tiny://") else None)

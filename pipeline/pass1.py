@@ -20,8 +20,8 @@ from apache_beam.io.filesystems import FileSystems
 from flowcurate.formats.images import ImageRejected
 from flowcurate.formats.manifest import FAILED_PREFIX, FILTERED_PREFIX, UNREADABLE_ARCHIVE_TAIL
 from flowcurate.formats.tars import sanitize_key
+from flowcurate.pipeline.filters import CLIP_SCORE, Filter
 from flowcurate.pipeline.filters import METRICS_NAMESPACE as FILTER_METRICS
-from flowcurate.pipeline.filters import Filter, ScoreModelHandler
 from flowcurate.pipeline.handlers import ModelSlot, SSCDModelHandler
 from flowcurate.pipeline.progress import Progress, Timer
 from flowcurate.pipeline.read import read_items
@@ -87,7 +87,7 @@ class Pass1(beam.DoFn):
         self.sscd.load()
         self.filters = []
         for f in s.filters:
-            slot = ModelSlot(ScoreModelHandler(f.clip, f.head, f.device))
+            slot = ModelSlot(f.handler())
             slot.load()
             self.filters.append((f, slot))
 
@@ -154,7 +154,8 @@ class Pass1(beam.DoFn):
         alive = chunk
         for f, slot in self.filters:
             try:
-                scores = slot.run([p.valid.image for p in alive])
+                scores = slot.run([(p.valid.image, p.caption) if f.kind == CLIP_SCORE else p.valid.image
+                                   for p in alive])
             except Exception as e:  # noqa: BLE001  (a failed chunk: its items get dead-letter rows)
                 log.warning("filter %s failed on a chunk of %d: %r", f.name, len(alive), e)
                 for p in alive:
@@ -164,7 +165,7 @@ class Pass1(beam.DoFn):
             passed = []
             for p, score in zip(alive, scores):
                 p.scores.append((f.name, score))
-                if score == score:  # NaN never passes and is not recorded
+                if score is not None and score == score:  # NaN never passes and is not recorded
                     self.score_metrics[f.name].update(int(round(score * 1000)))
                 if f.rejects(score):
                     self.progress.add("rejected")

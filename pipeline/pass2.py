@@ -9,6 +9,11 @@ reading order), are cut into shards of `shard_size`; `offsets[(file_index, split
 file's kept inputs of that split begin. So the shards do not depend on the runner or the worker
 count, and no sample crosses a shuffle. A kept input that cannot be re-read as pass 1 saw it becomes a
 `failed:reread` row; a chunk whose captioning or encoding raised, `failed:caption` / `failed:encode`.
+
+What a sample holds follows `[pipeline] outputs`: "sd3" (latents and text encodings, `encode_sample`),
+"images" (the training view, captions and json in img2dataset's layout, `image_members`), or both. A
+model a run does not need is never loaded: no captioner when `[models] captioner = ""` (the original
+captions are kept), no autoencoder or text encoder without "sd3".
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from flowcurate.captioning.handler import CaptionModelHandler
-from flowcurate.formats.images import ImageRejected
-from flowcurate.formats.manifest import FAILED_PREFIX
-from flowcurate.formats.shards import SPLITS, encode_sample, shard_name
+from flowcurate.formats.images import ImageRejected, encode_view, image_extension
+from flowcurate.formats.manifest import FAILED_PREFIX, score_column
+from flowcurate.formats.shards import SPLITS, encode_sample, image_members, sample_json, shard_name
 from flowcurate.pipeline.handlers import EncodeInput, EncodeModelHandler, ModelSlot, SSCDModelHandler
 from flowcurate.pipeline.progress import Progress, Timer
 from flowcurate.pipeline.read import read_items
@@ -48,11 +53,19 @@ class Pass2Settings:
     chunk: int  # kept items per captioning / encoding batch
     shard_size: int
     store_dtype: str
-    captioner: CaptionModelHandler
-    encoder: EncodeModelHandler
+    captioner: CaptionModelHandler | None  # None: no captioning, the original captions are kept
+    encoder: EncodeModelHandler | None  # None: no "sd3" output
     sscd: SSCDModelHandler  # the training crop's descriptor
     columns: tuple[str | None, str | None, str | None] = ("key", None, None)  # as Pass1Settings.columns
     first_shard: tuple[tuple[str, int], ...] = ()  # (split, first shard number): after earlier outputs'
+    images: tuple | None = None  # "images" output: (view format "jpg" | "png", JPEG quality, keep original)
+    clip_scores: tuple = ()  # clip_score filters (pipeline/filters.py): the synthetic caption's score, recorded
+
+    def identity(self) -> tuple:
+        """What decides a sample's members and rows besides its item and the conditioning (part of the
+        digest that lets a rerun reuse a finished file: other outputs must not reuse stale parts)."""
+        return (self.encoder is not None, self.captioner is not None, self.images, self.store_dtype,
+                self.clip_scores)
 
 
 def shard_positions(file_index: int, kept: list[Kept], offsets: dict, shard_size: int,
@@ -70,7 +83,7 @@ def shard_positions(file_index: int, kept: list[Kept], offsets: dict, shard_size
 
 def _failed(k: Kept, stage: str) -> dict:
     return manifest_row(k.key, k.source, "rejected", reason=f"{FAILED_PREFIX}{stage}", width=k.width,
-                        height=k.height, cluster=k.cluster)
+                        height=k.height, cluster=k.cluster, scores=k.scores)
 
 
 class Pass2(beam.DoFn):
@@ -82,11 +95,14 @@ class Pass2(beam.DoFn):
 
     def setup(self):
         s = self.s
-        self.captioner = ModelSlot(s.captioner)
-        self.encoder = ModelSlot(s.encoder)
+        # only the models this run's outputs need: none of a kind that is switched off
+        self.captioner = ModelSlot(s.captioner) if s.captioner is not None else None
+        self.encoder = ModelSlot(s.encoder) if s.encoder is not None else None
         self.sscd = ModelSlot(s.sscd)
-        for slot in (self.captioner, self.encoder, self.sscd):
-            slot.load()
+        self.clip_scores = [(f, ModelSlot(f.handler())) for f in s.clip_scores] if s.captioner is not None else []
+        for slot in (self.captioner, self.encoder, self.sscd, *(slot for _, slot in self.clip_scores)):
+            if slot is not None:
+                slot.load()
         self.progress = Progress.get("pass 2", ("files", "kept", "written", "failed", "reused"))
 
     def process(self, element, files, offsets, conditioning):
@@ -109,9 +125,9 @@ class Pass2(beam.DoFn):
 
     def _done_path(self, file_index: int, kept: list, files, offsets, conditioning) -> str:
         """OUT/.pass2/done/<file identity>-<digest>.pkl: what pass 2 produced for this file, named by
-        everything that decides it (the kept items, their shards, the conditioning)."""
+        everything that decides it (the kept items, their shards, the conditioning, what the samples hold)."""
         shards = shard_positions(file_index, kept, offsets, self.s.shard_size, dict(self.s.first_shard))
-        what = repr((sorted(kept, key=lambda k: k.id), sorted(shards.items()), conditioning))
+        what = repr((sorted(kept, key=lambda k: k.id), sorted(shards.items()), conditioning, self.s.identity()))
         digest = hashlib.sha256(what.encode()).hexdigest()[:24]
         return join(self.s.out, PASS2_DIR, "done", f"{files[file_index].identity()}-{digest}.pkl")
 
@@ -152,7 +168,8 @@ class Pass2(beam.DoFn):
                     self.progress.add("failed")
                     yield _failed(k, "reread")
                     continue
-                chunk.append((k, raw._replace(image=None), v))  # the source's text fields, not its bytes
+                keep_bytes = s.images is not None and s.images[2]  # the original's bytes go into the sample
+                chunk.append((k, raw if keep_bytes else raw._replace(image=None), v))  # else text fields only
                 if len(chunk) >= s.chunk:
                     yield from self._finish(chunk, file_index, shards, writers, conditioning)
                     chunk = []
@@ -169,28 +186,34 @@ class Pass2(beam.DoFn):
 
     def _finish(self, chunk: list, file_index: int, shards: dict, writers: dict, conditioning: str):
         s = self.s
-        try:
-            captions = self.captioner.run([(v.image, raw.caption) for _, raw, v in chunk])
-        except Exception as e:  # noqa: BLE001  (a failed chunk: its items get dead-letter rows)
-            log.warning("captioning failed on a chunk of %d: %r", len(chunk), e)
+        texts = self._captions(chunk)
+        if texts is None:  # the captioner failed on this chunk
             self.progress.add("failed", len(chunk))
             yield from (_failed(k, "caption") for k, _, _ in chunk)
             return
-        texts = []
-        for (_, raw, _), cap in zip(chunk, captions):
-            notes = list(cap.notes)
-            if not raw.caption:  # no original caption: the synthetic one serves as both
-                notes.append("orig_caption_missing")
-            texts.append((raw.caption or cap.text, cap.text, tuple(dict.fromkeys(notes))))
+        syn_scores: list[list] = [[] for _ in chunk]
+        for f, slot in self.clip_scores:  # the synthetic caption's clip_score: recorded, never filtering
+            try:
+                got = slot.run([(v.image, syn) for (_, _, v), (_, syn, _) in zip(chunk, texts)])
+            except Exception as e:  # noqa: BLE001
+                log.warning("clip_score %s failed on a chunk of %d: %r", f.name, len(chunk), e)
+                self.progress.add("failed", len(chunk))
+                yield from (_failed(k, f"filter:{f.name}") for k, _, _ in chunk)
+                return
+            for row, score in zip(syn_scores, got):
+                row.append((score_column(f.name, synthetic=True), score))
         try:
-            encoded = self.encoder.run([EncodeInput(v.image, orig, syn) for (_, _, v), (orig, syn, _) in zip(chunk, texts)])
+            encoded = [None] * len(chunk)
+            if self.encoder is not None:  # without a captioner the syn variant encodes the original caption
+                encoded = self.encoder.run([EncodeInput(v.image, orig, syn if syn is not None else orig)
+                                            for (_, _, v), (orig, syn, _) in zip(chunk, texts)])
             crops = self.sscd.run([v.sscd for _, _, v in chunk])
         except Exception as e:  # noqa: BLE001
             log.warning("encoding failed on a chunk of %d: %r", len(chunk), e)
             self.progress.add("failed", len(chunk))
             yield from (_failed(k, "encode") for k, _, _ in chunk)
             return
-        for (k, raw, v), (orig, syn, notes), e, crop in zip(chunk, texts, encoded, crops):
+        for (k, raw, v), (orig, syn, notes), e, crop, scores in zip(chunk, texts, encoded, crops, syn_scores):
             shard = shards[k.id]
             split = shard.split("-", 1)[0]
             w = writers.get(split)
@@ -202,13 +225,45 @@ class Pass2(beam.DoFn):
                     "resolution": list(v.resolution), "caption": {"orig": orig, "syn": syn}}
             if raw.url:  # source metadata as the input gave it (img2dataset's url), only when there is one
                 meta["url"] = raw.url
-            w.add(encode_sample(k.key, e.latent_mean, e.latent_logvar, e.encodings, meta, conditioning,
-                                s.store_dtype))
-            notes = list(notes) + (["caption_truncated_77"] if e.truncated else [])
+            w.add(self._sample(k.key, raw, v, e, meta, conditioning))
+            notes = list(notes) + (["caption_truncated_77"] if e is not None and e.truncated else [])
             yield manifest_row(k.key, k.source, "kept", cluster=k.cluster, width=v.width, height=v.height,
                                caption_original=raw.caption, caption_synthetic=syn, notes=notes, shard=shard,
-                               url=raw.url)
+                               url=raw.url, scores=k.scores, **dict(scores))
             left, top, right, bottom = v.crop
             yield beam.pvalue.TaggedOutput(CROPS, {"key": k.key, "embedding": crop.astype("float32").tolist(),
                                                    "width": right - left, "height": bottom - top})
         self.progress.add("written", len(chunk))
+
+    def _captions(self, chunk: list) -> list[tuple[str, str | None, tuple[str, ...]]] | None:
+        """(original, synthetic or None, notes) per item; None when the captioner raised. An item without
+        an original caption takes the synthetic one as both (or "" when nothing captions it)."""
+        captions = [None] * len(chunk)
+        if self.captioner is not None:
+            try:
+                captions = self.captioner.run([(v.image, raw.caption) for _, raw, v in chunk])
+            except Exception as e:  # noqa: BLE001  (a failed chunk: its items get dead-letter rows)
+                log.warning("captioning failed on a chunk of %d: %r", len(chunk), e)
+                return None
+        texts = []
+        for (_, raw, _), cap in zip(chunk, captions):
+            notes = list(cap.notes) if cap is not None else []
+            syn = cap.text if cap is not None else None
+            if not raw.caption:
+                notes.append("orig_caption_missing")
+            texts.append((raw.caption or syn or "", syn, tuple(dict.fromkeys(notes))))
+        return texts
+
+    def _sample(self, key: str, raw, v, e, meta: dict, conditioning: str | None) -> dict:
+        """One sample's members: the arrays (with "sd3"), the img2dataset members (with "images"), the json."""
+        s = self.s
+        if e is not None:
+            sample = encode_sample(key, e.latent_mean, e.latent_logvar, e.encodings, meta, conditioning,
+                                   s.store_dtype)
+        else:
+            sample = {"__key__": key, "json": sample_json(key, meta, None)}
+        if s.images is not None:
+            fmt, quality, keep_original = s.images
+            original = (image_extension(raw.image), raw.image) if keep_original else None
+            sample.update(image_members(encode_view(v.image, fmt, quality), fmt, meta["caption"], original))
+        return sample

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flowcurate.formats.manifest import MANIFEST_SCHEMA
+from flowcurate.formats.manifest import MANIFEST_SCHEMA, SCORE_PREFIX, score_column
 
 MANIFEST_FIELDS = tuple(MANIFEST_SCHEMA.names)
 ORDINAL_BITS = 32
@@ -50,7 +50,8 @@ class Item(NamedTuple):
     pixel_hash: str | None = None  # exact-duplicate key
     embedding: bytes | None = None  # SSCD descriptor, float32 raw bytes (compact in shuffles)
     caption: str | None = None  # the original caption (alt text)
-    scores: tuple[tuple[str, float], ...] = ()  # (filter name, score) in filter order
+    # (filter name, score) in filter order; None: not scored (a clip_score without a caption)
+    scores: tuple[tuple[str, float | None], ...] = ()
 
     @property
     def pixels(self) -> float:
@@ -71,6 +72,7 @@ class Kept(NamedTuple):
     height: int
     cluster: int | None  # top-1 k-means cluster
     split: str  # "train" or "val"
+    scores: tuple[tuple[str, float | None], ...] = ()  # pass 1's filter scores, for the kept row
 
 
 # pass 1's records of one input file, as kept for a rerun (OUT/.pass1/...): ordinals, not ids, since
@@ -102,17 +104,25 @@ def items_from_parquet(data: bytes, file_index: int) -> list[Item]:
     return out
 
 
-def manifest_row(key: str, source: str, status: str, **fields) -> dict:
-    """A manifest row with every column (None where not given)."""
+def manifest_row(key: str, source: str, status: str, scores=(), **fields) -> dict:
+    """A manifest row with every column (None where not given); `scores`: (filter name, score) pairs
+    (`Item.scores`), each in its column `score_<name>`; `fields` may name score columns directly."""
     row = dict.fromkeys(MANIFEST_FIELDS)
     row.update({"key": key, "source": source, "status": status, "notes": [], **fields})
-    unknown = set(row) - set(MANIFEST_FIELDS)
+    unknown = {f for f in set(row) - set(MANIFEST_FIELDS) if not f.startswith(SCORE_PREFIX)}
     if unknown:
         raise ValueError(f"unknown manifest fields {sorted(unknown)}")
+    for name, value in scores:
+        row[score_column(name)] = value
     return row
+
+
+def with_score_columns(row: dict, columns: tuple[str, ...]) -> dict:
+    """The row with every score column of the run (None where its filter did not score it)."""
+    return {**row, **{c: row.get(c) for c in columns}}
 
 
 def rejected_row(item: Item, reason: str | None = None, key: str | None = None) -> dict:
     """The rejected row of a pass-1 item (sizes where they are known)."""
     return manifest_row(key or item.key, item.source, "rejected", reason=reason or item.reason,
-                        width=item.width, height=item.height)
+                        width=item.width, height=item.height, scores=item.scores)

@@ -28,12 +28,12 @@ from apache_beam.io.filesystems import FileSystems
 from flowcurate.captioning.handler import CaptionModelHandler
 from flowcurate.formats.config import to_dict
 from flowcurate.formats.devices import TOKEN_ENV
-from flowcurate.formats.manifest import EMBEDDINGS_SCHEMA, FAILED_PREFIX, MANIFEST_SCHEMA
+from flowcurate.formats.manifest import EMBEDDINGS_SCHEMA, FAILED_PREFIX, manifest_schema
 from flowcurate.formats.shards import RECORD_JSON
 from flowcurate.formats.tars import sanitize_key
 from flowcurate.models.sscd import SSCDPreprocess, file_sha256
 from flowcurate.pipeline.decide import Decide
-from flowcurate.pipeline.filters import check_filters
+from flowcurate.pipeline.filters import CLIP_SCORE, check_filters, score_columns
 from flowcurate.pipeline.handlers import EncodeModelHandler, SSCDModelHandler
 from flowcurate.pipeline.options import Launch, OptionsError, launch_options
 from flowcurate.pipeline.pass1 import Pass1, Pass1Settings
@@ -42,7 +42,7 @@ from flowcurate.pipeline.previous import ReadPrevious, check_compatible, shard_b
 from flowcurate.pipeline.progress import NAMESPACE as PROGRESS_NAMESPACE
 from flowcurate.pipeline.progress import Progress
 from flowcurate.pipeline.read import ListInputs
-from flowcurate.pipeline.records import ORDINAL_BITS, Item, file_index_of, item_id
+from flowcurate.pipeline.records import ORDINAL_BITS, Item, file_index_of, item_id, with_score_columns
 from flowcurate.pipeline.shuffles import shuffle_bytes
 from flowcurate.pipeline.validate import aspect_buckets
 from flowcurate.pipeline.write import (
@@ -123,19 +123,24 @@ def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
                | "KeptPerFile" >> beam.CombinePerKey(sum)
                | "KeptCounts" >> beam.combiners.ToList()
                | "Offsets" >> beam.Map(shard_offsets, pc.shard_size))
+    sd3 = "sd3" in pc.outputs  # else no AE or text encoder loads and there is no conditioning record
     conditioning = (p | "RecordSeed" >> beam.Create([None])
                     | "Conditioning" >> beam.Map(make_conditioning, cfg, launch.sd3_label, out))
 
     captioner = CaptionModelHandler(
         m.captioner, revision=m.captioner_revision, prompt=pc.caption_prompt,
         max_new_tokens=pc.caption_max_new_tokens, batch_size=pc.caption_batch_size,
-        trust_remote_code=m.trust_remote_code, device=pc.device, share_model=pc.share_models)
+        trust_remote_code=m.trust_remote_code, device=pc.device, share_model=pc.share_models) if m.captioner else None
     encoder = EncodeModelHandler(m.sd3, revision=m.sd3_revision, t5_length=pc.t5_max_length, ae_dtype=pc.ae_dtype,
-                                 te_dtype=pc.text_encoder_dtype, device=pc.device, share_model=pc.share_models)
+                                 te_dtype=pc.text_encoder_dtype, device=pc.device,
+                                 share_model=pc.share_models) if sd3 else None
+    images = (pc.image_format, pc.jpeg_quality, pc.keep_original) if "images" in pc.outputs else None
     settings2 = Pass2Settings(out=out, **validation, chunk=pc.batch_size, shard_size=pc.shard_size,
                               store_dtype=pc.store_dtype, captioner=captioner, encoder=encoder,
                               sscd=SSCDModelHandler(m.sscd, pre, pc.device, m.sscd_sha256), columns=columns,
-                              first_shard=tuple(shard_base(o.previous).items()) if o.previous else ())
+                              first_shard=tuple(shard_base(o.previous).items()) if o.previous else (),
+                              images=images, clip_scores=tuple(f for f in settings1.filters if f.kind == CLIP_SCORE)
+                              if captioner is not None else ())
     written = (kept
                | "ByFile" >> beam.Map(lambda k: (file_index_of(k.id), k))
                | "GroupByFile" >> beam.GroupByKey()
@@ -145,11 +150,14 @@ def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
     shards = (written[PARTS] | "PartsByShard" >> beam.GroupByKey()
               | "WriteShards" >> beam.Map(write_shard, out))
     index = (shards | "ShardCounts" >> beam.combiners.ToList()
-             | "WriteIndex" >> beam.Map(write_index, out, AsSingleton(conditioning)))
+             | "WriteIndex" >> beam.Map(write_index, out, AsSingleton(conditioning), tuple(pc.outputs)))
 
     rows = ((decided["rows"], written.rows) | "AllRows" >> beam.Flatten() | "Count" >> beam.Map(count_row))
+    scores = score_columns(settings1.filters)  # one column per filter (kept rows too), when there are filters
+    if scores:
+        rows = rows | "ScoreColumns" >> beam.Map(with_score_columns, scores)
     rows | "WriteManifest" >> beam.io.WriteToParquet(
-        join(out, "manifest", "part"), MANIFEST_SCHEMA, file_name_suffix=".parquet")
+        join(out, "manifest", "part"), manifest_schema(scores), file_name_suffix=".parquet")
     (decided["embedded"] | "EmbeddingRecords" >> beam.Map(embedding_record)
      | "WriteEmbeddings" >> beam.io.WriteToParquet(join(out, "embeddings", "part"), EMBEDDINGS_SCHEMA,
                                                     file_name_suffix=".parquet"))
@@ -160,7 +168,7 @@ def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
     info = {"config": to_dict(cfg), "inputs_spec": list(o.input), "runner": launch.runner,
             "sscd": {"location": m.sscd, "preprocess": pre.record()},
             "captioner": {"location": m.captioner, "revision": m.captioner_revision, "prompt": pc.caption_prompt,
-                          "max_new_tokens": pc.caption_max_new_tokens, "greedy": True}}
+                          "max_new_tokens": pc.caption_max_new_tokens, "greedy": True} if m.captioner else None}
     stats = (rows | "StatusReason" >> beam.Map(lambda r: (r["status"], r["reason"] or ""))
              | "CountStatus" >> beam.combiners.Count.PerElement()
              | "StatusList" >> beam.combiners.ToList()

@@ -2,7 +2,7 @@
 name and renamed, so a reader never sees half a file:
 
     OUT/conditioning.json + .npz       the conditioning record, written once per run
-    OUT/shards/{train,val}-NNNNNN.tar  curated samples; OUT/shards/index.json
+    OUT/shards/{train,val}-NNNNNN.tar  curated samples; OUT/shards/index.json, {train,val}.wids.json
     OUT/manifest/part-*.parquet        one row per input
     OUT/embeddings/part-*.parquet      SSCD descriptors of the inputs near-duplicate search saw
     OUT/crop_embeddings/part-*.parquet SSCD descriptors of each kept input's training crop
@@ -28,7 +28,14 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from flowcurate.formats.config import Config
-from flowcurate.formats.shards import INDEX_JSON, SampleWriter, index_doc, record_bytes, record_files
+from flowcurate.formats.shards import (
+    INDEX_JSON,
+    SampleWriter,
+    index_doc,
+    record_bytes,
+    record_files,
+    wids_docs,
+)
 
 PASS2_DIR = ".pass2"  # pass 2's parts and finished files of the run in progress: what a rerun reuses
 STATS_JSON = "stats.json"
@@ -118,8 +125,11 @@ def write_json(path: str, doc: dict) -> str:
 
 # ------------------------------------------------------------------------------------------ run outputs
 
-def make_conditioning(_, cfg: Config, label: str | None, out: str) -> str:
-    """Encode the record (empty + validation prompts) once per run, write it, return its content hash."""
+def make_conditioning(_, cfg: Config, label: str | None, out: str) -> str | None:
+    """Encode the record (empty + validation prompts) once per run, write it, return its content hash;
+    None, loading nothing, when the run writes no "sd3" output (no arrays: nothing to describe)."""
+    if "sd3" not in cfg.pipeline.outputs:
+        return None
     from flowcurate.models.autoencoder import Autoencoder
     from flowcurate.models.conditioning import record_parts
     from flowcurate.models.text_encoders import TextEncoders, quiet_hf_logging
@@ -154,9 +164,12 @@ def write_shard(kv, out: str):
     return shard, sum(n for _, _, n in parts)
 
 
-def write_index(counts: list, out: str, conditioning: str) -> dict:
-    doc = index_doc(dict(counts), conditioning)
+def write_index(counts: list, out: str, conditioning: str | None, outputs: tuple = ("sd3",)) -> dict:
+    """OUT/shards/index.json and a wids description per split, OUT/shards/{split}.wids.json."""
+    doc = index_doc(dict(counts), conditioning, outputs)
     write_file(join(out, "shards", INDEX_JSON), record_bytes(doc))
+    for name, wids in wids_docs(dict(counts)).items():
+        write_file(join(out, "shards", name), record_bytes(wids))
     delete_tree(join(out, PASS2_DIR))  # every shard is in place: nothing left to resume
     return doc
 

@@ -157,3 +157,20 @@ def assert_same_shards(a: Path, b: Path) -> None:
                                                atol=1e-3, rtol=1e-3)
                 else:
                     assert data == tb[shard][key][name]
+
+
+def write_red_labels(folder: Path, n: int, seed: int) -> Path:
+    """`n` procedural PNGs (no red background) labelled 1 when a red shape is drawn, and their
+    `labels.csv` (`path,label`, with a header): `flowcurate filters fit`'s input."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = ["path,label"]
+    while len(rows) <= n:
+        scene = random_scene(rng)
+        if "red" in scene.bg_colors:  # the property is a red *shape*; keep it unambiguous
+            continue
+        name = f"{len(rows) - 1:04d}.png"
+        render(scene, 64, 64).convert("RGB").save(folder / name)
+        rows.append(f"{name},{int(any(s.color == 'red' for s in scene.shapes))}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder / "labels.csv"

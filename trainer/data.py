@@ -57,6 +57,9 @@ def resolve_shards(spec: str, split: str = "train") -> tuple[list[str], Path | N
     if path.is_dir():
         shards_dir = path / "shards" if (path / "shards" / S.INDEX_JSON).exists() else path
         index = S.read_index(shards_dir)
+        if "sd3" not in index.get("outputs", ["sd3"]):  # formats/shards.py, index_doc
+            raise DataError(f"{shards_dir} holds images only ([pipeline] outputs = {index['outputs']}): no "
+                            "latents or text encodings to train on; curate with outputs = [\"sd3\"] (or both)")
         urls = [str(shards_dir / s["name"]) for s in index["shards"] if s["split"] == split]
         record = shards_dir.parent / S.RECORD_JSON
         return urls, record if record.exists() else None
