@@ -21,7 +21,10 @@ what a memorized prompt means. The SSCD threshold is the tiny preset's dedup thr
 SSCD rates unrelated procedural images up to ~0.8 (BENCHMARKS.md, "Tiny models"), so the clique test
 is the measure to read here.
 
-    OPENBLAS_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/memorization_dedup.py --work /tmp/memdedup
+    OPENBLAS_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/memorization_dedup.py --work /tmp/memdedup \
+        --model d2 --unique 30 --repeated 2 --copies 64 --controls 4 --steps 300 600 --lr 2e-3 --seeds 12 --threads 1
+
+(the settings BENCHMARKS.md records; the defaults are the cheaper tiny model, which did not memorize)
 """
 
 from __future__ import annotations
