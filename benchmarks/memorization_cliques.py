@@ -63,7 +63,7 @@ def exhaustive(n: int, p: float, planted: int, seed: int, t: int, timeout: float
 
 def exhaustive_one(n: int, p: float, planted: int, seed: int, t: int, timeout: float) -> None:
     """The child process: prints the exhaustive method's result as JSON, or "timeout" after `timeout` s."""
-    from flowcurate.trainer import memorization as M
+    from flowcurate.trainer import cliques as C
 
     def give_up(*_):
         print("timeout", flush=True)
@@ -73,7 +73,7 @@ def exhaustive_one(n: int, p: float, planted: int, seed: int, t: int, timeout: f
     signal.signal(signal.SIGALRM, give_up)
     signal.setitimer(signal.ITIMER_REAL, timeout)
     start = time.perf_counter()
-    sizes = M._exhaustive_clique_sizes(edges)
+    sizes = C._exhaustive_clique_sizes(edges)
     seconds = time.perf_counter() - start
     signal.setitimer(signal.ITIMER_REAL, 0)
     print(json.dumps({"seconds": seconds, "memorized": np.flatnonzero(sizes >= t).tolist()}), flush=True)
@@ -93,10 +93,10 @@ def main() -> None:
 
     from common import machine
 
-    from flowcurate.trainer import memorization as M
+    from flowcurate.trainer import cliques as C
 
-    t = args.min_clique or M.MIN_CLIQUE
-    budget = args.budget or M.CLIQUE_BUDGET
+    t = args.min_clique or C.MIN_CLIQUE
+    budget = args.budget or C.CLIQUE_BUDGET
     print(f"# {machine()}")
     print(f"# T = {t}, budget {budget} search nodes per generation, {args.seeds} graphs per case; exhaustive "
           f"method killed after {args.exhaustive_timeout:g} s")
@@ -108,7 +108,7 @@ def main() -> None:
         for seed in range(args.seeds):
             edges = graph(n, p, planted, seed)
             start, start_cpu = time.perf_counter(), time.process_time()
-            a = M.clique_test(edges, t, budget)
+            a = C.clique_test(edges, t, budget)
             secs.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
             memorized.append(int(a.memorized.sum()))

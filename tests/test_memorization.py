@@ -239,7 +239,7 @@ def test_recorded_prompts_and_seeds_reproduce_the_generations(reports, runs):
 def test_cli_writes_report_summary_and_pairs(curated, reports):
     from PIL import Image
 
-    from flowcurate.trainer import memorization as M
+    from flowcurate.trainer import memorization_report as M
 
     folder = reports["overfit"][0]
     table = pq.read_table(folder / "report.parquet")
@@ -287,7 +287,7 @@ def test_help_and_a_folder_without_an_sscd_record(curated, tmp_path, capsys):
 # The pieces against their definitions
 
 def test_tiled_distance_is_the_largest_per_tile_rms_difference():
-    from flowcurate.trainer.memorization import tiled_distances
+    from flowcurate.trainer.cliques import tiled_distances
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 30, 34, 3), dtype=np.uint8)  # tiles of uneven size
@@ -308,7 +308,7 @@ def test_tiled_distance_is_the_largest_per_tile_rms_difference():
 def test_clique_test_matches_a_brute_force_search():
     from itertools import combinations
 
-    from flowcurate.trainer.memorization import clique_edges, clique_test
+    from flowcurate.trainer.cliques import clique_edges, clique_test
 
     rng = np.random.default_rng(1)
     for trial in range(20):
@@ -351,7 +351,7 @@ def test_nearest_rescores_breaks_ties_low_and_excludes_self():
 
 
 def test_prompt_file_and_the_default_selection(curated, tmp_path):
-    from flowcurate.trainer.memorization import default_prompts, read_curated, read_prompt_file
+    from flowcurate.trainer.curated import default_prompts, read_curated, read_prompt_file
 
     cur = read_curated(curated)
     assert cur.keys == [f"{i:09d}" for i in range(1, N_TRAIN + 1)] and cur.duplicates["000000002"] == 3
@@ -370,7 +370,7 @@ def test_training_descriptors_are_of_the_crop_and_older_outputs_fall_back(curate
     import shutil
 
     from flowcurate.dedup.inputs import write_embeddings
-    from flowcurate.trainer.memorization import read_curated
+    from flowcurate.trainer.curated import read_curated
 
     before = read_curated(curated)  # this fixture has no crop descriptors
     assert before.view == "original"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flowcurate.trainer.memorization import (
+from flowcurate.trainer.cliques import (
     _exhaustive_clique_sizes,
     _search,
     clique_test,

@@ -92,3 +92,25 @@ def test_captions_are_truthful():
                 assert a.cy < b.cy
             if "below" in text:
                 assert a.cy > b.cy
+
+
+def test_repeated_data_plants_near_copies_that_exact_hashes_miss(tmp_path):
+    """write_repeated_data: each repeated original present `copies` times under one caption, every copy
+    with its own pixels (re-encoded, resized, jittered), every unique original with a caption of its own."""
+    from flowcurate.models.tiny.sample_data import REPEAT_KINDS, write_repeated_data
+
+    truth = write_repeated_data(tmp_path, n_unique=12, n_repeated=3, copies=7, seed=4)
+    members = _read_tars(tmp_path / "raw")
+    assert truth["n"] == 12 + 3 * 7 == len({n.split(".")[0] for n in members}) and not truth["broken"]
+    pixels = {k: np.asarray(Image.open(io.BytesIO(members[f"{k}.jpg"])).convert("RGB")) for k in truth["keys"]}
+    assert len({(p.shape, p.tobytes()) for p in pixels.values()}) == truth["n"]  # no exact-pixel duplicate
+    assert len(truth["duplicate_groups"]) == 3
+    grouped = set()
+    for g in truth["duplicate_groups"]:
+        group = [g["original"], *g["copies"]]
+        assert len(group) == 7 and len({truth["captions"][k] for k in group}) == 1
+        assert Counter(g["copies"].values()) == {k: 2 for k in REPEAT_KINDS}
+        grouped |= set(group)
+    singles = [truth["captions"][k] for k in truth["keys"] if k not in grouped]
+    assert len(singles) == len(set(singles)) == 12
+    assert not set(singles) & {truth["captions"][g["original"]] for g in truth["duplicate_groups"]}

@@ -11,6 +11,11 @@ Planted near-duplicates are copies of an original (`exact` byte-identical file, 
 `crop`, `jitter`), shuffled across shards so that groups span shards. Broken samples: a truncated JPEG
 (`truncated`), a zero-byte file (`empty_file`), non-image bytes (`undecodable`) and a caption whose
 image is missing (`missing_image`). Every key is accounted for in `truth.json`.
+
+`write_repeated_data` writes data repeated as web data repeats (the curation experiment of
+benchmarks/memorization_dedup.py): a few originals, each present many times as near-copies that
+exact-hash dedup cannot remove (re-encoded, resized, colour-jittered, each saved again as a JPEG of
+random quality), among unique images; every caption names one scene.
 """
 
 from __future__ import annotations
@@ -162,9 +167,78 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+REPEAT_KINDS = ("reencode", "resize", "jitter")  # near-copies as the web repeats an image (no crop: the same picture)
+
+
+def generate_repeated(n_unique: int, n_repeated: int, copies: int, seed: int = 0,
+                      sides: tuple[int, int] = (64, 97)) -> tuple[list[_Sample], dict]:
+    """`n_unique` originals once, and `n_repeated` originals `copies` times each: the original and
+    copies - 1 near-copies (REPEAT_KINDS in turn, each saved again as a JPEG of quality 60-95, so
+    hardly any two share pixels). Every original has its own caption (a scene drawn twice is drawn
+    again), so a caption prompts one image. Sides are drawn from range(*sides). Shuffled with keys as
+    in `generate`; truth.json's `duplicate_groups` are the repeated originals with their copies."""
+    if n_unique < 0 or n_repeated < 0 or copies < 1 or n_unique + n_repeated == 0:
+        raise ValueError(f"need n_unique, n_repeated >= 0 (not both 0) and copies >= 1, got "
+                         f"{n_unique}, {n_repeated}, {copies}")
+    rng = np.random.default_rng(seed)
+    samples: list[_Sample] = []
+    groups: list[list[int]] = []
+    seen: set[str] = set()
+
+    def original() -> tuple[Image.Image, str]:
+        for _ in range(1000):
+            scene = random_scene(rng)
+            if caption(scene) not in seen:
+                break
+        else:  # pragma: no cover  (the scene space is far larger than any sample set here)
+            raise ValueError("ran out of distinct captions")
+        seen.add(caption(scene))
+        w, h = (int(v) for v in rng.integers(*sides, size=2))
+        return render(scene, w, h), caption(scene)
+
+    for i in range(n_unique + n_repeated):
+        img, cap = original()
+        members = [len(samples)]
+        samples.append(_Sample(cap, "jpg", _encode(img, "jpg"), *img.size))
+        if i < n_unique:
+            continue
+        for c in range(copies - 1):
+            kind = REPEAT_KINDS[c % len(REPEAT_KINDS)]
+            copy = copy_variant(img, rng, kind)
+            members.append(len(samples))
+            samples.append(_Sample(cap, "jpg", _encode(copy, "jpg", quality=int(rng.integers(60, 96))), *copy.size,
+                                   meta={"copy_kind": kind}))
+        groups.append(members)
+    order = rng.permutation(len(samples))
+    keys = [""] * len(samples)
+    for pos, idx in enumerate(order):
+        keys[idx] = f"{pos // SAMPLES_PER_SHARD:05d}{pos % SAMPLES_PER_SHARD:04d}"
+    truth = {
+        "version": TRUTH_VERSION, "n": len(samples), "seed": seed, "keys": sorted(keys),
+        "repeats": {"unique": n_unique, "repeated": n_repeated, "copies": copies},
+        "duplicate_groups": [
+            {"original": keys[g[0]], "copies": {keys[i]: samples[i].meta["copy_kind"] for i in g[1:]}}
+            for g in groups],
+        "broken": {},
+        "captions": {keys[i]: samples[i].caption for i in range(len(samples))},
+        "sizes": {keys[i]: [samples[i].width, samples[i].height] for i in range(len(samples))},
+    }
+    return [(keys[i], samples[i]) for i in order], truth
+
+
 def write_sample_data(output: Path, n: int = 512, seed: int = 0) -> dict:
     """Write `output/raw/*.tar` (+ parquet, stats) and `output/truth.json`; returns the truth record."""
     items, truth = generate(n, seed)
+    return _write(Path(output), items, truth, seed)
+
+
+def write_repeated_data(output: Path, n_unique: int, n_repeated: int, copies: int, seed: int = 0) -> dict:
+    """`generate_repeated` written as `write_sample_data` writes; returns the truth record."""
+    items, truth = generate_repeated(n_unique, n_repeated, copies, seed)
+    return _write(Path(output), items, truth, seed)
+
+
+def _write(output: Path, items: list, truth: dict, seed: int) -> dict:
     raw = Path(output) / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for shard_start in range(0, len(items), SAMPLES_PER_SHARD):
