@@ -49,14 +49,15 @@ class DataError(S.ShardFormatError):
 # ------------------------------------------------------------------------------------------------------
 # Where the shards and the conditioning record are
 
-def resolve_shards(spec: str, split: str = "train") -> tuple[list[str], Path | None]:
+def resolve_shards(spec: str, split: str = "train", read_index=S.read_index) -> tuple[list[str], Path | None]:
     """`spec`: a pipeline output folder (`OUT`, using `OUT/shards/index.json`), a shards folder, brace
     notation (`out/shards/train-{000000..000031}.tar`), a glob, or URLs joined by `::`. Returns the shard
-    URLs of `split` and the conditioning record found beside them (None when none is)."""
+    URLs of `split` and the conditioning record found beside them (None when none is). `read_index`
+    reads and checks an index (the editing trainer passes `formats.edit_shards.read_edit_index`)."""
     path = Path(spec)
     if path.is_dir():
         shards_dir = path / "shards" if (path / "shards" / S.INDEX_JSON).exists() else path
-        index = S.read_index(shards_dir)
+        index = read_index(shards_dir)
         urls = [str(shards_dir / s["name"]) for s in index["shards"] if s["split"] == split]
         record = shards_dir.parent / S.RECORD_JSON
         return urls, record if record.exists() else None
@@ -260,6 +261,11 @@ class CuratedShards(IterableDataset):
             worker = physical
         yield from _WorkerStream(self, worker, workers, saved).batches()
 
+    def check_sample(self, raw: dict) -> dict:
+        """A raw sample's parsed json after validation against the record (the editing stream,
+        trainer/edit.py, checks its own format here)."""
+        return S.check_sample(raw, self.record)
+
     def _decode(self, bucket: list[_Item]) -> dict:
         if self.split == "global" and self.train:
             bucket = bucket[self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
@@ -316,7 +322,7 @@ class _WorkerStream:
                 reads = (r for r in read_samples(url, wanted[0][2]) if r[1] in offsets)
             for (epoch, _, start, key), (raw, got, _) in zip(wanted, reads):
                 self.samples_read += raw is not None
-                doc = S.check_sample(raw, self.ds.record) if raw is not None and got == start else None
+                doc = self.ds.check_sample(raw) if raw is not None and got == start else None
                 if doc is None or doc["key"] != key:
                     raise DataError(f"{url} at byte {start}: expected sample {key} of the saved data position, "
                                     f"found {doc and doc['key']}: the shard changed since the checkpoint")
@@ -334,7 +340,7 @@ class _WorkerStream:
                     self.samples_read += 1
                     read_in_epoch = True
                     self.offset = end
-                    yield _Item(self.epoch, shard, start, raw, S.check_sample(raw, self.ds.record))
+                    yield _Item(self.epoch, shard, start, raw, self.ds.check_sample(raw))
                 self.shard_index, self.offset = self.shard_index + 1, 0
             if not self.ds.train:
                 return
