@@ -90,6 +90,17 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed & 0xFFFFFFFF, epoch, stable_hash("sample", key) & 0xFFFFFFFF])
 
 
+def model_space_latent(mean: np.ndarray, logvar: np.ndarray, record: S.Conditioning,
+                       rng: np.random.Generator | None = None) -> torch.Tensor:
+    """A stored posterior (C, h, w) -> the model-space latent (float32): z ~ N(mean, exp(logvar)) drawn
+    from `rng`, or the mean without one, then `(z - shift) * scale` with the record's AE values."""
+    z = mean.astype(np.float32)
+    if rng is not None:
+        z = z + np.exp(0.5 * logvar.astype(np.float32)) * rng.standard_normal(z.shape, dtype=np.float32)
+    ae = record.json["autoencoder"]
+    return to_model_space(torch.from_numpy(z), ae["scaling_factor"], ae["shift_factor"])
+
+
 def decode_sample(raw: dict, doc: dict, record: S.Conditioning, aug: Augment | None, seed: int, epoch: int):
     """Raw members -> (latent (C,h,w) model space, parts {part: array}, keep {role: 0/1}) as float32.
     `aug=None` is the evaluation view: original caption, no drops, posterior mean."""
@@ -100,12 +111,8 @@ def decode_sample(raw: dict, doc: dict, record: S.Conditioning, aug: Augment | N
     arrays = {m: S.load_npy(raw[m]) for m in names}
     S.check_arrays(arrays, doc, record, raw.get("__url__", ""))
     keep = {r: 1.0 if aug is None or rng.random() >= aug.text_drop_prob else 0.0 for r in ("clip_l", "clip_g", "t5")}
-    mean = arrays["latent_mean.npy"].astype(np.float32)
-    if aug is not None and aug.sample_latent:
-        std = np.exp(0.5 * arrays["latent_logvar.npy"].astype(np.float32))
-        mean = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
-    ae = record.json["autoencoder"]
-    latent = to_model_space(torch.from_numpy(mean), ae["scaling_factor"], ae["shift_factor"])
+    latent = model_space_latent(arrays["latent_mean.npy"], arrays["latent_logvar.npy"], record,
+                                rng if aug is not None and aug.sample_latent else None)
     # stay in the stored float16 until the batch is assembled (one vectorised conversion in collate)
     parts = {p: torch.from_numpy(arrays[f"{variant}.{p}.npy"]) for p in S.PARTS}
     return latent, parts, keep, variant

@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -56,7 +55,15 @@ from flowcurate.models.mmdit import MMDiT, MMDiTConfig, mmdit_config
 from flowcurate.models.mmdit_diffusers import from_pretrained_diffusers
 from flowcurate.trainer import checkpoint as C
 from flowcurate.trainer import train as t2i
-from flowcurate.trainer.data import CuratedShards, DataError, loader, read_samples, resolve_shards, sample_rng
+from flowcurate.trainer.data import (
+    CuratedShards,
+    DataError,
+    loader,
+    model_space_latent,
+    read_samples,
+    resolve_shards,
+    sample_rng,
+)
 from flowcurate.trainer.flow import flow_loss, sigmas, validation_ts
 from flowcurate.trainer.init import auto_shift, from_flowcurate, is_flowcurate_checkpoint
 from flowcurate.trainer.report import progress_bar
@@ -85,14 +92,9 @@ def decode_edit_sample(raw: dict, doc: dict, record: S.Conditioning, aug: EditAu
     E.check_edit_arrays(arrays, doc, record, raw.get("__url__", ""))
     keep_image = 0.0 if aug is not None and rng.random() < aug.image_drop_prob else 1.0
     keep_text = 0.0 if aug is not None and rng.random() < aug.instruction_drop_prob else 1.0
-    mean = arrays["latent_mean.npy"].astype(np.float32)
-    if aug is not None and aug.sample_latent:
-        std = np.exp(0.5 * arrays["latent_logvar.npy"].astype(np.float32))
-        mean = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
-    ae = record.json["autoencoder"]
-    latent = to_model_space(torch.from_numpy(mean), ae["scaling_factor"], ae["shift_factor"])
-    source = to_model_space(torch.from_numpy(arrays["source_latent_mean.npy"].astype(np.float32)),
-                            ae["scaling_factor"], ae["shift_factor"]) * keep_image
+    latent = model_space_latent(arrays["latent_mean.npy"], arrays["latent_logvar.npy"], record,
+                                rng if aug is not None and aug.sample_latent else None)
+    source = model_space_latent(arrays["source_latent_mean.npy"], arrays["source_latent_logvar.npy"], record) * keep_image
     parts = {p: torch.from_numpy(arrays[f"{E.VARIANT}.{p}.npy"]) for p in S.PARTS}
     return latent, source, parts, keep_text
 
@@ -159,9 +161,11 @@ def initial_models(launch, record: S.Conditioning, resolution: tuple[int, int], 
     tc, source = launch.config.train, launch.init_from
     if source and is_flowcurate_checkpoint(source):
         step = C.resolve(source)
-        if is_edit_config(MMDiTConfig(**C.read_state(step)["model_config"])):
-            return _load_step(step, "model", device), _load_step(step, "ema", device)
-        model, ema_weights = from_flowcurate(source, record, resolution, device)
+        if is_edit_config(MMDiTConfig(**C.read_state(step)["model_config"])):  # go on from an editing run
+            model, ema = _load_step(step, "model", device), _load_step(step, "ema", device)
+            _check_widths(model.config, record, source)
+            return model, ema
+        model, ema_weights = from_flowcurate(source, record, resolution, device)  # checks the widths
         ema = MMDiT(model.config, device="meta")
         ema.load_state_dict(ema_weights, assign=True)
         return widen_input(model), widen_input(ema)
@@ -170,13 +174,23 @@ def initial_models(launch, record: S.Conditioning, resolution: tuple[int, int], 
         if subfolder is None:
             subfolder = None if (Path(source) / "config.json").is_file() else "transformer"
         model = from_pretrained_diffusers(source, subfolder=subfolder or None).to(device)
-        wide = model if is_edit_config(model.config) else widen_input(model)
-        return wide, widen_input(model) if wide is not model else _copy(model)
+        if not is_edit_config(model.config):
+            model = widen_input(model)
+        _check_widths(model.config, record, source)
+        return model, _copy(model)
     config = mmdit_config(tc.model, context_dim=record.context_width, pooled_dim=record.pooled_width,
                           in_channels=record.latent_channels)
     torch.manual_seed(tc.seed)
     model = MMDiT(config).to(device)
     return widen_input(model), widen_input(model)
+
+
+def _check_widths(config: MMDiTConfig, record: S.Conditioning, where: str) -> None:
+    want = {"context_dim": record.context_width, "pooled_dim": record.pooled_width,
+            "output_channels": record.latent_channels}
+    have = {k: getattr(config, k) for k in want}
+    if have != want:
+        raise DataError(f"--init-from {where} has widths {have}, these editing shards' record needs {want}")
 
 
 def _copy(model: MMDiT) -> MMDiT:
@@ -187,18 +201,6 @@ def _copy(model: MMDiT) -> MMDiT:
 
 # ------------------------------------------------------------------------------------------------------
 # Training
-
-def _copy_record(record: S.Conditioning, run: Path) -> None:
-    mine = run / S.RECORD_JSON
-    if mine.exists():
-        theirs = S.read_record(mine, task=E.TASK).hash
-        if theirs != record.hash:
-            raise DataError(f"{run} was trained on editing shards with conditioning {theirs}, these have "
-                            f"{record.hash}: use another --output")
-    else:
-        shutil.copyfile(Path(record.path).with_name(record.json["arrays"]["file"]), run / S.RECORD_NPZ)
-        shutil.copyfile(record.path, mine)
-
 
 @torch.no_grad()
 def evaluate_edit(model, urls: list[str], record: S.Conditioning, batch_size: int, device: str) -> tuple[float, list[float]]:
@@ -245,7 +247,7 @@ def train_edit(launch, aug: EditAugment = EditAugment()) -> Path:
                         "base_resolution": tc.shift_base_resolution}
     folder = Path(launch.output)
     folder.mkdir(parents=True, exist_ok=True)
-    _copy_record(record, folder)
+    t2i.copy_record(record, folder)
 
     resume = C.latest(folder)
     if resume is not None:  # the run's own editing model; init_from only starts a run
