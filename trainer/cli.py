@@ -35,6 +35,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                "  flowcurate train --shards out512/ --config sd3 --output run512/ --init-from run256/   # next stage\n"
                "  flowcurate train --shards out/ --config tiny --output run/ --report-to tensorboard\n"
                "  flowcurate train --shards out/ --config sd3 --output run/ --batch-size 1024 --grad-accum 8\n"
+               "  flowcurate train --edit --shards edits/ --config tiny --output edit-run/ --init-from run/   # editing\n"
                "Rerun the same command on an existing run folder to resume from its latest checkpoint: the\n"
                "loader reopens each worker's shard at the saved byte offset (no replay of earlier batches).\n"
                "A resume that changes batch size, ranks, --workers, --split, --shuffle-buffer, seed or\n"
