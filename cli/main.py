@@ -15,7 +15,12 @@ from flowcurate.dedup.cli import add_parser as add_dedup_parser
 from flowcurate.formats.args import ArgumentParser
 from flowcurate.models.cli import add_parsers as add_model_parsers
 from flowcurate.pipeline.fit import add_filters_parser
-from flowcurate.trainer.cli import add_memorization_parser, add_sample_parser, add_train_parser
+from flowcurate.trainer.cli import (
+    add_edit_parser,
+    add_memorization_parser,
+    add_sample_parser,
+    add_train_parser,
+)
 from flowcurate.trainer.export import add_export_parser
 
 EPILOG = """\
@@ -28,6 +33,8 @@ examples:
   flowcurate run --input 'raw/*.tar' --output out/ --config tiny   # curate with Apache Beam (see run --help)
   flowcurate train --shards out/ --config tiny --output run/            # MM-DiT on curated shards
   flowcurate sample --checkpoint run/ --prompt 'a red circle' --output grid.png
+  flowcurate train --edit --shards edits/ --config tiny --output edit-run/ --init-from run/   # InstructPix2Pix
+  flowcurate edit --checkpoint edit-run/ --image in.png --instruction 'make the circle red' --output out.png
   flowcurate memorization --checkpoint run/ --curated out/ --output report/   # SD3 App. E.3 check
   flowcurate export run/ --output sd3-transformer/ [--pipeline]   # to diffusers' format
   flowcurate filters fit --images labels.csv --config my.toml --output head.safetensors   # a probe filter
@@ -66,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="curate raw image shards into training shards (Apache Beam); see run --help")
     add_train_parser(sub)
     add_sample_parser(sub)
+    add_edit_parser(sub)
     add_memorization_parser(sub)
     add_export_parser(sub)
     add_filters_parser(sub)

@@ -49,10 +49,22 @@ INDEX_JSON = "index.json"
 WIDS_VERSION = 1  # the dataset-description version webdataset's `wids` reads (index.json's `wids_version`)
 WIDS_SUFFIX = ".wids.json"  # OUT/shards/{split}.wids.json: one wids description per split
 SPLITS = ("train", "val")
+# what the data is for: text-to-image (this module; a document without `task` is one) or instruction
+# editing ("edit", formats/edit_shards.py). Each trainer refuses the other's shards, index and record.
+TASK = "text_to_image"
 
 
 class ShardFormatError(ValueError):
     """A shard, sample or conditioning record does not match the contract (never ignored)."""
+
+
+def check_task(doc: Mapping, where: str, task: str = TASK) -> None:
+    """Refuse a sample json, index or record made for another task than `task` (ShardFormatError)."""
+    found = doc.get("task", TASK)
+    if found != task:
+        hint = {"edit": "instruction-editing data: train it with `flowcurate train --edit`",
+                TASK: "text-to-image data: the editing trainer needs editing shards (formats/edit_shards.py)"}
+        raise ShardFormatError(f"{where}: holds {hint.get(found, f'task {found!r} data')} (expected task {task!r})")
 
 
 def array_members() -> list[str]:
@@ -196,6 +208,7 @@ def check_sample(sample: Mapping, record: Conditioning) -> dict:
     if "json" not in sample:
         raise ShardFormatError(f"{where}: no json member")
     doc = json.loads(sample["json"])
+    check_task(doc, where)
     if doc.get("format_version") != FORMAT_VERSION:
         raise ShardFormatError(f"{where}: format_version {doc.get('format_version')} != {FORMAT_VERSION}")
     if "conditioning" not in doc and not any(m in sample for m in array_members()):
@@ -275,8 +288,9 @@ def write_record(out_dir: Path, doc: dict, arrays: Mapping[str, np.ndarray]) -> 
     return Conditioning(doc, {k: np.asarray(v) for k, v in arrays.items()}, digest, str(Path(out_dir) / RECORD_JSON))
 
 
-def read_record(path: str | Path) -> Conditioning:
-    """Read `conditioning.json` (or a folder holding it) and its npz; verify the npz's hash."""
+def read_record(path: str | Path, task: str = TASK) -> Conditioning:
+    """Read `conditioning.json` (or a folder holding it) and its npz; verify the npz's hash and that the
+    record was made for `task`."""
     path = Path(path)
     if path.is_dir():
         path = path / RECORD_JSON
@@ -284,6 +298,7 @@ def read_record(path: str | Path) -> Conditioning:
         raise ShardFormatError(f"no conditioning record at {path}")
     data = path.read_bytes()
     doc = json.loads(data)
+    check_task(doc, str(path), task)
     if doc.get("format_version") != FORMAT_VERSION:
         raise ShardFormatError(f"{path}: format_version {doc.get('format_version')} != {FORMAT_VERSION}")
     npz_path = path.with_name(doc["arrays"]["file"])
@@ -336,11 +351,12 @@ def write_index(shards_dir: Path, counts: Mapping[str, int], conditioning: str) 
     return doc
 
 
-def read_index(shards_dir: Path) -> dict:
+def read_index(shards_dir: Path, task: str = TASK) -> dict:
     path = Path(shards_dir) / INDEX_JSON
     if not path.is_file():
         raise ShardFormatError(f"no {INDEX_JSON} in {shards_dir}")
     doc = json.loads(path.read_text())
+    check_task(doc, str(path), task)
     if doc.get("format_version") != FORMAT_VERSION:
         raise ShardFormatError(f"{path}: format_version {doc.get('format_version')} != {FORMAT_VERSION}")
     return doc

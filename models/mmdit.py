@@ -40,6 +40,10 @@ class MMDiTConfig:
     patch_size: int = 2
     # latent channels in and out (the SD3 autoencoder has 16)
     in_channels: int = 16
+    # channels predicted, when fewer than taken in (None: in_channels). Instruction-based editing feeds
+    # the noisy latent and the source image's latent on channels (32 in) and predicts one velocity (16
+    # out), as InstructPix2Pix does (models/edit.py); diffusers calls it `out_channels` too
+    out_channels: int | None = None
     # width of the context tokens (diffusers `joint_attention_dim`): 4096 = T5-XXL, CLIP padded to it
     context_dim: int = 4096
     # width of the pooled text vector: CLIP-L 768 + CLIP-G 1280
@@ -76,6 +80,11 @@ class MMDiTConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def output_channels(self) -> int:
+        """Channels of the predicted velocity: `out_channels`, or `in_channels` when that is None."""
+        return self.in_channels if self.out_channels is None else self.out_channels
 
 
 #################################################################################
@@ -308,7 +317,7 @@ class MMDiT(nn.Module):
                 JointBlock(d, config.num_heads, config.mlp_ratio, config.qk_norm, pre_only=i == config.depth - 1)
                 for i in range(config.depth)
             ])
-            self.final_layer = FinalLayer(d, p, config.in_channels)
+            self.final_layer = FinalLayer(d, p, config.output_channels)
             self.initialize_weights()
         if dtype is not None:
             self.to(dtype)
@@ -368,9 +377,10 @@ class MMDiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """Velocity `eps - x0` at noise level t.
 
-        x: (B, C, H, W) noisy latents, H and W multiples of patch_size; t: (B,) in [0, 1], 1 = pure noise;
+        x: (B, C, H, W) noisy latents, H and W multiples of patch_size, C = in_channels (an editing model:
+        the noisy latent and the source latent concatenated); t: (B,) in [0, 1], 1 = pure noise;
         context: (B, L, context_dim) text tokens (SD3: 77 CLIP + L T5); pooled: (B, pooled_dim).
-        Returns (B, C, H, W).
+        Returns (B, output_channels, H, W).
         """
         height, width = x.shape[-2:]
         # the fixed table in the parameters' dtype: a bf16 FSDP policy casts parameters, never buffers

@@ -23,7 +23,7 @@ def diffusers_config(config: MMDiTConfig) -> dict:
         sample_size=config.sample_size, patch_size=config.patch_size, in_channels=config.in_channels,
         num_layers=config.depth, attention_head_dim=config.head_dim, num_attention_heads=config.num_heads,
         joint_attention_dim=config.context_dim, caption_projection_dim=config.hidden_size,
-        pooled_projection_dim=config.pooled_dim, out_channels=config.in_channels,
+        pooled_projection_dim=config.pooled_dim, out_channels=config.output_channels,
         pos_embed_max_size=config.pos_embed_max_size, dual_attention_layers=(),
         qk_norm="rms_norm" if config.qk_norm == "rms" else None,
     )
@@ -37,8 +37,6 @@ def config_from_diffusers(dconfig) -> MMDiTConfig:
         raise NotImplementedError("dual-attention layers (SD3.5-medium, MMDiT-X) are not supported yet")
     if get("caption_projection_dim") != hidden:
         raise ValueError(f"caption_projection_dim {get('caption_projection_dim')} != hidden width {hidden}")
-    if get("out_channels") not in (None, get("in_channels")):
-        raise ValueError("out_channels must equal in_channels")
     if get("pos_embed_max_size") is None:
         raise ValueError("pos_embed_max_size must be set (every SD3 release sets it)")
     qk = get("qk_norm")
@@ -49,6 +47,7 @@ def config_from_diffusers(dconfig) -> MMDiTConfig:
         patch_size=get("patch_size"), in_channels=get("in_channels"), context_dim=get("joint_attention_dim"),
         pooled_dim=get("pooled_projection_dim"), pos_embed_max_size=get("pos_embed_max_size"),
         sample_size=get("sample_size"), qk_norm="rms" if qk == "rms_norm" else None,
+        out_channels=None if get("out_channels") in (None, get("in_channels")) else get("out_channels"),
     )
 
 

@@ -1,4 +1,4 @@
-"""The trainer's subcommands as argparse parsers: `train`, `sample`, `memorization`.
+"""The trainer's subcommands as argparse parsers: `train` (and `train --edit`), `sample`, `edit`, `memorization`.
 
 Building these parsers imports nothing heavy (no torch), so `flowcurate --help` and each `--help` are
 instant; a command's module is imported only when the command runs. `python -m flowcurate.trainer`
@@ -37,6 +37,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                "  flowcurate train --shards out512/ --config sd3 --output run512/ --init-from run256/   # next stage\n"
                "  flowcurate train --shards out/ --config tiny --output run/ --report-to tensorboard\n"
                "  flowcurate train --shards out/ --config sd3 --output run/ --batch-size 1024 --grad-accum 8\n"
+               "  flowcurate train --edit --shards edits/ --config tiny --output edit-run/ --init-from run/   # editing\n"
                "Rerun the same command on an existing run folder to resume from its latest checkpoint: the\n"
                "loader reopens each worker's shard at the saved byte offset (no replay of earlier batches).\n"
                "A resume that changes batch size, ranks, --workers, --split, --shuffle-buffer, seed or\n"
@@ -88,8 +89,67 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--report-to", action="append", metavar="TRACKER",
                    help="also log to tensorboard (RUN/tensorboard/) or wandb (RUN/wandb/, offline unless "
                         "WANDB_API_KEY or WANDB_MODE is set); repeatable or comma-separated; none (default)")
-    p.set_defaults(func=_lazy("flowcurate.trainer.train"))
+    edit = p.add_argument_group("instruction editing (InstructPix2Pix; trainer/edit.py)")
+    edit.add_argument("--edit", action="store_true",
+                      help="train an editing model on editing shards: the source latent beside the noisy one "
+                           "on channels (32 in, 16 out; the new input weights start at zero, so --init-from a "
+                           "text-to-image run or diffusers transformer starts as exactly that model), "
+                           "conditioned on the instruction; one process")
+    edit.add_argument("--image-drop-prob", type=float, default=0.1,
+                      help="with --edit: probability that a sample's source latent is zeroed (default 0.1)")
+    edit.add_argument("--instruction-drop-prob", type=float, default=0.1,
+                      help="with --edit: probability that a sample's instruction is zeroed, independently of "
+                           "the image drop (default 0.1)")
+    p.set_defaults(func=_train)
     return p
+
+
+def _train(args) -> int:
+    """`train`, or its editing mode with --edit (a module of its own, trainer/edit.py)."""
+    if args.edit:
+        return importlib.import_module("flowcurate.trainer.edit").run_train_cli(args)
+    return importlib.import_module("flowcurate.trainer.train").run_cli(args)
+
+
+def add_edit_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "edit", help="edit an image by an instruction with a `train --edit` run (InstructPix2Pix guidance)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Edit an image as an instruction says, with an editing run (flowcurate train --edit): Euler "
+                    "sampling with InstructPix2Pix's two-scale classifier-free guidance on velocities, "
+                    "v = v(0,0) + s_I (v(I,0) - v(0,0)) + s_T (v(I,T) - v(I,0)). The image is scaled and "
+                    "centre-cropped to the run's resolution, encoded with the record's autoencoder; the "
+                    "instruction with its text encoders.",
+        epilog="examples:\n"
+               "  flowcurate edit --checkpoint run/ --image in.png --instruction 'make the circle red' "
+               "--output out.png\n"
+               "  flowcurate edit --checkpoint run/ --image in.png --instruction 'remove the triangle' \\\n"
+               "      --image-guidance 1.5 --text-guidance 7.5 --output out.png\n"
+               "  flowcurate edit --checkpoint run/ --image in.png --instruction 'move the square left' \\\n"
+               "      --seeds 4 --image-guidance 1 1.5 2 --text-guidance 3 7.5 --output grid.png   # a grid\n"
+               "One seed and one pair of scales write the edited image; otherwise a grid with a row per\n"
+               "(image, text) guidance pair: the input, then one output per seed (out.json says which).")
+    p.add_argument("--checkpoint", required=True, help="editing run folder (its latest step) or a step folder")
+    p.add_argument("--image", required=True, help="the image to edit")
+    p.add_argument("--instruction", required=True, help="what to do, e.g. 'make the circle red'")
+    p.add_argument("--output", required=True, help="PNG to write (a JSON beside it lists the settings)")
+    p.add_argument("--image-guidance", type=float, nargs="+", default=[1.5], metavar="S_I",
+                   help="image guidance scale(s) s_I (default 1.5; several make a grid)")
+    p.add_argument("--text-guidance", type=float, nargs="+", default=[7.5], metavar="S_T",
+                   help="text guidance scale(s) s_T (default 7.5; several make a grid)")
+    p.add_argument("--seeds", type=int, default=1, help="outputs per guidance pair (seeds 0..N-1)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="working size (default: the run's)")
+    p.add_argument("--steps", type=int, help="Euler steps (default: the run's sample_steps)")
+    p.add_argument("--shift", type=float, help="timestep shift (default: the run's)")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto: cuda when available)")
+    p.add_argument("--no-verify", action="store_true", help="skip the content-hash check of AE and encoders")
+    p.set_defaults(func=_lazy_edit)
+    return p
+
+
+def _lazy_edit(args) -> int:
+    return importlib.import_module("flowcurate.trainer.edit").run_edit_cli(args)
 
 
 def add_sample_parser(sub) -> argparse.ArgumentParser:
@@ -169,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_sample_parser(sub)
+    add_edit_parser(sub)
     add_memorization_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -49,14 +49,15 @@ class DataError(S.ShardFormatError):
 # ------------------------------------------------------------------------------------------------------
 # Where the shards and the conditioning record are
 
-def resolve_shards(spec: str, split: str = "train") -> tuple[list[str], Path | None]:
+def resolve_shards(spec: str, split: str = "train", read_index=S.read_index) -> tuple[list[str], Path | None]:
     """`spec`: a pipeline output folder (`OUT`, using `OUT/shards/index.json`), a shards folder, brace
     notation (`out/shards/train-{000000..000031}.tar`), a glob, or URLs joined by `::`. Returns the shard
-    URLs of `split` and the conditioning record found beside them (None when none is)."""
+    URLs of `split` and the conditioning record found beside them (None when none is). `read_index`
+    reads and checks an index (the editing trainer passes `formats.edit_shards.read_edit_index`)."""
     path = Path(spec)
     if path.is_dir():
         shards_dir = path / "shards" if (path / "shards" / S.INDEX_JSON).exists() else path
-        index = S.read_index(shards_dir)
+        index = read_index(shards_dir)
         if "sd3" not in index.get("outputs", ["sd3"]):  # formats/shards.py, index_doc
             raise DataError(f"{shards_dir} holds images only ([pipeline] outputs = {index['outputs']}): no "
                             "latents or text encodings to train on; curate with outputs = [\"sd3\"] (or both)")
@@ -92,6 +93,17 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed & 0xFFFFFFFF, epoch, stable_hash("sample", key) & 0xFFFFFFFF])
 
 
+def model_space_latent(mean: np.ndarray, logvar: np.ndarray, record: S.Conditioning,
+                       rng: np.random.Generator | None = None) -> torch.Tensor:
+    """A stored posterior (C, h, w) -> the model-space latent (float32): z ~ N(mean, exp(logvar)) drawn
+    from `rng`, or the mean without one, then `(z - shift) * scale` with the record's AE values."""
+    z = mean.astype(np.float32)
+    if rng is not None:
+        z = z + np.exp(0.5 * logvar.astype(np.float32)) * rng.standard_normal(z.shape, dtype=np.float32)
+    ae = record.json["autoencoder"]
+    return to_model_space(torch.from_numpy(z), ae["scaling_factor"], ae["shift_factor"])
+
+
 def decode_sample(raw: dict, doc: dict, record: S.Conditioning, aug: Augment | None, seed: int, epoch: int):
     """Raw members -> (latent (C,h,w) model space, parts {part: array}, keep {role: 0/1}) as float32.
     `aug=None` is the evaluation view: original caption, no drops, posterior mean."""
@@ -102,12 +114,8 @@ def decode_sample(raw: dict, doc: dict, record: S.Conditioning, aug: Augment | N
     arrays = {m: S.load_npy(raw[m]) for m in names}
     S.check_arrays(arrays, doc, record, raw.get("__url__", ""))
     keep = {r: 1.0 if aug is None or rng.random() >= aug.text_drop_prob else 0.0 for r in ("clip_l", "clip_g", "t5")}
-    mean = arrays["latent_mean.npy"].astype(np.float32)
-    if aug is not None and aug.sample_latent:
-        std = np.exp(0.5 * arrays["latent_logvar.npy"].astype(np.float32))
-        mean = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
-    ae = record.json["autoencoder"]
-    latent = to_model_space(torch.from_numpy(mean), ae["scaling_factor"], ae["shift_factor"])
+    latent = model_space_latent(arrays["latent_mean.npy"], arrays["latent_logvar.npy"], record,
+                                rng if aug is not None and aug.sample_latent else None)
     # stay in the stored float16 until the batch is assembled (one vectorised conversion in collate)
     parts = {p: torch.from_numpy(arrays[f"{variant}.{p}.npy"]) for p in S.PARTS}
     return latent, parts, keep, variant
@@ -263,6 +271,11 @@ class CuratedShards(IterableDataset):
             worker = physical
         yield from _WorkerStream(self, worker, workers, saved).batches()
 
+    def check_sample(self, raw: dict) -> dict:
+        """A raw sample's parsed json after validation against the record (the editing stream,
+        trainer/edit.py, checks its own format here)."""
+        return S.check_sample(raw, self.record)
+
     def _decode(self, bucket: list[_Item]) -> dict:
         if self.split == "global" and self.train:
             bucket = bucket[self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
@@ -319,7 +332,7 @@ class _WorkerStream:
                 reads = (r for r in read_samples(url, wanted[0][2]) if r[1] in offsets)
             for (epoch, _, start, key), (raw, got, _) in zip(wanted, reads):
                 self.samples_read += raw is not None
-                doc = S.check_sample(raw, self.ds.record) if raw is not None and got == start else None
+                doc = self.ds.check_sample(raw) if raw is not None and got == start else None
                 if doc is None or doc["key"] != key:
                     raise DataError(f"{url} at byte {start}: expected sample {key} of the saved data position, "
                                     f"found {doc and doc['key']}: the shard changed since the checkpoint")
@@ -337,7 +350,7 @@ class _WorkerStream:
                     self.samples_read += 1
                     read_in_epoch = True
                     self.offset = end
-                    yield _Item(self.epoch, shard, start, raw, S.check_sample(raw, self.ds.record))
+                    yield _Item(self.epoch, shard, start, raw, self.ds.check_sample(raw))
                 self.shard_index, self.offset = self.shard_index + 1, 0
             if not self.ds.train:
                 return

@@ -114,7 +114,7 @@ def copy_record(record: S.Conditioning, run: Path) -> None:
     """The run keeps a copy of the record; a run folder made from other shards is refused."""
     mine = run / S.RECORD_JSON
     if mine.exists():
-        theirs = S.read_record(mine).hash
+        theirs = S.read_record(mine, task=record.json.get("task", S.TASK)).hash  # editing runs: trainer/edit.py
         if theirs != record.hash:
             raise DataError(f"{run} was trained on shards with conditioning {theirs}, these shards "
                             f"have {record.hash}: use another --output")
