@@ -100,8 +100,19 @@ class PipelineConfig:
     jpeg_quality: int = 95
     # "images" outputs also carry the input's own bytes as {key}.original.{jpg|png|webp|...}
     keep_original: bool = False
+    # what the inputs are: "t2i" (images with captions -> text-to-image shards) or "edit" (InstructPix2Pix
+    # triplets: a source image, an edited image and an instruction -> editing shards, formats/edit_shards.py;
+    # no captioning, the instruction is the text; SSCD dedup on the edited images)
+    task: str = "t2i"
+    # edit triplets: the source image, edited image and instruction as Parquet columns (the public
+    # InstructPix2Pix data's names) or as tar member names ({key}.original_image.jpg,
+    # {key}.edited_image.png, {key}.edit_prompt.txt)
+    edit_source: str = "original_image"
+    edit_target: str = "edited_image"
+    edit_instruction: str = "edit_prompt"
 
     OUTPUTS: ClassVar[tuple[str, ...]] = ("sd3", "images")
+    TASKS: ClassVar[tuple[str, ...]] = ("t2i", "edit")
 
     def __post_init__(self):
         if not self.outputs or len(set(self.outputs)) != len(self.outputs) or set(self.outputs) - set(self.OUTPUTS):
@@ -111,6 +122,16 @@ class PipelineConfig:
             raise ConfigError(f"[pipeline] image_format must be \"jpg\" or \"png\", got {self.image_format!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ConfigError(f"[pipeline] jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        if self.task not in self.TASKS:
+            raise ConfigError(f"[pipeline] task must be one of {list(self.TASKS)}, got {self.task!r}")
+        if self.task == "edit":
+            if tuple(self.outputs) != ("sd3",):
+                raise ConfigError("[pipeline] task = \"edit\" writes editing shards: outputs must be [\"sd3\"], "
+                                  f"got {list(self.outputs)}")
+            names = (self.edit_source, self.edit_target, self.edit_instruction)
+            if len(set(names)) != 3 or not all(names):
+                raise ConfigError("[pipeline] edit_source, edit_target and edit_instruction must be three different "
+                                  f"non-empty names, got {list(names)}")
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ trainer refuses editing data (`formats.shards.check_task`) and the editing train
 text-to-image data (`check_edit_sample`, `read_index(..., task=TASK)`). The record is the
 text-to-image record (same fields, same `format_version`) plus `task`.
 
-Writers: the pipeline (pending: `flowcurate run` does not curate triplets yet) and `models/tiny/edit_triplets.py` (procedural
-triplets through the real tiny AE and text encoders) call `encode_edit_sample`, `tar_bytes`,
-`write_edit_record` and `write_edit_index`.
+Writers: the pipeline (`flowcurate run --task edit`: pipeline/pass2.py and write.py) and
+`models/tiny/edit_triplets.py` (procedural triplets through the real tiny AE and text encoders) call
+`encode_edit_sample` and the record and index writers.
 """
 
 from __future__ import annotations

@@ -25,8 +25,14 @@ MISSING_IMAGE = "missing_image"
 DUPLICATE_KEY = "duplicate_key"
 UNREADABLE_ARCHIVE_TAIL = "unreadable_archive_tail"
 BAD_EMBEDDING = "bad_embedding"
+# edit triplets (`[pipeline] task = "edit"`): no instruction text; the source and edited images have
+# different sizes (one crop box cannot align them); the edit changes no pixel
+MISSING_INSTRUCTION = "missing_instruction"
+EDIT_SIZE_MISMATCH = "edit_size_mismatch"
+EDIT_UNCHANGED = "edit_unchanged"
 REASONS = (EMPTY_FILE, UNDECODABLE, TRUNCATED, TOO_MANY_PIXELS, TOO_SMALL, BAD_ASPECT, MISSING_IMAGE,
-           DUPLICATE_KEY, UNREADABLE_ARCHIVE_TAIL, BAD_EMBEDDING)
+           DUPLICATE_KEY, UNREADABLE_ARCHIVE_TAIL, BAD_EMBEDDING, MISSING_INSTRUCTION, EDIT_SIZE_MISMATCH,
+           EDIT_UNCHANGED)
 FILTERED_PREFIX = "filtered:"  # + the configured filter's name, e.g. "filtered:reference"
 # + the pipeline stage, e.g. "failed:validate": an unexpected error on this one element (a dead letter),
 # kept as a row so nothing is lost silently; the run goes on

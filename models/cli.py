@@ -27,6 +27,15 @@ def _tiny_models(args) -> int:
 
 
 def _sample_data(args) -> int:
+    if args.edit:
+        from flowcurate.models.tiny.edit_triplets import write_edit_data
+
+        doc = write_edit_data(Path(args.output), n=args.n, seed=args.seed)
+        out = Path(args.output).resolve()
+        planted = sum(1 for r in doc["rows"].values() if r["plant"])
+        print(f"edit data: {doc['n']} triplets in {out / 'raw'} ({planted} planted duplicates and broken triplets)")
+        print(f"truth: {out / 'truth.json'}")
+        return 0
     from flowcurate.models.tiny.sample_data import write_sample_data
 
     truth = write_sample_data(Path(args.output), n=args.n, seed=args.seed)
@@ -57,11 +66,18 @@ def add_parsers(sub) -> None:
                                    "{key}.jpg|png, .txt, .json) of procedural images with truthful "
                                    "captions, planted near-duplicates and broken samples, and "
                                    "DIR/truth.json listing what was planted.",
-                       epilog="example:\n  flowcurate sample-data --output data/ --n 512 --seed 0",
+                       epilog="examples:\n  flowcurate sample-data --output data/ --n 512 --seed 0\n"
+                              "  flowcurate sample-data --edit --output edits/ --n 64   # InstructPix2Pix-style Parquet\n"
+                              "  flowcurate run --task edit --input 'edits/raw/*.parquet' --output curated-edits "
+                              "--config tiny",
                        formatter_class=RAW)
     p.add_argument("--output", required=True, help="folder to write into")
     p.add_argument("--n", type=int, default=512, help="number of samples (default 512)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (same seed, same bytes)")
+    p.add_argument("--edit", action="store_true",
+                   help="write edit triplets instead: DIR/raw/part-NNNNN.parquet in the public InstructPix2Pix "
+                        "layout (original_image, edit_prompt, edited_image) with planted duplicates and broken "
+                        "triplets, and DIR/truth.json")
     p.set_defaults(func=_sample_data)
 
 

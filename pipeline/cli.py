@@ -26,6 +26,7 @@ EPILOG = """\
 examples:
   flowcurate run --input 'raw/*.tar' --output out/                  # the sd3 preset: real models
   flowcurate run --input 'raw/*.tar' --output out/ --config tiny    # offline tiny models
+  flowcurate run --task edit --input 'ip2p/*.parquet' --output edits/ # InstructPix2Pix triplets -> editing shards
   flowcurate run --input raw/ --output out/ --config tiny --direct_running_mode multi_processing \\
       --direct_num_workers 2
   flowcurate run --input 'gs://B/raw/*.tar' --output gs://B/out --config sd3 --runner DataflowRunner \\

@@ -85,6 +85,7 @@ class EncodeInput(NamedTuple):
     image: np.ndarray  # (H, W, 3) uint8 at the training resolution
     orig: str  # the caption variants the shards store
     syn: str
+    source: np.ndarray | None = None  # edit triplets: the source image, same size as `image`
 
 
 class Encoded(NamedTuple):
@@ -92,6 +93,8 @@ class Encoded(NamedTuple):
     latent_logvar: np.ndarray
     encodings: dict  # variant -> part -> array without the batch axis, float32
     truncated: bool  # a caption lost tokens to CLIP's 77-token limit
+    source_mean: np.ndarray | None = None  # edit triplets: the source image's posterior
+    source_logvar: np.ndarray | None = None
 
 
 class Models:
@@ -139,18 +142,27 @@ class EncodeModelHandler(ModelHandler):
         return "flowcurate_encode"
 
 
-def encode_chunk(ae, te, inputs: list[EncodeInput]) -> list[Encoded]:
-    """One chunk: images grouped by resolution (aspect buckets) in chunk order, captions in one batch."""
-    means: list = [None] * len(inputs)
-    logvars: list = [None] * len(inputs)
+def _posteriors(ae, images: list) -> tuple[list, list]:
+    """AE posteriors (mean, logvar) of images (None entries skipped), grouped by resolution in order."""
+    means: list = [None] * len(images)
+    logvars: list = [None] * len(images)
     by_resolution = defaultdict(list)
-    for i, x in enumerate(inputs):
-        by_resolution[x.image.shape[:2]].append(i)
+    for i, x in enumerate(images):
+        if x is not None:
+            by_resolution[x.shape[:2]].append(i)
     for res in sorted(by_resolution):
         idx = by_resolution[res]
-        m, lv = ae.encode([inputs[i].image for i in idx])
+        m, lv = ae.encode([images[i] for i in idx])
         for j, i in enumerate(idx):
             means[i], logvars[i] = m[j], lv[j]
+    return means, logvars
+
+
+def encode_chunk(ae, te, inputs: list[EncodeInput]) -> list[Encoded]:
+    """One chunk: images grouped by resolution (aspect buckets) in chunk order, captions in one batch;
+    edit triplets' source images as their own batches after the edited ones."""
+    means, logvars = _posteriors(ae, [x.image for x in inputs])
+    src_means, src_logvars = _posteriors(ae, [x.source for x in inputs])
     enc = {}
     for v in VARIANTS:
         texts = [getattr(x, v) for x in inputs]
@@ -159,5 +171,5 @@ def encode_chunk(ae, te, inputs: list[EncodeInput]) -> list[Encoded]:
         enc[v] = same if same is not None else te.encode(texts)
     truncated = enc["orig"]["truncated"] | enc["syn"]["truncated"]
     return [Encoded(means[i], logvars[i], {v: {p: enc[v][p][i] for p in PARTS} for v in VARIANTS},
-                    bool(truncated[i]))
+                    bool(truncated[i]), src_means[i], src_logvars[i])
             for i in range(len(inputs))]

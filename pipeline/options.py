@@ -34,9 +34,10 @@ def resolve_filter_models(cfg: Config, log=print) -> Config:
 
 
 def model_roles(cfg: Config) -> tuple[str, ...]:
-    """The models a run loads: SSCD always, the captioner unless `[models] captioner = ""`, the SD3
+    """The models a run loads: SSCD always, the captioner unless `[models] captioner = ""` or the run
+    curates edit triplets, the SD3
     autoencoder and text encoders only for the "sd3" output."""
-    return tuple(r for r in MODEL_ROLES if (r != "captioner" or cfg.models.captioner)
+    return tuple(r for r in MODEL_ROLES if (r != "captioner" or (cfg.models.captioner and cfg.pipeline.task != "edit"))
                  and (r != "sd3" or "sd3" in cfg.pipeline.outputs))
 
 
@@ -65,6 +66,9 @@ class FlowcurateOptions(PipelineOptions):
                             help="decontaminate: embeddings (Parquet: key, embedding, as flowcurate dedup writes "
                                  "them) of an evaluation set; inputs above the dedup threshold to any of them are "
                                  "rejected as filtered:reference, as in flowcurate dedup --reference (repeatable)")
+        parser.add_argument("--task", choices=("t2i", "edit"), default=None,
+                            help="override [pipeline] task: t2i (image-caption pairs, the default) or edit "
+                                 "(InstructPix2Pix triplets -> editing shards for `flowcurate train --edit`)")
         parser.add_argument("--resolution", type=int, default=None, help="override [pipeline] resolution")
         parser.add_argument("--val_fraction", type=float, default=None, help="override [pipeline] val_fraction")
         parser.add_argument("--dedup_threshold", type=float, default=None, help="override [dedup] threshold")
@@ -161,7 +165,10 @@ def launch_options(argv: list[str] | None = None, *, resolve_models: bool = True
     if not ours.output:
         raise OptionsError("--output is required")
     cfg = load_config(ours.config)
-    cfg = override(cfg, "pipeline", resolution=ours.resolution, val_fraction=ours.val_fraction)
+    cfg = override(cfg, "pipeline", resolution=ours.resolution, val_fraction=ours.val_fraction, task=ours.task)
+    if cfg.pipeline.task == "edit" and any(f.get("kind") == "clip_score" for f in cfg.pipeline.filters):
+        raise OptionsError("a clip_score filter compares an image with its caption; edit triplets have an "
+                           "instruction instead: remove it from [pipeline] filters for task = \"edit\"")
     cfg = override(cfg, "dedup", threshold=ours.dedup_threshold)
     sd3 = cfg.models.sd3
     if resolve_models:

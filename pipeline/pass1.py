@@ -5,7 +5,9 @@ descriptor, original caption, reason, filter scores).
 
 Chunks are formed inside the file, so a model batch does not depend on the runner or the worker count,
 and at most one chunk of decoded pixels is held at a time. Every input gets exactly one `Item`: a
-rejected one carries its reason (`too_small`, `filtered:aesthetic`, `failed:sscd`, ...).
+rejected one carries its reason (`too_small`, `filtered:aesthetic`, `failed:sscd`, ...). Edit
+triplets (`Pass1Settings.edit`) are validated as aligned pairs (`validate_pair`); the filters and
+SSCD see the edited image, so dedup runs on the edits.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from flowcurate.pipeline.filters import CLIP_SCORE, Filter
 from flowcurate.pipeline.filters import METRICS_NAMESPACE as FILTER_METRICS
 from flowcurate.pipeline.handlers import ModelSlot, SSCDModelHandler
 from flowcurate.pipeline.progress import Progress, Timer
-from flowcurate.pipeline.read import read_items
+from flowcurate.pipeline.read import EditNames, read_items
 from flowcurate.pipeline.records import Item, item_id, items_from_parquet, items_to_parquet
-from flowcurate.pipeline.validate import Valid, validate
+from flowcurate.pipeline.validate import Valid, validate, validate_pair
 from flowcurate.pipeline.write import join, read_file, write_file
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class Pass1Settings:
     filters: tuple[Filter, ...] = ()
     # Parquet key, image, caption columns; None: found per file (pipeline/read.py, parquet_columns)
     columns: tuple[str | None, str | None, str | None] = ("key", None, None)
+    edit: EditNames | None = None  # edit triplets: validated as pairs, the edited image filtered and embedded
 
 
 class _Pending:
@@ -115,7 +118,7 @@ class Pass1(beam.DoFn):
         chunk: list[_Pending] = []
         ordinal = -1
         try:
-            for ordinal, raw in enumerate(read_items(path, root, self.s.columns)):
+            for ordinal, raw in enumerate(read_items(path, root, self.s.columns, self.s.edit)):
                 id_ = item_id(file_index, ordinal)
                 self.progress.add("inputs")
                 if raw.reason is not None:
@@ -123,10 +126,11 @@ class Pass1(beam.DoFn):
                     yield Item(id_, raw.key, raw.source, raw.reason, caption=raw.caption)
                     continue
                 try:
-                    valid = validate(raw.image, resolution=self.s.resolution, min_size=self.s.min_size,
-                                     max_aspect=self.s.max_aspect, max_pixels=self.s.max_pixels,
-                                     buckets=list(self.s.buckets) if self.s.buckets else None,
-                                     sscd=self.s.sscd_preprocess)
+                    kw = dict(resolution=self.s.resolution, min_size=self.s.min_size, max_aspect=self.s.max_aspect,
+                              max_pixels=self.s.max_pixels, buckets=list(self.s.buckets) if self.s.buckets else None,
+                              sscd=self.s.sscd_preprocess)
+                    valid = (validate_pair(raw.source_image, raw.image, **kw) if self.s.edit
+                             else validate(raw.image, **kw))
                 except ImageRejected as e:
                     self.progress.add("rejected")
                     yield Item(id_, raw.key, raw.source, e.reason, caption=raw.caption)

@@ -14,6 +14,9 @@ What a sample holds follows `[pipeline] outputs`: "sd3" (latents and text encodi
 "images" (the training view, captions and json in img2dataset's layout, `image_members`), or both. A
 model a run does not need is never loaded: no captioner when `[models] captioner = ""` (the original
 captions are kept), no autoencoder or text encoder without "sd3".
+
+Edit triplets (`Pass2Settings.edit`) become editing samples (`formats/edit_shards.py`): the edited
+image's posterior, the aligned source's posterior and the instruction's encodings; no captioning.
 """
 
 from __future__ import annotations
@@ -27,14 +30,15 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from flowcurate.captioning.handler import CaptionModelHandler
+from flowcurate.formats import edit_shards
 from flowcurate.formats.images import ImageRejected, encode_view, image_extension
 from flowcurate.formats.manifest import FAILED_PREFIX, score_column
 from flowcurate.formats.shards import SPLITS, encode_sample, image_members, sample_json, shard_name
 from flowcurate.pipeline.handlers import EncodeInput, EncodeModelHandler, ModelSlot, SSCDModelHandler
 from flowcurate.pipeline.progress import Progress, Timer
-from flowcurate.pipeline.read import read_items
+from flowcurate.pipeline.read import EditNames, read_items
 from flowcurate.pipeline.records import Kept, manifest_row, ordinal_of
-from flowcurate.pipeline.validate import validate
+from flowcurate.pipeline.validate import validate, validate_pair
 from flowcurate.pipeline.write import PASS2_DIR, PartWriter, join, read_file, write_file
 
 log = logging.getLogger(__name__)
@@ -60,12 +64,13 @@ class Pass2Settings:
     first_shard: tuple[tuple[str, int], ...] = ()  # (split, first shard number): after earlier outputs'
     images: tuple | None = None  # "images" output: (view format "jpg" | "png", JPEG quality, keep original)
     clip_scores: tuple = ()  # clip_score filters (pipeline/filters.py): the synthetic caption's score, recorded
+    edit: EditNames | None = None  # edit triplets -> editing samples
 
     def identity(self) -> tuple:
         """What decides a sample's members and rows besides its item and the conditioning (part of the
         digest that lets a rerun reuse a finished file: other outputs must not reuse stale parts)."""
         return (self.encoder is not None, self.captioner is not None, self.images, self.store_dtype,
-                self.clip_scores)
+                self.clip_scores, self.edit)
 
 
 def shard_positions(file_index: int, kept: list[Kept], offsets: dict, shard_size: int,
@@ -153,14 +158,15 @@ class Pass2(beam.DoFn):
         chunk: list = []
         self.progress.add("kept", len(kept))
         try:
-            for ordinal, raw in enumerate(read_items(path, root, s.columns)):
+            for ordinal, raw in enumerate(read_items(path, root, s.columns, s.edit)):
                 k = wanted.pop(ordinal, None)
                 if k is None:
                     continue
                 try:
-                    v = validate(raw.image, resolution=s.resolution, min_size=s.min_size, max_aspect=s.max_aspect,
-                                 max_pixels=s.max_pixels, buckets=list(s.buckets) if s.buckets else None,
-                                 sscd=s.sscd.preprocess, sscd_crop=True)
+                    kw = dict(resolution=s.resolution, min_size=s.min_size, max_aspect=s.max_aspect,
+                              max_pixels=s.max_pixels, buckets=list(s.buckets) if s.buckets else None,
+                              sscd=s.sscd.preprocess, sscd_crop=True)
+                    v = validate_pair(raw.source_image, raw.image, **kw) if s.edit else validate(raw.image, **kw)
                 except (ImageRejected, TypeError, ValueError) as e:
                     log.warning("%s: no longer decodes as in pass 1: %r", k.source, e)
                     v = None
@@ -169,7 +175,7 @@ class Pass2(beam.DoFn):
                     yield _failed(k, "reread")
                     continue
                 keep_bytes = s.images is not None and s.images[2]  # the original's bytes go into the sample
-                chunk.append((k, raw if keep_bytes else raw._replace(image=None), v))  # else text fields only
+                chunk.append((k, raw if keep_bytes else raw._replace(image=None, source_image=None), v))  # else text fields only
                 if len(chunk) >= s.chunk:
                     yield from self._finish(chunk, file_index, shards, writers, conditioning)
                     chunk = []
@@ -205,7 +211,7 @@ class Pass2(beam.DoFn):
         try:
             encoded = [None] * len(chunk)
             if self.encoder is not None:  # without a captioner the syn variant encodes the original caption
-                encoded = self.encoder.run([EncodeInput(v.image, orig, syn if syn is not None else orig)
+                encoded = self.encoder.run([EncodeInput(v.image, orig, syn if syn is not None else orig, v.source)
                                             for (_, _, v), (orig, syn, _) in zip(chunk, texts)])
             crops = self.sscd.run([v.sscd for _, _, v in chunk])
         except Exception as e:  # noqa: BLE001
@@ -222,7 +228,8 @@ class Pass2(beam.DoFn):
                     yield beam.pvalue.TaggedOutput(PARTS, w.close())
                 w = writers[split] = PartWriter(s.out, shard, file_index)
             meta = {"source": k.source, "width": v.width, "height": v.height, "crop": list(v.crop),
-                    "resolution": list(v.resolution), "caption": {"orig": orig, "syn": syn}}
+                    "resolution": list(v.resolution)}
+            meta.update({"instruction": orig} if s.edit else {"caption": {"orig": orig, "syn": syn}})
             if raw.url:  # source metadata as the input gave it (img2dataset's url), only when there is one
                 meta["url"] = raw.url
             w.add(self._sample(k.key, raw, v, e, meta, conditioning))
@@ -257,6 +264,9 @@ class Pass2(beam.DoFn):
     def _sample(self, key: str, raw, v, e, meta: dict, conditioning: str | None) -> dict:
         """One sample's members: the arrays (with "sd3"), the img2dataset members (with "images"), the json."""
         s = self.s
+        if s.edit is not None:
+            return edit_shards.encode_edit_sample(key, e.latent_mean, e.latent_logvar, e.source_mean, e.source_logvar,
+                                                  e.encodings[edit_shards.VARIANT], meta, conditioning, s.store_dtype)
         if e is not None:
             sample = encode_sample(key, e.latent_mean, e.latent_logvar, e.encodings, meta, conditioning,
                                    s.store_dtype)

@@ -7,6 +7,14 @@ image bytes: img2dataset's Parquet output (a binary `jpg` column) and Hugging Fa
 in record batches of bounded size (`parquet_batch_rows`). Any path Beam's FileSystems read (local,
 gs://, s3://, hdfs://).
 
+Edit triplets (`[pipeline] task = "edit"`, `EditNames`): Parquet rows with a source image, an edited
+image and an instruction column (the public InstructPix2Pix data: `original_image`, `edited_image`,
+`edit_prompt`), or tar samples with members `{key}.original_image.{jpg|png|...}`,
+`{key}.edited_image.{...}` and `{key}.edit_prompt.txt`. The edited image is the item's `image` (what
+validation, filters and SSCD dedup see), the source rides along as `source_image` and the instruction
+is the item's caption. A triplet without either image -> `missing_image`; without an instruction ->
+`missing_instruction`; a loose image file is not a triplet -> `missing_image`.
+
 `read_items(path, root)` yields every input of one file as a `RawItem`, in the file's order, so the
 n-th item of a file is the same item on every read (pass 2 re-reads files by that ordinal). A tar
 sample or a Parquet row without image bytes -> `missing_image`; a damaged tar -> what is readable
@@ -28,7 +36,7 @@ import pyarrow as pa
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
-from flowcurate.formats.manifest import MISSING_IMAGE, UNREADABLE_ARCHIVE_TAIL
+from flowcurate.formats.manifest import MISSING_IMAGE, MISSING_INSTRUCTION, UNREADABLE_ARCHIVE_TAIL
 from flowcurate.formats.tars import IMAGE_EXTS, TarTail, iter_tar, sanitize_key
 
 PARQUET_EXTS = ("parquet",)
@@ -54,6 +62,15 @@ class RawItem(NamedTuple):
     caption: str | None  # the original caption (alt text), if any
     reason: str | None  # rejection reason, None when the item goes on to validation
     url: str | None = None  # where the source says the image came from (img2dataset's `url`), if any
+    source_image: bytes | None = None  # edit triplets: the source image (`image` is the edited one)
+
+
+class EditNames(NamedTuple):
+    """Where an edit triplet's parts are: Parquet column names, or tar member names before the extension."""
+
+    source: str = "original_image"
+    target: str = "edited_image"
+    instruction: str = "edit_prompt"
 
 
 def input_patterns(spec: str) -> tuple[str, str]:
@@ -89,7 +106,29 @@ def json_url(data: bytes | None) -> str | None:
     return url if isinstance(url, str) and url else None
 
 
-def read_tar(path: str) -> Iterator[RawItem]:
+def _named_image(data: dict[str, bytes], name: str) -> bytes | None:
+    """The bytes of member `{name}.{image ext}` of a tar sample, if any."""
+    return next((data[f"{name}.{ext}"] for ext in IMAGE_EXTS if f"{name}.{ext}" in data), None)
+
+
+def _triplet(path: str, sample, data: dict[str, bytes], names: EditNames) -> RawItem:
+    """A tar sample as a triplet; its source names the edited image's member (else the sample's first)."""
+    txt = data.get(f"{names.instruction}.txt")
+    instruction = txt.decode("utf-8", "replace").strip() if txt is not None else None
+    target = next((f"{names.target}.{ext}" for ext in IMAGE_EXTS if f"{names.target}.{ext}" in data), None)
+    source = f"{path}#{sample.raw_key}.{target}" if target else sample.source
+    return triplet_item(sample.key, source, _named_image(data, names.source), _named_image(data, names.target),
+                        instruction, json_url(data.get("json")))
+
+
+def triplet_item(key: str, source: str, src: bytes | None, edited: bytes | None, instruction: str | None,
+                 url: str | None = None) -> RawItem:
+    """One edit triplet as a RawItem (the edited image as `image`), with its reason when a part is missing."""
+    reason = MISSING_IMAGE if not src or not edited else MISSING_INSTRUCTION if not instruction else None
+    return RawItem(key, source, edited or None, instruction or None, reason, url, src or None)
+
+
+def read_tar(path: str, edit: EditNames | None = None) -> Iterator[RawItem]:
     stem = sanitize_key(posixpath.basename(path).rpartition(".")[0] or posixpath.basename(path))
     with FileSystems.open(path) as fh:
         for s in iter_tar(fh, path):
@@ -97,6 +136,9 @@ def read_tar(path: str) -> Iterator[RawItem]:
                 yield RawItem(f"{stem}#truncated", f"{path}@{s.offset}", None, None, UNREADABLE_ARCHIVE_TAIL)
                 continue
             sample, data = s
+            if edit is not None:
+                yield _triplet(path, sample, data, edit)
+                continue
             ext = sample.image_ext()
             caption = data["txt"].decode("utf-8", "replace").strip() if "txt" in data else None
             url = json_url(data.get("json"))
@@ -147,10 +189,12 @@ class ParquetColumns(NamedTuple):
     key: str | None
     caption: str | None
     url: str | None
+    source: str | None = None  # edit triplets: the source image column (same kind as `image`)
+    source_kind: str | None = None
 
 
 def parquet_columns(schema: pa.Schema, key_column: str | None = "key", image_column: str | None = None,
-                    caption_column: str | None = None) -> ParquetColumns | None:
+                    caption_column: str | None = None, source_column: str | None = None) -> ParquetColumns | None:
     """The columns to read from a Parquet file with this schema, or None when it holds no image bytes
     (e.g. img2dataset's per-shard metadata table beside its tars, which describes the tars' images).
 
@@ -174,7 +218,11 @@ def parquet_columns(schema: pa.Schema, key_column: str | None = "key", image_col
         caption = next((c for c in CAPTION_COLUMNS if c in types and _is_string(types[c])), None)
     key = key_column if key_column and key_column in types and key_column != image else None
     url = URL_COLUMN if URL_COLUMN in types and _is_string(types[URL_COLUMN]) else None
-    return ParquetColumns(image, _image_kind(types[image]), key, caption, url)
+    source = source_column if source_column in types and _image_kind(types[source_column]) else None
+    if source_column is not None and source is None:
+        return None  # a triplet file needs both image columns
+    return ParquetColumns(image, _image_kind(types[image]), key, caption, url, source,
+                          _image_kind(types[source]) if source else None)
 
 
 def parquet_batch_rows(metadata, target_bytes: int = PARQUET_BATCH_BYTES) -> int:
@@ -202,7 +250,7 @@ def _texts(batch: pa.RecordBatch, name: str | None) -> list:
 
 def iter_parquet_batches(pf, cols: ParquetColumns, batch_bytes: int = PARQUET_BATCH_BYTES) -> Iterator[pa.RecordBatch]:
     """The needed columns of `pf` as record batches of `parquet_batch_rows` rows, in file order."""
-    wanted = list(dict.fromkeys(c for c in (cols.key, cols.image, cols.caption, cols.url) if c))
+    wanted = list(dict.fromkeys(c for c in (cols.key, cols.image, cols.caption, cols.url, cols.source) if c))
     # one thread: the runner already reads many files at once, and Arrow's per-thread buffers would add
     # tens of MB per reader (measured: 64 MB vs 36 MB peak for a 2 MB batch budget)
     yield from pf.iter_batches(batch_size=parquet_batch_rows(pf.metadata, batch_bytes), columns=wanted,
@@ -210,7 +258,8 @@ def iter_parquet_batches(pf, cols: ParquetColumns, batch_bytes: int = PARQUET_BA
 
 
 def read_parquet(path: str, key_column: str | None = "key", image_column: str | None = None,
-                 caption_column: str | None = None, batch_bytes: int = PARQUET_BATCH_BYTES) -> Iterator[RawItem]:
+                 caption_column: str | None = None, batch_bytes: int = PARQUET_BATCH_BYTES,
+                 edit: EditNames | None = None) -> Iterator[RawItem]:
     """Every row of an image Parquet file as a RawItem, streamed by record batches: memory is bounded
     by one batch (plus pyarrow's read buffer), not by a row group or the file. Only the needed columns
     are read (`parquet_columns`). A row whose image is null or empty -> `missing_image` (img2dataset
@@ -222,10 +271,15 @@ def read_parquet(path: str, key_column: str | None = "key", image_column: str | 
         # pre_buffer=False and a read buffer: column chunks are read page by page as batches need
         # them, not a whole row group's chunks at once
         pf = pq.ParquetFile(fh, pre_buffer=False, buffer_size=1 << 20)
-        cols = parquet_columns(pf.schema_arrow, key_column, image_column, caption_column)
+        if edit is not None:  # a triplet file: the named columns, nothing guessed
+            image_column, caption_column = edit.target, edit.instruction
+        cols = parquet_columns(pf.schema_arrow, key_column, image_column, caption_column,
+                               edit.source if edit is not None else None)
         if cols is None:
             wanted = (f"{image_column!r}, binary or a {{bytes, path}} struct" if image_column else
                       f"binary {'/'.join(IMAGE_COLUMNS)} or a {{bytes, path}} struct")
+            if edit is not None:
+                wanted = f"edit triplets: {edit.source!r} and {edit.target!r}, each binary or a {{bytes, path}} struct"
             logging.warning("%s: no image column (%s; the file has %s): not an image input, skipped", path,
                             wanted, ", ".join(f"{f.name}: {f.type}" for f in pf.schema_arrow))
             SKIPPED_FILES.inc()
@@ -235,24 +289,32 @@ def read_parquet(path: str, key_column: str | None = "key", image_column: str | 
         for batch in iter_parquet_batches(pf, cols, batch_bytes):
             keys = batch.column(cols.key).to_pylist() if cols.key else [None] * batch.num_rows
             images = _image_values(batch.column(cols.image), cols.image_kind)
-            for key, data, cap, url in zip(keys, images, _texts(batch, cols.caption), _texts(batch, cols.url)):
+            sources = (_image_values(batch.column(cols.source), cols.source_kind) if cols.source
+                       else [None] * batch.num_rows)
+            for key, data, cap, url, src in zip(keys, images, _texts(batch, cols.caption), _texts(batch, cols.url),
+                                                sources):
                 key = sanitize_key(str(key)) if key is not None else f"{stem}_{i:09d}"
-                yield RawItem(key, f"{path}#{i}", data or None, cap, None if data else MISSING_IMAGE, url or None)
+                if edit is not None:
+                    yield triplet_item(key, f"{path}#{i}", src, data, cap, url or None)
+                else:
+                    yield RawItem(key, f"{path}#{i}", data or None, cap, None if data else MISSING_IMAGE, url or None)
                 i += 1
-            del batch, images
+            del batch, images, sources
 
 
-def read_items(path: str, root: str,
-               columns: tuple[str | None, str | None, str | None] = ("key", None, None)) -> Iterator[RawItem]:
+def read_items(path: str, root: str, columns: tuple[str | None, str | None, str | None] = ("key", None, None),
+               edit: EditNames | None = None) -> Iterator[RawItem]:
     """Every input of one file, in the file's order. `columns`: Parquet key, image and caption columns
-    (None: found by `parquet_columns`)."""
+    (None: found by `parquet_columns`); `edit`: read edit triplets (the image and caption columns are
+    then `edit`'s target and instruction)."""
     ext = _ext(path)
     if ext == "tar":
-        yield from read_tar(path)
+        yield from read_tar(path, edit)
     elif ext in IMAGE_EXTS:
-        yield read_image(path, root)
+        item = read_image(path, root)
+        yield item if edit is None else item._replace(image=None, reason=MISSING_IMAGE)  # not a triplet
     elif ext in PARQUET_EXTS:
-        yield from read_parquet(path, *columns)
+        yield from read_parquet(path, *columns, edit=edit)
     # other files (.txt captions, .json, stats) are not inputs of their own
 
 

@@ -41,7 +41,7 @@ from flowcurate.pipeline.pass2 import CROPS, PARTS, Pass2, Pass2Settings
 from flowcurate.pipeline.previous import ReadPrevious, check_compatible, shard_base
 from flowcurate.pipeline.progress import NAMESPACE as PROGRESS_NAMESPACE
 from flowcurate.pipeline.progress import Progress
-from flowcurate.pipeline.read import ListInputs
+from flowcurate.pipeline.read import EditNames, ListInputs
 from flowcurate.pipeline.records import ORDINAL_BITS, Item, file_index_of, item_id, with_score_columns
 from flowcurate.pipeline.shuffles import shuffle_bytes
 from flowcurate.pipeline.validate import aspect_buckets
@@ -81,7 +81,8 @@ def pass1_settings(launch: Launch) -> Pass1Settings:
         sscd_location=m.sscd, sscd_preprocess=SSCDPreprocess(dd.sscd_size, tuple(dd.mean), tuple(dd.std)),
         chunk=pc.batch_size, device=pc.device, sscd_sha256=m.sscd_sha256,
         filters=tuple(check_filters([{"device": pc.device, **f} for f in pc.filters])),
-        columns=(o.key_column, o.image_column, o.caption_column))
+        columns=(o.key_column, o.image_column, o.caption_column),
+        edit=EditNames(pc.edit_source, pc.edit_target, pc.edit_instruction) if pc.task == "edit" else None)
 
 
 def settings_hash(settings: Pass1Settings) -> str:
@@ -130,7 +131,8 @@ def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
     captioner = CaptionModelHandler(
         m.captioner, revision=m.captioner_revision, prompt=pc.caption_prompt,
         max_new_tokens=pc.caption_max_new_tokens, batch_size=pc.caption_batch_size,
-        trust_remote_code=m.trust_remote_code, device=pc.device, share_model=pc.share_models) if m.captioner else None
+        trust_remote_code=m.trust_remote_code, device=pc.device,
+        share_model=pc.share_models) if m.captioner and not settings1.edit else None  # an instruction is the text
     encoder = EncodeModelHandler(m.sd3, revision=m.sd3_revision, t5_length=pc.t5_max_length, ae_dtype=pc.ae_dtype,
                                  te_dtype=pc.text_encoder_dtype, device=pc.device,
                                  share_model=pc.share_models) if sd3 else None
@@ -140,7 +142,7 @@ def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
                               sscd=SSCDModelHandler(m.sscd, pre, pc.device, m.sscd_sha256), columns=columns,
                               first_shard=tuple(shard_base(o.previous).items()) if o.previous else (),
                               images=images, clip_scores=tuple(f for f in settings1.filters if f.kind == CLIP_SCORE)
-                              if captioner is not None else ())
+                              if captioner is not None else (), edit=settings1.edit)
     written = (kept
                | "ByFile" >> beam.Map(lambda k: (file_index_of(k.id), k))
                | "GroupByFile" >> beam.GroupByKey()
@@ -150,7 +152,7 @@ def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
     shards = (written[PARTS] | "PartsByShard" >> beam.GroupByKey()
               | "WriteShards" >> beam.Map(write_shard, out))
     index = (shards | "ShardCounts" >> beam.combiners.ToList()
-             | "WriteIndex" >> beam.Map(write_index, out, AsSingleton(conditioning), tuple(pc.outputs)))
+             | "WriteIndex" >> beam.Map(write_index, out, AsSingleton(conditioning), tuple(pc.outputs), pc.task))
 
     rows = ((decided["rows"], written.rows) | "AllRows" >> beam.Flatten() | "Count" >> beam.Map(count_row))
     scores = score_columns(settings1.filters)  # one column per filter (kept rows too), when there are filters
@@ -168,7 +170,7 @@ def build(p: beam.Pipeline, launch: Launch) -> dict[str, Any]:
     info = {"config": to_dict(cfg), "inputs_spec": list(o.input), "runner": launch.runner,
             "sscd": {"location": m.sscd, "preprocess": pre.record()},
             "captioner": {"location": m.captioner, "revision": m.captioner_revision, "prompt": pc.caption_prompt,
-                          "max_new_tokens": pc.caption_max_new_tokens, "greedy": True} if m.captioner else None}
+                          "max_new_tokens": pc.caption_max_new_tokens, "greedy": True} if captioner else None}
     stats = (rows | "StatusReason" >> beam.Map(lambda r: (r["status"], r["reason"] or ""))
              | "CountStatus" >> beam.combiners.Count.PerElement()
              | "StatusList" >> beam.combiners.ToList()

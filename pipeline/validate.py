@@ -7,19 +7,24 @@ the largest centred crop with the target's aspect ratio, resized to the target (
 training resolution, or with `buckets` the aspect bucket nearest to the image's own aspect ratio). The
 crop box is reported in the original (EXIF-corrected) pixels, as the sample json wants it.
 `pixel_hash` is the sha256 of the decoded original's pixels and size: the exact-duplicate key.
+
+`validate_pair` does the same for an edit triplet's two images: the edited image is validated as
+above and the source is cut with the *same* box and resized to the same size, so the two stay aligned
+pixel for pixel (the editing model learns where things moved). Both must have the same size
+(`edit_size_mismatch`) and differ somewhere (`edit_unchanged`); the pair's `pixel_hash` covers both.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
 
 from flowcurate.formats.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
-from flowcurate.formats.manifest import BAD_ASPECT, TOO_SMALL
+from flowcurate.formats.manifest import BAD_ASPECT, EDIT_SIZE_MISMATCH, EDIT_UNCHANGED, TOO_SMALL
 from flowcurate.models.sscd import SSCDPreprocess
 
 # sides of the resized image are multiples of this: the AE downsamples 8x, the MM-DiT patches 2x2
@@ -36,6 +41,7 @@ class Valid:
     pixel_hash: str  # "sha256:..." of the decoded original (exact-duplicate detection)
     mode: str  # the original's mode, e.g. "CMYK"
     sscd: np.ndarray | None = None  # (S, S, 3) uint8 for SSCD (square): the whole original, or the training crop
+    source: np.ndarray | None = None  # edit triplets (`validate_pair`): the source image cut like `image`
 
 
 def aspect_buckets(resolution: int, max_aspect: float = 3.0, multiple: int = SIDE_MULTIPLE) -> list[tuple[int, int]]:
@@ -91,3 +97,20 @@ def validate(data: bytes, *, resolution: int = 256, min_size: int = 64, max_aspe
     out = d.image.resize((tw, th), Image.Resampling.BICUBIC, box=box, reducing_gap=None)
     return Valid(np.asarray(out, dtype=np.uint8), w, h, box, (th, tw), pixel_hash(d.image), d.mode,
                  None if sscd is None else sscd.resize(d.image.crop(box) if sscd_crop else d.image))
+
+
+def validate_pair(source: bytes, edited: bytes, **kw) -> Valid:
+    """An edit triplet's (source, edited) image bytes -> the edited image's `Valid` with `source`, the
+    source cut with the same box, or raise `ImageRejected`. `kw` as `validate` (SSCD pixels, if asked
+    for, are the edited image's). `pixel_hash` is the pair's (both images), so a re-read checks both."""
+    target = validate(edited, **kw)
+    d = decode_image(source, kw.get("max_pixels", DEFAULT_MAX_PIXELS))
+    if (d.width, d.height) != (target.width, target.height):
+        raise ImageRejected(EDIT_SIZE_MISMATCH, f"source {d.width}x{d.height}, edited {target.width}x{target.height}")
+    th, tw = target.resolution
+    out = d.image.resize((tw, th), Image.Resampling.BICUBIC, box=target.crop, reducing_gap=None)
+    src_hash = pixel_hash(d.image)
+    if src_hash == target.pixel_hash:
+        raise ImageRejected(EDIT_UNCHANGED, "the edited image equals the source, pixel for pixel")
+    pair = "sha256:" + hashlib.sha256(f"{target.pixel_hash}:{src_hash}".encode()).hexdigest()
+    return replace(target, pixel_hash=pair, source=np.asarray(out, dtype=np.uint8))

@@ -27,6 +27,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
+from flowcurate.formats import edit_shards
 from flowcurate.formats.config import Config
 from flowcurate.formats.shards import (
     INDEX_JSON,
@@ -141,6 +142,8 @@ def make_conditioning(_, cfg: Config, label: str | None, out: str) -> str | None
     doc, arrays = record_parts(m.sd3, ae, te, revision=m.sd3_revision, store_dtype=pc.store_dtype,
                                validation_prompts=list(pc.validation_prompts), ae_dtype=pc.ae_dtype,
                                te_dtype=pc.text_encoder_dtype, label=label)
+    if pc.task == edit_shards.TASK:  # editing shards' record: the editing trainer checks it
+        doc = {**doc, "task": edit_shards.TASK}
     _, files, digest = record_files(doc, arrays)
     for name, data in files.items():
         write_file(join(out, name), data)
@@ -164,9 +167,11 @@ def write_shard(kv, out: str):
     return shard, sum(n for _, _, n in parts)
 
 
-def write_index(counts: list, out: str, conditioning: str | None, outputs: tuple = ("sd3",)) -> dict:
-    """OUT/shards/index.json and a wids description per split, OUT/shards/{split}.wids.json."""
-    doc = index_doc(dict(counts), conditioning, outputs)
+def write_index(counts: list, out: str, conditioning: str | None, outputs: tuple = ("sd3",), task: str = "t2i") -> dict:
+    """OUT/shards/index.json and a wids description per split, OUT/shards/{split}.wids.json; an
+    editing run's index says so (`formats/edit_shards.py`)."""
+    doc = (edit_shards.edit_index_doc(dict(counts), conditioning) if task == edit_shards.TASK
+           else index_doc(dict(counts), conditioning, outputs))
     write_file(join(out, "shards", INDEX_JSON), record_bytes(doc))
     for name, wids in wids_docs(dict(counts)).items():
         write_file(join(out, "shards", name), record_bytes(wids))

@@ -14,7 +14,9 @@ the edit is measured, not judged (`score_edit`):
 `write_edit_shards` turns triplets into editing shards (`formats/edit_shards.py`) with the real tiny
 autoencoder (posteriors of the source and edited images) and the real tiny text encoders
 (`models/text_encoders.TextEncoders`, the instruction in the `orig` slot): the encoders the pipeline
-uses. Curating triplets from raw data with `flowcurate run` is not built yet.
+uses. `write_edit_data` writes triplets as *raw* edit data instead, in the public InstructPix2Pix
+layout (Hugging Face Parquet), with planted duplicates and broken triplets, for `flowcurate run
+--task edit` to curate (`flowcurate sample-data --edit`).
 
 Everything is a pure function of a `numpy.random.Generator`, like `procedural.py`.
 """
@@ -191,3 +193,106 @@ def write_edit_shards(out: Path, items: list[Triplet], sd3: str, size: int = 64,
             write_atomic(out / "shards" / name, S.tar_bytes(samples[i:i + shard_size]))
             counts[name] = len(samples[i:i + shard_size])
     return E.write_edit_index(out / "shards", counts, record.hash)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Raw edit data, as the public InstructPix2Pix data is published (Hugging Face Parquet)
+
+# (width, height) of the rendered triplets: squares and both orientations, so crops are exercised
+EDIT_DATA_SIZES = ((64, 64), (96, 64), (64, 80))
+# planted cases -> what the curated manifest must say (status, or "rejected:<reason>")
+EDIT_PLANTS = {"exact_copy": "duplicate", "reencoded_copy": "duplicate", "unchanged": "rejected:edit_unchanged",
+               "no_source": "rejected:missing_image", "no_instruction": "rejected:missing_instruction",
+               "size_mismatch": "rejected:edit_size_mismatch", "undecodable": "rejected:undecodable"}
+
+
+def _png(img) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_edit_data(out: Path, n: int = 64, seed: int = 0, files: int = 2) -> dict:
+    """`n` procedural triplets plus one of each `EDIT_PLANTS` case as raw edit data:
+    OUT/raw/part-NNNNN.parquet with the InstructPix2Pix columns (`original_prompt`, `original_image`,
+    `edit_prompt`, `edited_prompt`, `edited_image`; images as Hugging Face image structs {bytes, path},
+    PNG) and OUT/truth.json: per row (`file#row`, as the manifest's `source` ends) the instruction,
+    the size, the answer and what curation must decide (`expect`: kept, duplicate or rejected:<reason>;
+    a planted copy's `copy_of` names its original's row: of the two, one is kept and one is a duplicate).
+    Rows are dealt round-robin over `files` files."""
+    import io
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from flowcurate.models.tiny.procedural import render
+
+    rng = np.random.default_rng(seed)
+    rows, truth = [], []
+
+    def add(src, edited, instruction, expect, t: Triplet | None = None, plant: str | None = None, size=None,
+            copy_of: int | None = None):
+        rows.append({"original_prompt": None, "original_image": None if src is None else {"bytes": src, "path": None},
+                     "edit_prompt": instruction, "edited_prompt": None,
+                     "edited_image": None if edited is None else {"bytes": edited, "path": None}})
+        truth.append({"instruction": instruction, "expect": expect, "plant": plant, "size": size,
+                      "answer": t.answer if t is not None else None, "copy_of": copy_of})
+
+    made: list = []
+    while len(made) < n:
+        t = random_triplet(rng)
+        if not t.edited.shapes:  # removing the only shape leaves a blank image: every such edit would be
+            continue  # a duplicate of the others on that background (dedup runs on the edited images)
+        w, h = EDIT_DATA_SIZES[int(rng.integers(len(EDIT_DATA_SIZES)))]
+        src, edited = render(t.source, w, h), render(t.edited, w, h)
+        made.append((t, src, edited))
+        add(_png(src), _png(edited), t.instruction, "kept", t, size=[w, h])
+    t, src, edited = made[0]
+    add(_png(src), _png(edited), t.instruction, EDIT_PLANTS["exact_copy"], t, "exact_copy", list(src.size), 0)
+    t, src, edited = made[1]
+    again = [Image.open(io.BytesIO(jpeg)).convert("RGB") for jpeg in (_jpeg(src), _jpeg(edited))]
+    add(_png(again[0]), _png(again[1]), t.instruction, EDIT_PLANTS["reencoded_copy"], t, "reencoded_copy",
+        list(src.size), 1)
+    t, src, _ = made[2]
+    add(_png(src), _png(src), t.instruction, EDIT_PLANTS["unchanged"], t, "unchanged", list(src.size))
+    t, _, edited = made[3]
+    add(None, _png(edited), t.instruction, EDIT_PLANTS["no_source"], t, "no_source", list(edited.size))
+    t, src, edited = made[4]
+    add(_png(src), _png(edited), None, EDIT_PLANTS["no_instruction"], t, "no_instruction", list(src.size))
+    t, src, edited = made[5]
+    add(_png(src.resize((src.width + 16, src.height))), _png(edited), t.instruction, EDIT_PLANTS["size_mismatch"],
+        t, "size_mismatch", list(edited.size))
+    t, src, _ = made[6]
+    add(_png(src), b"not an image", t.instruction, EDIT_PLANTS["undecodable"], t, "undecodable", list(src.size))
+
+    out = Path(out)
+    (out / "raw").mkdir(parents=True, exist_ok=True)
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    schema = pa.schema([("original_prompt", pa.string()), ("original_image", image), ("edit_prompt", pa.string()),
+                        ("edited_prompt", pa.string()), ("edited_image", image)])
+    order = rng.permutation(len(rows))  # planted cases land among the others, in any file
+    per_file: list[list[int]] = [[] for _ in range(files)]
+    for rank, i in enumerate(order):
+        per_file[rank % files].append(int(i))
+    doc = {"n": len(rows), "rows": {}}
+    where = {}
+    for f, idx in enumerate(per_file):
+        name = f"part-{f:05d}.parquet"
+        pq.write_table(pa.Table.from_pylist([rows[i] for i in idx], schema=schema), out / "raw" / name,
+                       row_group_size=16)
+        where.update({i: f"{name}#{r}" for r, i in enumerate(idx)})
+    for i, t in enumerate(truth):  # a copy names its original's row: one of the two is kept, which one
+        # depends on the keep priority (pixels, then key), so the truth says the pair, not the winner
+        doc["rows"][where[i]] = {**t, "copy_of": where[t["copy_of"]] if t["copy_of"] is not None else None}
+    (out / "truth.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
+    return doc
+
+
+def _jpeg(img) -> bytes:
+    from flowcurate.models.tiny.procedural import jpeg_bytes
+
+    return jpeg_bytes(img, 90)
