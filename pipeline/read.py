@@ -36,6 +36,7 @@ import pyarrow as pa
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
+from flowcurate.formats.config import PipelineConfig
 from flowcurate.formats.manifest import MISSING_IMAGE, MISSING_INSTRUCTION, UNREADABLE_ARCHIVE_TAIL
 from flowcurate.formats.tars import IMAGE_EXTS, TarTail, iter_tar, sanitize_key
 
@@ -66,11 +67,12 @@ class RawItem(NamedTuple):
 
 
 class EditNames(NamedTuple):
-    """Where an edit triplet's parts are: Parquet column names, or tar member names before the extension."""
+    """Where an edit triplet's parts are: Parquet column names, or tar member names before the extension
+    (defaults: the `[pipeline] edit_*` defaults, the public InstructPix2Pix data's names)."""
 
-    source: str = "original_image"
-    target: str = "edited_image"
-    instruction: str = "edit_prompt"
+    source: str = PipelineConfig.edit_source
+    target: str = PipelineConfig.edit_target
+    instruction: str = PipelineConfig.edit_instruction
 
 
 def input_patterns(spec: str) -> tuple[str, str]:
@@ -106,19 +108,18 @@ def json_url(data: bytes | None) -> str | None:
     return url if isinstance(url, str) and url else None
 
 
-def _named_image(data: dict[str, bytes], name: str) -> bytes | None:
-    """The bytes of member `{name}.{image ext}` of a tar sample, if any."""
-    return next((data[f"{name}.{ext}"] for ext in IMAGE_EXTS if f"{name}.{ext}" in data), None)
+def _named_image(data: dict[str, bytes], name: str) -> str | None:
+    """The extension `{name}.{image ext}` of a tar sample's member holding that image, if any."""
+    return next((f"{name}.{ext}" for ext in IMAGE_EXTS if f"{name}.{ext}" in data), None)
 
 
 def _triplet(path: str, sample, data: dict[str, bytes], names: EditNames) -> RawItem:
     """A tar sample as a triplet; its source names the edited image's member (else the sample's first)."""
     txt = data.get(f"{names.instruction}.txt")
     instruction = txt.decode("utf-8", "replace").strip() if txt is not None else None
-    target = next((f"{names.target}.{ext}" for ext in IMAGE_EXTS if f"{names.target}.{ext}" in data), None)
+    src, target = _named_image(data, names.source), _named_image(data, names.target)
     source = f"{path}#{sample.raw_key}.{target}" if target else sample.source
-    return triplet_item(sample.key, source, _named_image(data, names.source), _named_image(data, names.target),
-                        instruction, json_url(data.get("json")))
+    return triplet_item(sample.key, source, data.get(src), data.get(target), instruction, json_url(data.get("json")))
 
 
 def triplet_item(key: str, source: str, src: bytes | None, edited: bytes | None, instruction: str | None,

@@ -78,6 +78,13 @@ def pixel_hash(img: Image.Image) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def training_view(img: Image.Image, box: tuple[int, int, int, int], resolution: tuple[int, int]) -> np.ndarray:
+    """`box` of `img` resized to `resolution` (H, W): uint8 (H, W, 3). One resampling for every view, so
+    an edit triplet's two images, cut with one box, stay aligned."""
+    th, tw = resolution
+    return np.asarray(img.resize((tw, th), Image.Resampling.BICUBIC, box=box, reducing_gap=None), dtype=np.uint8)
+
+
 def validate(data: bytes, *, resolution: int = 256, min_size: int = 64, max_aspect: float = 3.0,
              max_pixels: int = DEFAULT_MAX_PIXELS, buckets: list[tuple[int, int]] | None = None,
              sscd: SSCDPreprocess | None = None, sscd_crop: bool = False) -> Valid:
@@ -94,8 +101,7 @@ def validate(data: bytes, *, resolution: int = 256, min_size: int = 64, max_aspe
         raise ImageRejected(BAD_ASPECT, f"{w}x{h}: aspect ratio {max(w, h) / min(w, h):.2f} > {max_aspect}")
     th, tw = nearest_bucket(w, h, buckets) if buckets else (resolution, resolution)
     box = centre_crop_box(w, h, th, tw)
-    out = d.image.resize((tw, th), Image.Resampling.BICUBIC, box=box, reducing_gap=None)
-    return Valid(np.asarray(out, dtype=np.uint8), w, h, box, (th, tw), pixel_hash(d.image), d.mode,
+    return Valid(training_view(d.image, box, (th, tw)), w, h, box, (th, tw), pixel_hash(d.image), d.mode,
                  None if sscd is None else sscd.resize(d.image.crop(box) if sscd_crop else d.image))
 
 
@@ -107,10 +113,8 @@ def validate_pair(source: bytes, edited: bytes, **kw) -> Valid:
     d = decode_image(source, kw.get("max_pixels", DEFAULT_MAX_PIXELS))
     if (d.width, d.height) != (target.width, target.height):
         raise ImageRejected(EDIT_SIZE_MISMATCH, f"source {d.width}x{d.height}, edited {target.width}x{target.height}")
-    th, tw = target.resolution
-    out = d.image.resize((tw, th), Image.Resampling.BICUBIC, box=target.crop, reducing_gap=None)
     src_hash = pixel_hash(d.image)
     if src_hash == target.pixel_hash:
         raise ImageRejected(EDIT_UNCHANGED, "the edited image equals the source, pixel for pixel")
     pair = "sha256:" + hashlib.sha256(f"{target.pixel_hash}:{src_hash}".encode()).hexdigest()
-    return replace(target, pixel_hash=pair, source=np.asarray(out, dtype=np.uint8))
+    return replace(target, pixel_hash=pair, source=training_view(d.image, target.crop, target.resolution))

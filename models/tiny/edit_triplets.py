@@ -206,14 +206,6 @@ EDIT_PLANTS = {"exact_copy": "duplicate", "reencoded_copy": "duplicate", "unchan
                "size_mismatch": "rejected:edit_size_mismatch", "undecodable": "rejected:undecodable"}
 
 
-def _png(img) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def write_edit_data(out: Path, n: int = 64, seed: int = 0, files: int = 2) -> dict:
     """`n` procedural triplets plus one of each `EDIT_PLANTS` case as raw edit data:
     OUT/raw/part-NNNNN.parquet with the InstructPix2Pix columns (`original_prompt`, `original_image`,
@@ -230,6 +222,10 @@ def write_edit_data(out: Path, n: int = 64, seed: int = 0, files: int = 2) -> di
     from PIL import Image
 
     from flowcurate.models.tiny.procedural import render
+    from flowcurate.models.tiny.sample_data import encode_image
+
+    def _png(img) -> bytes:
+        return encode_image(img, "png")
 
     rng = np.random.default_rng(seed)
     rows, truth = [], []
@@ -254,7 +250,7 @@ def write_edit_data(out: Path, n: int = 64, seed: int = 0, files: int = 2) -> di
     t, src, edited = made[0]
     add(_png(src), _png(edited), t.instruction, EDIT_PLANTS["exact_copy"], t, "exact_copy", list(src.size), 0)
     t, src, edited = made[1]
-    again = [Image.open(io.BytesIO(jpeg)).convert("RGB") for jpeg in (_jpeg(src), _jpeg(edited))]
+    again = [Image.open(io.BytesIO(jpeg)).convert("RGB") for jpeg in (encode_image(src, "jpg", 90), encode_image(edited, "jpg", 90))]
     add(_png(again[0]), _png(again[1]), t.instruction, EDIT_PLANTS["reencoded_copy"], t, "reencoded_copy",
         list(src.size), 1)
     t, src, _ = made[2]
@@ -290,9 +286,3 @@ def write_edit_data(out: Path, n: int = 64, seed: int = 0, files: int = 2) -> di
         doc["rows"][where[i]] = {**t, "copy_of": where[t["copy_of"]] if t["copy_of"] is not None else None}
     (out / "truth.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
     return doc
-
-
-def _jpeg(img) -> bytes:
-    from flowcurate.models.tiny.procedural import jpeg_bytes
-
-    return jpeg_bytes(img, 90)

@@ -61,7 +61,8 @@ class _Sample:
     meta: dict = field(default_factory=dict)
 
 
-def _encode(img: Image.Image, ext: str, quality: int = 92) -> bytes:
+def encode_image(img: Image.Image, ext: str, quality: int = 92) -> bytes:
+    """`img` as JPEG (`ext` "jpg", at `quality`) or PNG bytes."""
     if ext == "jpg":
         return jpeg_bytes(img, quality)
     buf = io.BytesIO()
@@ -100,13 +101,13 @@ def generate(n: int = 512, seed: int = 0) -> tuple[list[_Sample], dict]:
 
     for _ in range(n_unique):
         img, cap, ext = original()
-        samples.append(_Sample(cap, ext, _encode(img, ext), *img.size))
+        samples.append(_Sample(cap, ext, encode_image(img, ext), *img.size))
     copy_kinds = COPY_KINDS  # exact first, so every run plants at least one byte-identical copy
     k = 0
     for size in group_sizes:
         img, cap, ext = original()
         members = [len(samples)]
-        samples.append(_Sample(cap, ext, _encode(img, ext), *img.size))
+        samples.append(_Sample(cap, ext, encode_image(img, ext), *img.size))
         for _ in range(size - 1):
             kind = copy_kinds[k % len(copy_kinds)]
             k += 1
@@ -115,7 +116,7 @@ def generate(n: int = 512, seed: int = 0) -> tuple[list[_Sample], dict]:
             else:
                 copy = copy_variant(img, rng, kind)
                 cext = "jpg"
-                data = _encode(copy, cext, quality=int(rng.integers(60, 95)))
+                data = encode_image(copy, cext, quality=int(rng.integers(60, 95)))
             members.append(len(samples))
             samples.append(_Sample(cap, cext, data, *copy.size, meta={"copy_kind": kind}))
         groups.append(members)
@@ -199,14 +200,14 @@ def generate_repeated(n_unique: int, n_repeated: int, copies: int, seed: int = 0
     for i in range(n_unique + n_repeated):
         img, cap = original()
         members = [len(samples)]
-        samples.append(_Sample(cap, "jpg", _encode(img, "jpg"), *img.size))
+        samples.append(_Sample(cap, "jpg", encode_image(img, "jpg"), *img.size))
         if i < n_unique:
             continue
         for c in range(copies - 1):
             kind = REPEAT_KINDS[c % len(REPEAT_KINDS)]
             copy = copy_variant(img, rng, kind)
             members.append(len(samples))
-            samples.append(_Sample(cap, "jpg", _encode(copy, "jpg", quality=int(rng.integers(60, 96))), *copy.size,
+            samples.append(_Sample(cap, "jpg", encode_image(copy, "jpg", quality=int(rng.integers(60, 96))), *copy.size,
                                    meta={"copy_kind": kind}))
         groups.append(members)
     order = rng.permutation(len(samples))
