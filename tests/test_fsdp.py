@@ -146,3 +146,58 @@ def test_an_fsdp_checkpoint_is_refused_by_a_ddp_resume_and_read_by_every_reader(
     _, ema = from_flowcurate(tmp / "fsdp", record, tuple(C.read_state(step_dir(tmp / "fsdp"))["sample_size"]), "cpu")
     want = C.load_weights(step_dir(tmp / "fsdp"), "ema")
     assert all(torch.equal(ema[k], want[k]) for k in want)
+
+
+def _build_sharded_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of `test_only_rank_0_builds_a_whole_model` (spawned; module level so it pickles)."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from flowcurate.models.mmdit import MMDiT, mmdit_config
+    from flowcurate.trainer import parallel as P
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    config, calls = mmdit_config("tiny", depth=2, context_dim=32, pooled_dim=16, in_channels=4), []
+
+    def build(where: str):
+        calls.append(where)
+        torch.manual_seed(3)
+        model, ema = MMDiT(config), MMDiT(config).requires_grad_(False)
+        with torch.no_grad():  # an EMA unlike the model, so a mix-up shows
+            for a, b in zip(ema.parameters(), model.parameters()):
+                a.copy_(b * 0.5 + 0.25)
+        return model, ema, config
+
+    model, ema, got = P.build_sharded(build, rank, "cpu", world)
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
+    torch.save({"calls": calls, "config": got == config, "local": local,
+                "total": sum(p.numel() for p in model.parameters()),
+                "model": get_model_state_dict(model, options=whole), "ema": get_model_state_dict(ema, options=whole)},
+               f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_only_rank_0_builds_a_whole_model(tmp_path):
+    """FSDP ranks build on the meta device and receive their shards from rank 0, the one rank that
+    builds the whole model (on its CPU): the sharded weights and EMA equal what rank 0 built."""
+    import torch.multiprocessing as mp
+
+    from flowcurate.models.mmdit import MMDiT, mmdit_config
+
+    mp.spawn(_build_sharded_rank, args=(2, 29543, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    assert r0["calls"] == ["cpu"] and r1["calls"] == []  # rank 1 never held a whole model
+    assert r0["config"] and r1["config"]
+    assert r0["local"] + r1["local"] == r0["total"] and r1["local"] < 0.6 * r0["total"]
+    torch.manual_seed(3)
+    want = MMDiT(mmdit_config("tiny", depth=2, context_dim=32, pooled_dim=16, in_channels=4)).state_dict()
+    assert r0["model"].keys() == want.keys()
+    for k, v in want.items():
+        assert torch.equal(r0["model"][k], v), k
+        if v.is_floating_point() and k != "pos_embed":
+            assert torch.equal(r0["ema"][k], v * 0.5 + 0.25), k

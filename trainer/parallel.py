@@ -99,6 +99,32 @@ def shard_models(model: torch.nn.Module, ema: torch.nn.Module, device: str, worl
     fully_shard(ema, mesh=mesh, reshard_after_forward=True)
 
 
+def build_sharded(build, rank: int, device: str, world: int, mixed_precision: str | None = None):
+    """FSDP's (model, EMA, config) without a whole model on every rank. `build(device)` makes the
+    whole model and EMA as one process would (seeded, or --init-from): rank 0 alone calls it, on its
+    CPU. Every rank builds both on the meta device (no storage), shards them, allocates only its own
+    shards on `device`, and receives their values from rank 0 (a broadcast per tensor). Peak memory:
+    one whole model + EMA in rank 0's host memory, 1/N of each on every device; building on each rank
+    first would need the whole model + EMA on every device, which an 8B model does not fit beside its
+    activations. The result equals building everywhere: every rank holds rank 0's numbers."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from flowcurate.models.mmdit import MMDiT
+
+    whole = build("cpu") if rank == 0 else None
+    shape = [(whole[2], whole[0].gradient_checkpointing) if whole else None]
+    dist.broadcast_object_list(shape, src=0)  # an --init-from run's config is known to rank 0 only
+    config, checkpointing = shape[0]
+    model = MMDiT(config, device="meta", gradient_checkpointing=checkpointing)
+    ema = MMDiT(config, device="meta").requires_grad_(False)
+    shard_models(model, ema, device, world, mixed_precision)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    for i, module in enumerate((model, ema)):
+        module.to_empty(device=device)
+        set_model_state_dict(module, whole[i].state_dict() if whole else {}, options=options)
+    return model, ema, config
+
+
 def wrap_ddp(model: torch.nn.Module, device: str):
     from torch.nn.parallel import DistributedDataParallel
 

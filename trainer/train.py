@@ -371,11 +371,13 @@ def train(launch: TrainLaunch) -> Path:
     run = open_run(launch, rank)
     record, folder = run.record, run.folder
 
-    model, ema, mc = build_models(launch, record, device)
+    if sharded:  # before the optimizer: it holds the sharded parameters; no rank but 0 builds a whole model
+        model, ema, mc = P.build_sharded(lambda where: build_models(launch, record, where), rank, device, world,
+                                         launch.fsdp_mixed_precision)
+    else:
+        model, ema, mc = build_models(launch, record, device)
     if world > 1:  # after the model is placed (nccl's barrier runs on the current device); rank 0 made the folder
         dist.barrier()
-    if sharded:  # before the optimizer: it holds the sharded parameters
-        P.shard_models(model, ema, device, world, launch.fsdp_mixed_precision)
     # fused AdamW: one kernel for all parameters on CUDA instead of a loop of small ones (same update)
     fused = device.startswith("cuda") or None
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, eps=tc.adam_eps, weight_decay=tc.weight_decay, fused=fused)
