@@ -109,7 +109,7 @@ def json_url(data: bytes | None) -> str | None:
 
 
 def _named_image(data: dict[str, bytes], name: str) -> str | None:
-    """The extension `{name}.{image ext}` of a tar sample's member holding that image, if any."""
+    """The member name `{name}.{image ext}` under which a tar sample holds that image, if any."""
     return next((f"{name}.{ext}" for ext in IMAGE_EXTS if f"{name}.{ext}" in data), None)
 
 
